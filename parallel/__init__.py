@@ -1,0 +1,1 @@
+"""Distributed glue, installed as `lingshu_fast.parallel`: torchrun env -> Megatron-Core parallel_state."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command of the README: installs everything, then runs the CPU test suite.
+# Extra arguments go to pytest. pytest's exit code 5 (no tests collected) is a failure here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh || exit 1
+PY=${PYTHON:-python3}
+"$PY" -m lingshu_fast._native_check || true
+"$PY" -m pytest tests -q "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+    echo "scripts/test.sh: pytest collected no tests: that is a failure" >&2
+    exit 1
+fi
+exit "$rc"
