@@ -1,0 +1,73 @@
+"""Run a function on N local processes over gloo: the harness of the multi-process CPU tests.
+
+`spawn(fn, world_size, *args, tp=1, pp=1)` starts `world_size` processes with torchrun's
+environment variables, calls `init_parallel(tp, pp, backend="gloo")` in each, then
+`fn(dims, *args)`, and returns the list of per-rank return values (picklable). An exception in any
+rank is re-raised here with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, tp: int, pp: int, queue) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    from lingshu_fast.parallel.state import init_parallel, shutdown_parallel
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        dims = init_parallel(tp=tp, pp=pp, backend="gloo")
+        result = fn(dims, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            shutdown_parallel()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def spawn(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: int = 1, timeout_s: float = 300.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, tp, pp, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout_s)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

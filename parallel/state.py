@@ -1,0 +1,89 @@
+"""torchrun environment -> torch.distributed -> Megatron-Core parallel_state (TP, PP, DP groups).
+
+`init_parallel(tp, pp)` is the one entry: it reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
+as torchrun sets them (a single process without them is world size 1), picks NCCL on CUDA and gloo
+on CPU, and builds Megatron-Core's groups with DP = world / (TP * PP).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world: int
+    rank: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+
+def _pick_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 30) -> ParallelDims:
+    from megatron.core import parallel_state as ps
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}; "
+            f"choose tp and pp whose product divides {world}"
+        )
+    backend = _pick_backend(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        create_gloo_process_groups=(backend == "gloo"),
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    return current_dims()
+
+
+def current_dims() -> ParallelDims:
+    from megatron.core import parallel_state as ps
+
+    return ParallelDims(
+        world=dist.get_world_size(),
+        rank=dist.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def shutdown_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

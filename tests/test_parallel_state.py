@@ -1,0 +1,34 @@
+"""parallel.state builds Megatron-Core TP/PP/DP groups from torchrun's environment (gloo, CPU)."""
+import torch
+import torch.distributed as dist
+
+from lingshu_fast.parallel.spawn import spawn
+
+
+def _dims_and_allreduce(dims):
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([float(dims.rank)])
+    dist.all_reduce(t, group=ps.get_tensor_model_parallel_group())
+    return dims, t.item()
+
+
+def test_tp2_dp2_groups():
+    out = spawn(_dims_and_allreduce, 4, tp=2)
+    dims = [d for d, _ in out]
+    assert all(d.tp == 2 and d.pp == 1 and d.dp == 2 for d in dims)
+    assert [d.tp_rank for d in dims] == [0, 1, 0, 1]
+    assert [d.dp_rank for d in dims] == [0, 0, 1, 1]
+    # ranks 0,1 form one TP group and 2,3 the other
+    assert [s for _, s in out] == [1.0, 1.0, 5.0, 5.0]
+
+
+def _boom(dims):
+    raise ValueError("boom on purpose")
+
+
+def test_rank_error_is_reported():
+    import pytest
+
+    with pytest.raises(RuntimeError, match="boom on purpose"):
+        spawn(_boom, 2)
