@@ -1,1 +1,21 @@
+"""Qwen2.5-VL (Lingshu) on Megatron-Core tensor-parallel layers, with HF checkpoints in and out.
 
+Public API:
+    from_pretrained(path, *, dtype, device, activation_checkpointing, layer_start, layer_end, attention_backend)
+    build_model(hf_config, *, seed, dtype, device, ...)      random init, identical under any TP/PP layout
+    save_pretrained(model, path, *, max_shard_bytes)           HF folder transformers/vLLM load unchanged
+    Qwen25VLModel, ModelOutput                                 the model and its forward's result
+    set_trainable(model, groups_frozen), param_groups(model)   module groups: vision, merger, llm
+    tiny_hf_config(**overrides), load_hf_config(path)
+    training_flops(config, seq_lens, image_grid_thw), forward_flops(...)
+    CheckpointError
+"""
+from lingshu_fast.model.checkpoint_io import CheckpointError, build_model, from_pretrained, save_pretrained
+from lingshu_fast.model.config import load_hf_config, tiny_hf_config
+from lingshu_fast.model.flops import forward_flops, training_flops
+from lingshu_fast.model.qwen2_5_vl import GROUPS, ModelOutput, Qwen25VLModel, param_groups, set_trainable
+
+__all__ = [
+    "CheckpointError", "GROUPS", "ModelOutput", "Qwen25VLModel", "build_model", "forward_flops", "from_pretrained",
+    "load_hf_config", "param_groups", "save_pretrained", "set_trainable", "tiny_hf_config", "training_flops",
+]

@@ -1,0 +1,51 @@
+"""Megatron-Core's tensor-parallel layers, adapted to our packed [T, hidden] activations.
+
+Megatron's layers expect [sequence, batch, hidden]; a packed batch is one long sequence, so we add
+and drop a batch dimension of 1 around each call. Subclassing (rather than wrapping) keeps the
+parameter names `weight` / `bias`, which checkpoint_io maps to Hugging Face names.
+
+Sharding (contiguous blocks per TP rank, rank r of tp):
+- ColumnLinear: weight rows [r*out/tp, (r+1)*out/tp) and the same bias rows; output stays sharded
+  unless gathered.
+- RowLinear: weight columns [r*in/tp, ...); input arrives sharded; outputs are summed over TP
+  (all-reduce), then the (replicated) bias is added once.
+- VocabEmbedding: vocabulary rows [r*V/tp, (r+1)*V/tp); out-of-shard ids give zeros before the
+  all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+
+
+class ColumnLinear(tensor_parallel.ColumnParallelLinear):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, config, skip_weight: bool = False):
+        super().__init__(
+            in_features, out_features, config=config, init_method=_no_init, bias=bias, gather_output=False,
+            skip_weight_param_allocation=skip_weight,
+        )
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, gather_output: bool = False) -> torch.Tensor:
+        out, _ = super().forward(x.unsqueeze(1), weight=weight, runtime_gather_output=gather_output)
+        return out.squeeze(1)
+
+
+class RowLinear(tensor_parallel.RowParallelLinear):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, config):
+        super().__init__(
+            in_features, out_features, config=config, init_method=_no_init, bias=bias, input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = super().forward(x.unsqueeze(1))
+        return out.squeeze(1)
+
+
+class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, hidden_size: int, *, config):
+        super().__init__(vocab_size, hidden_size, init_method=_no_init, config=config)
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights are filled by checkpoint_io (from safetensors or a layout-independent random init)."""
