@@ -1,0 +1,236 @@
+"""Images for Qwen2.5-VL: load (PIL, arrays, JPEG/PNG/DICOM files) -> smart-resize (uint8, CPU) -> pack.
+
+The split follows issue 2/4: the CPU side ends with resized **uint8** RGB images; the normalise +
+patchify step is one function, `lingshu_fast.kernels.image_pack.pack_images` (a Triton kernel on
+GPU, plain torch on CPU), so uint8 rather than fp32 crosses the host-to-device link.
+
+`preprocess` equals transformers' `Qwen2VLImageProcessorPil` bit for bit on uint8 input:
+- RGB conversion as transformers does it: PIL images with alpha (or a transparency key) are composited
+  onto white by PIL; RGBA arrays by `round(a/255 * rgb + (1 - a/255) * 255)`; grey is repeated 3x.
+  No EXIF transpose (transformers does none either).
+- `smart_resize` to multiples of 28 within [min_pixels, max_pixels], then PIL bicubic resize of the
+  uint8 RGB image (transformers converts its channel-first array back to a PIL image for this).
+- rescale `float32(float64(x) * (1/255))`, then `(x - mean) / std` in float32 with the CLIP mean/std.
+Deviations (documented, deliberate):
+- float arrays must lie in [0, 1] and are quantised with round(x * 255) before resizing. transformers
+  would truncate them to uint8 for the PIL resize and then rescale by 1/255 twice, which is a bug,
+  not a behaviour worth copying. Other integer dtypes (uint16 ...) are refused: window them first
+  (DICOM files are windowed by `read_dicom`).
+- errors are `ImageError` (a ValueError) naming the source and the reason, never a bare traceback.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 28: resized sides are multiples of this
+DEFAULT_MIN_PIXELS = 56 * 56  # transformers' Qwen2VLImageProcessorPil defaults
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+MAX_ASPECT_RATIO = 200
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: missing, corrupt, or of an unsupported shape/dtype."""
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry a 128-byte preamble then the magic 'DICM'; used for extensionless files."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
+    # Same rule as transformers' convert_to_rgb: alpha (band or palette transparency) -> onto white.
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    else:
+        rgb = image.convert("RGB")
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageError(
+            f"{name}: array of shape {tuple(array.shape)} is not an image; expected channels-last "
+            "HxW, HxWx1, HxWx3 or HxWx4"
+        )
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and (not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0):
+            raise ImageError(f"{name}: float image values must lie in [0, 1] (got dtype {array.dtype})")
+        array = np.floor(array.astype(np.float64) * 255.0 + 0.5).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageError(
+            f"{name}: dtype {array.dtype} is not supported; give uint8 RGB/grey (window 16-bit data to "
+            "8 bits first, e.g. with lingshu_fast.data.dicom.read_dicom)"
+        )
+    channels = array.shape[2]
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+    if channels == 4:
+        # transformers' numpy rule: blend onto white in float64, round half to even.
+        alpha = array[..., 3:4] / 255.0
+        blended = alpha * array[..., :3] + (1.0 - alpha) * 255.0
+        return np.round(blended).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _open_file(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise ImageError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageError(f"image path is not a file: {path}")
+    if _is_dicom_file(path):
+        from lingshu_fast.data.dicom import read_dicom  # lazy: dicom.py imports ImageError from here
+
+        return read_dicom(path)
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()  # decode now, inside the try: PIL is lazy and truncation shows up here
+            return _pil_to_rgb(image)
+    except PIL.Image.DecompressionBombError as err:
+        raise ImageError(f"{path}: image too large to decode safely ({err})") from err
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{path}: corrupt or unsupported image file ({type(err).__name__}: {err})") from err
+
+
+def load_image(source: Any) -> np.ndarray:
+    """Any supported image -> contiguous uint8 RGB array [H, W, 3].
+
+    `source`: a PIL image; a numpy array or CPU torch tensor (channels-last HxW, HxWx1, HxWx3, HxWx4;
+    uint8, bool, or float in [0, 1]); or a path (str/Path) to a file PIL reads (JPEG, PNG, ...) or a
+    DICOM file (`.dcm`/`.dicom`, or any file with the 'DICM' magic at byte 128).
+    Raises ImageError on a missing, corrupt, empty or unsupported image.
+    """
+    if isinstance(source, PIL.Image.Image):
+        name = f"PIL image ({source.mode} {source.size[0]}x{source.size[1]})"
+        rgb = _pil_to_rgb(source)
+    elif isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        rgb = _open_file(Path(source))
+    elif isinstance(source, torch.Tensor):
+        name = f"tensor {tuple(source.shape)}"
+        rgb = _array_to_rgb(source.detach().cpu().numpy(), name)
+    elif isinstance(source, np.ndarray):
+        name = f"array {tuple(source.shape)}"
+        rgb = _array_to_rgb(source, name)
+    else:
+        raise ImageError(f"unsupported image source of type {type(source).__name__}; give a path, PIL image or array")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageError(f"{name}: empty image ({rgb.shape[0]}x{rgb.shape[1]})")
+    return rgb
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = FACTOR,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """(height, width) -> the resized (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels],
+    aspect ratio kept as closely as possible. The same arithmetic as transformers' qwen2_vl
+    `smart_resize`; its ValueError for an aspect ratio over 200 (and its ZeroDivisionError for an empty
+    image) are ImageError here."""
+    if height < 1 or width < 1:
+        raise ImageError(f"image of {height}x{width} pixels is empty; nothing to resize")
+    if min_pixels > max_pixels:
+        raise ImageError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"image of {height}x{width} pixels has aspect ratio {ratio:.1f}, over the {MAX_ASPECT_RATIO} "
+            "Qwen2.5-VL accepts; crop or pad it"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar < factor or w_bar < factor:
+        # Only reachable with min_pixels <= 0 and a side under factor/2; transformers would return 0.
+        raise ImageError(f"image of {height}x{width} pixels resizes to {h_bar}x{w_bar}; raise min_pixels")
+    return h_bar, w_bar
+
+
+def resize_image(
+    image: np.ndarray, *, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 RGB [h, w, 3] with (h, w) = smart_resize(H, W), resized by PIL's
+    bicubic filter exactly as Qwen2VLImageProcessorPil does (also when the size does not change)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(
+            f"resize_image wants uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}; use load_image first"
+        )
+    height, width = image.shape[:2]
+    new_height, new_width = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+    resized = PIL.Image.fromarray(np.ascontiguousarray(image)).resize(
+        (new_width, new_height), resample=PIL.Image.Resampling.BICUBIC
+    )
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def resize_images(
+    images: Iterable[Any], *, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[np.ndarray]:
+    """load_image + resize_image for each image: the whole CPU side of preprocessing."""
+    return [resize_image(load_image(im), min_pixels=min_pixels, max_pixels=max_pixels) for im in images]
+
+
+def concat_uint8(resized: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized uint8 images -> (flat_uint8 [sum(h*w*3)], sizes [n, 2] int64), the input of pack_images."""
+    if len(resized) == 0:
+        raise ImageError("no images to pack")
+    flat = np.concatenate([np.ascontiguousarray(im).reshape(-1) for im in resized])
+    sizes = torch.tensor([im.shape[:2] for im in resized], dtype=torch.int64)
+    return torch.from_numpy(flat), sizes
+
+
+def preprocess(
+    images: Any,
+    *,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    out_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (one, or a list of PIL images / arrays / paths incl. DICOM) ->
+    (pixel_values [P, 1176] out_dtype, image_grid_thw [n, 3] int64), equal to transformers'
+    Qwen2VLImageProcessorPil(min_pixels=..., max_pixels=...) for uint8 input.
+
+    `device`: where to pack (e.g. "cuda"): the uint8 pixels are moved there first, then normalised and
+    patchified there (Triton on CUDA), so only uint8 crosses the host-to-device link."""
+    from lingshu_fast.kernels.image_pack import pack_images
+
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    flat_uint8, sizes = concat_uint8(resize_images(images, min_pixels=min_pixels, max_pixels=max_pixels))
+    if device is not None:
+        flat_uint8 = flat_uint8.to(device, non_blocking=True)
+    return pack_images(flat_uint8, sizes, out_dtype=out_dtype)
