@@ -22,7 +22,7 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, config, skip_weight: bool = False):
         super().__init__(
             in_features, out_features, config=config, init_method=_no_init, bias=bias, gather_output=False,
-            skip_weight_param_allocation=skip_weight,
+            skip_weight_param_allocation=skip_weight, tp_group=_tp_group(),
         )
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, gather_output: bool = False) -> torch.Tensor:
@@ -34,7 +34,7 @@ class RowLinear(tensor_parallel.RowParallelLinear):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, config):
         super().__init__(
             in_features, out_features, config=config, init_method=_no_init, bias=bias, input_is_parallel=True,
-            skip_bias_add=False,
+            skip_bias_add=False, tp_group=_tp_group(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,13 @@ class RowLinear(tensor_parallel.RowParallelLinear):
 
 class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, *, config):
-        super().__init__(vocab_size, hidden_size, init_method=_no_init, config=config)
+        super().__init__(vocab_size, hidden_size, init_method=_no_init, config=config, tp_group=_tp_group())
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
 
 
 def _no_init(weight: torch.Tensor) -> None:
