@@ -110,6 +110,8 @@ def test_normalize_text():
     assert normalize_text("2.5 cm") != normalize_text("25 cm")
     assert normalize_text("X-ray") == "x ray"
     assert normalize_text(None) == "" and normalize_text("...") == ""
+    assert normalize_text("A") == "a" and normalize_text("type A") == "type a"  # a letter, not an article
+    assert normalize_text("A mass in the liver") == "mass in liver"
 
 
 def test_spans():
@@ -117,6 +119,8 @@ def test_spans():
     assert extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
     assert extract_boxed("\\boxed{a} \\boxed{x^{2}}") == "x^{2}"
     assert extract_boxed("\\boxed{unclosed") is None
+    assert extract_boxed("\\boxed{a} \\boxed{b") == "a"          # a later unclosed box is skipped
+    assert extract_boxed("\\boxed{a \\boxed{b} c") == "b"
     assert extract_answer_span("<think>t</think><answer>left lung") == "left lung"  # cut by max tokens
     assert extract_answer_span("plain text ") == "plain text"
     assert final_answer("Reasoning… so the final answer is: left lung") == "left lung"

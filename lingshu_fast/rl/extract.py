@@ -58,9 +58,12 @@ def extract_boxed(text: str) -> Optional[str]:
     """Content of the last `\\boxed{…}` (nested braces balanced), or None when there is none or it
     is unclosed."""
     starts = [m.end() for m in _BOXED_RE.finditer(text)]
+    stop = len(text)
     for start in reversed(starts):
+        # Reached only when every later box is unclosed; then this one, if it closes at all,
+        # closes before the next box starts — so each character is scanned once (linear time).
         depth = 1
-        for i in range(start, len(text)):
+        for i in range(start, stop):
             ch = text[i]
             if ch == "{":
                 depth += 1
@@ -68,6 +71,7 @@ def extract_boxed(text: str) -> Optional[str]:
                 depth -= 1
                 if depth == 0:
                     return text[start:i].strip()
+        stop = start
     return None
 
 
@@ -120,18 +124,21 @@ def final_answer(text: Optional[str]) -> str:
 
 # --------------------------------------------------------------------------- normalisation
 
-_ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
+# "a" only before another word: a trailing "a" is a letter ("hepatitis a", "type a"), not an article.
+_ARTICLES_RE = re.compile(r"\b(?:an|the)\b|\ba\b(?=\s+\S)")
 
 
 def normalize_text(s: Optional[str]) -> str:
-    """Lower-case, NFKC, punctuation -> space, drop articles a/an/the, collapse whitespace.
+    """Lower-case, NFKC, punctuation -> space, drop articles a/an/the (unless nothing else is
+    left), collapse whitespace.
     Punctuation becomes a space rather than vanishing so that "2.5" and "25" stay different."""
     if not s:
         return ""
     s = _unicode_clean(s).lower()
     s = "".join(" " if unicodedata.category(ch).startswith(("P", "S")) else ch for ch in s)
-    s = _ARTICLES_RE.sub(" ", s)
-    return " ".join(s.split())
+    without_articles = _ARTICLES_RE.sub(" ", s)
+    # Keep a lone article ("A" as a blood group or an option word) instead of normalising to "".
+    return " ".join((without_articles if without_articles.strip() else s).split())
 
 
 # --------------------------------------------------------------------------- multiple choice
@@ -288,10 +295,11 @@ def extract_choice(text: Optional[str], options: Options = None, *, letters: str
 
 
 def gold_choice(answer: str, options: Options, letters: str = DEFAULT_LETTERS) -> Optional[str]:
-    """The gold letter of an item whose `answer` is a letter ("C", "(C)") or an option's text."""
+    """The gold letter of an item whose `answer` is a letter ("C", "(C)") or an option's text;
+    without options only a letter answer (within `letters`) has one."""
     opts = options_as_dict(options, letters)
     ans = _unicode_clean(str(answer)).strip().strip("().").strip()
-    if len(ans) == 1 and ans.upper() in opts:
+    if len(ans) == 1 and ans.upper() in (opts or letters):
         return ans.upper()
     return _match_option_text(str(answer), opts) if opts else None
 

@@ -8,8 +8,9 @@ is the part after the last colon, 1.0 when absent). `parse_reward_spec` resolves
 start-up so that a typo fails before the first rollout.
 
 Sample fields the built-ins read: `answer` (str, or a list of accepted strings for `exact`),
-`options` (dict or list, for `mcq`), `task` (mcq | yesno | open | numeric, for `accuracy`; inferred
-when absent), `rel_tol` / `abs_tol` (for `numeric`).
+`options` (dict or list, for `mcq`; without options the answer must be a letter and any letter A-J
+counts), `task` (mcq | yesno | open | numeric, for `accuracy`; inferred when absent or not one of
+these, see `infer_task`), `rel_tol` / `abs_tol` (for `numeric`).
 
 Failure isolation (`score_responses`): a verifier that raises, returns a non-finite value, or runs
 longer than `timeout_s` scores 0 for that response and is counted in `failures`; the run goes on.
@@ -82,13 +83,15 @@ def registered_rewards() -> list[str]:
 
 
 def infer_task(sample: dict) -> str:
-    """The sample's task: its `task` field, else mcq (has options) / yesno / numeric / open."""
-    task = sample.get("task")
-    if task:
-        return str(task)
-    if sample.get("options"):
-        return "mcq"
+    """The scoring task: the sample's `task` when it is one (mcq, yesno, open, numeric, ...);
+    otherwise — absent, or a category label such as "quadrant" — inferred: options or a single
+    letter answer -> mcq; yes/no -> yesno; a number (int/float) -> numeric; else open."""
+    task = str(sample.get("task") or "").strip().lower()
+    if task in _BY_TASK:
+        return task
     answer = sample.get("answer")
+    if sample.get("options") or (isinstance(answer, str) and ex.gold_choice(answer, None) is not None):
+        return "mcq"
     if isinstance(answer, str) and ex.normalize_yes_no(answer) is not None:
         return "yesno"
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
