@@ -8,6 +8,13 @@ it compiles, fits shared memory (A100 163 KB, H100 227 KB per block), spills no 
 """
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,3 +28,116 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     expects_wgmma: bool = False  # True for kernels whose hot loop is a tl.dot
+    aligned_args: tuple[str, ...] = ()  # integer args the JIT would see as multiples of 16 at these shapes
+    capabilities: tuple[int, ...] = (80, 90)  # the targets that launch this config (80: A100, 90: H100)
+
+
+# Shared memory per block (bytes) and the ptxas arch name of each checked target.
+TARGETS = {80: (163 * 1024, "sm_80"), 90: (227 * 1024, "sm_90a")}
+KERNEL_MODULES = ("fused_linear_cross_entropy", "grpo_advantages", "fused_linear_grpo_loss", "image_pack")
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers")
+
+
+def discover_specs() -> tuple[list[AotSpec], list[str]]:
+    """AOT specs of every kernel module that exists; modules still missing are listed, not failed."""
+    specs, missing = [], []
+    for name in KERNEL_MODULES:
+        full = f"lingshu_fast.kernels.{name}"
+        try:
+            module = importlib.import_module(full)
+        except ModuleNotFoundError as err:
+            if err.name != full:  # the module exists but one of its imports does not: a real error
+                raise
+            missing.append(name)
+            continue
+        if hasattr(module, "aot_specs"):
+            specs.extend(module.aot_specs())
+    return specs, missing
+
+
+def _ptxas_verbose(ptx: str, capability: int, arch: str, workdir: str) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(capability)
+    ptxas_path = getattr(ptxas, "path", ptxas)  # triton 3.9 returns knobs.NvidiaTool(path, version)
+    src = os.path.join(workdir, f"k{capability}.ptx")
+    with open(src, "w") as f:
+        f.write(ptx)
+    proc = subprocess.run([ptxas_path, "-v", f"--gpu-name={arch}", src, "-o", src + ".cubin"],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stderr + proc.stdout
+
+
+def compile_spec(spec: AotSpec, capability: int, workdir: str) -> dict:
+    """Compile one spec for one target and measure it; `problems` lists every failed check."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    shared_limit, arch = TARGETS[capability]
+    row: dict[str, Any] = {"spec": spec.name, "capability": capability, "problems": []}
+    names = list(spec.signature)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if spec.signature[n].startswith("*") or n in spec.aligned_args}
+    try:
+        src = triton.compiler.ASTSource(spec.fn, spec.signature, spec.constexprs, attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except Exception as err:  # noqa: BLE001 - reported per spec
+        row["problems"].append(f"compile failed: {type(err).__name__}: {str(err)[-1500:]}")
+        return row
+    ptx = kernel.asm["ptx"]
+    target_line = next((ln.strip() for ln in ptx.splitlines() if ln.startswith(".target")), "")
+    row.update(shared_bytes=kernel.metadata.shared, ptx_target=target_line, wgmma="wgmma" in ptx)
+    if kernel.metadata.shared > shared_limit:
+        row["problems"].append(f"shared memory {kernel.metadata.shared} B > {shared_limit} B")
+    if arch not in target_line:
+        row["problems"].append(f"PTX target {target_line!r} is not {arch}")
+    if capability == 90 and spec.expects_wgmma and not row["wgmma"]:
+        row["problems"].append("expected wgmma in the sm_90a PTX, found none")
+    try:
+        log = _ptxas_verbose(ptx, capability, arch, workdir)
+    except Exception as err:  # noqa: BLE001
+        row["problems"].append(str(err))
+        return row
+    spills = [(int(a), int(b)) for a, b in _SPILL_RE.findall(log)]
+    regs = [int(r) for r in _REGS_RE.findall(log)]
+    row.update(registers=max(regs, default=None), spill_store_bytes=sum(a for a, _ in spills),
+               spill_load_bytes=sum(b for _, b in spills))
+    if not spills:
+        row["problems"].append(f"could not read spills from ptxas -v: {log[-500:]}")
+    elif row["spill_store_bytes"] or row["spill_load_bytes"]:
+        row["problems"].append(f"register spills: {row['spill_store_bytes']} B stored, "
+                               f"{row['spill_load_bytes']} B loaded")
+    return row
+
+
+def run_all(capabilities=(80, 90)) -> dict:
+    specs, missing = discover_specs()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lingshu_aot_") as workdir:
+        for spec in specs:
+            for cc in (c for c in capabilities if c in spec.capabilities):
+                rows.append(compile_spec(spec, cc, workdir))
+    return {"missing_modules": missing, "results": rows, "ok": all(not r["problems"] for r in rows)}
+
+
+def main() -> int:
+    """`python -m lingshu_fast.kernels._aot`: compile every spec, print a JSON report, exit 1 on failure.
+
+    Runs the real compiler, so TRITON_INTERPRET must be unset and the cache must be fresh (a temp
+    dir), which is why tests launch this in a subprocess."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: the AOT check needs the real compiler", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="lingshu_aot_cache_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        report = run_all()
+    print(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,6 +32,7 @@ non-ignored labels (all ignored: 0 with zero gradients). Temperature: divide `hi
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,12 +67,13 @@ class BlockConfig:
     num_stages: int
 
 
-# Production tiles (checked by the AOT compile test for sm_80 and sm_90a at H=3584): every tl.dot
-# dimension >= 16, shared memory under the A100's 163 KB, no spills. fp32 halves BLOCK_H to fit.
-_FWD_CONFIGS = {torch.bfloat16: BlockConfig(128, 128, 64, 8, 3), torch.float16: BlockConfig(128, 128, 64, 8, 3),
-                torch.float32: BlockConfig(128, 128, 32, 8, 3)}
-_BWD_CONFIGS = {torch.bfloat16: BlockConfig(64, 128, 64, 8, 2), torch.float16: BlockConfig(64, 128, 64, 8, 2),
-                torch.float32: BlockConfig(64, 128, 32, 8, 2)}
+# Production tiles per (dtype, arch) (checked by the AOT compile test at H=3584): every tl.dot
+# dimension >= 16, shared memory within the card's limit, no register spills. Hopper (wgmma keeps the
+# accumulator in fewer registers) takes BLOCK_H=64 for 16-bit inputs; Ampere and fp32 use 32.
+_FWD_CONFIGS = {("16bit", 90): BlockConfig(128, 128, 64, 8, 3), ("16bit", 80): BlockConfig(128, 128, 32, 8, 3),
+                ("fp32", 90): BlockConfig(128, 128, 32, 8, 3), ("fp32", 80): BlockConfig(128, 128, 16, 8, 4)}
+_BWD_CONFIGS = {("16bit", 90): BlockConfig(64, 128, 64, 8, 2), ("16bit", 80): BlockConfig(64, 128, 32, 8, 2),
+                ("fp32", 90): BlockConfig(64, 128, 32, 8, 2), ("fp32", 80): BlockConfig(64, 128, 32, 8, 2)}
 # Under TRITON_INTERPRET small tiles make the tests' tiny shapes span several ragged tiles.
 _INTERPRET_CONFIG = BlockConfig(16, 32, 16, 4, 1)
 
@@ -172,7 +174,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _config(table: dict, dtype: torch.dtype, device: torch.device) -> BlockConfig:
-    return _INTERPRET_CONFIG if device.type != "cuda" else table[dtype]
+    if device.type != "cuda":
+        return _INTERPRET_CONFIG
+    arch = 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return table[("fp32" if dtype == torch.float32 else "16bit", arch)]
 
 
 def _num_v_splits(n_row_blocks: int, n_v_tiles: int, device: torch.device) -> int:
@@ -353,3 +358,43 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         return loss_rows.sum()
     n_valid = (labels != ignore_index).sum().clamp(min=1)
     return loss_rows.sum() / n_valid
+
+
+_H_7B = 3584
+_V_7B = 151936  # Qwen2.5 vocabulary; V/tp for tp in 1, 2, 4, 8 stays a multiple of 16
+_AOT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_specs() -> list[AotSpec]:
+    """The launches of the 7B head (H=3584, V_local=151936/tp, any N), per dtype and kernel."""
+    specs = []
+    shapes = f"H={_H_7B},V={_V_7B}/tp"
+    for dtype, ty in _AOT_DTYPES.items():
+        prec = "tf32"  # fp32 on GPU: the tensor-core path (allow_tf32); "ieee" has no dot to check
+        ints = {n: "i32" for n in ("N", "H", "V", "vocab_start")}
+        for with_sumx, arch in itertools.product((False, True), (80, 90)):
+            cfg = _FWD_CONFIGS[("fp32" if ty == "fp32" else "16bit", arch)]
+            sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_part_ptr": "*fp32",
+                   "tgt_part_ptr": "*fp32", "sumx_part_ptr": "*fp32", **ints, "tiles_per_split": "i32",
+                   "stride_hn": "i32", "stride_wv": "i32"}
+            consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                          WITH_SUMX=with_sumx, DOT_PRECISION=prec)
+            specs.append(AotSpec(f"flce_fwd[{shapes},{ty},sumx={with_sumx},sm{arch}]", _flce_fwd_kernel,
+                                 {**sig, **{k: "constexpr" for k in consts}}, consts, cfg.num_warps,
+                                 cfg.num_stages, expects_wgmma=True, aligned_args=("H", "V", "stride_hn", "stride_wv"),
+                                 capabilities=(arch,)))
+        for arch in (80, 90):
+            specs.append(_bwd_spec(ty, arch, shapes, prec, ints))
+    return specs
+
+
+def _bwd_spec(ty: str, arch: int, shapes: str, prec: str, ints: dict) -> AotSpec:
+    cfg = _BWD_CONFIGS[("fp32" if ty == "fp32" else "16bit", arch)]
+    sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
+           "gh_ptr": "*fp32", "gw_ptr": "*fp32", **ints, "target_coef": "fp32", "smooth_per_class": "fp32",
+           "z2": "fp32", "filter_eps": "fp32", "stride_hn": "i32", "stride_wv": "i32",
+           "stride_ghn": "i32", "stride_gwv": "i32"}
+    consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=prec)
+    return AotSpec(f"flce_bwd[{shapes},{ty},sm{arch}]", _flce_bwd_kernel, {**sig, **{k: "constexpr" for k in consts}},
+                   consts, cfg.num_warps, cfg.num_stages, expects_wgmma=True, capabilities=(arch,),
+                   aligned_args=("H", "V", "stride_hn", "stride_wv", "stride_ghn", "stride_gwv"))
