@@ -22,6 +22,9 @@ CHOICE_TABLE = [
     ("viral pneumonia", "B"),              # "pneumonia" inside "viral pneumonia" must not make it ambiguous
     ("It is most likely tuberculosis.", "C"),
     ("C. Tuberculosis", "C"), ("C. Pneumonia", None),                          # letter and text disagree
+    ("**C. Tuberculosis**", "C"), ("Answer: C. Tuberculosis", "C"),
+    ("A. Pneumonia\n\nViral pneumonia and tuberculosis are less likely.", "A"),  # prose after the choice
+    ("The correct answer is option C", "C"), ("Therefore (B) is correct, not (A).", None),
     ("The answer is A and C", None), ("A, C", None), ("Both A and C are correct", None),  # several letters
     ("A and A", "A"),                                                          # the same letter twice is one
     ("\\boxed{C}", "C"), ("\\boxed{\\text{C}}", "C"), ("so \\boxed{B} ... finally \\boxed{C}", "C"),

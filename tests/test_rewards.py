@@ -54,6 +54,9 @@ ACCURACY_TABLE = [
     ({"task": "numeric", "answer": 1200, "rel_tol": 0.0, "abs_tol": 1}, "1,205", 0.0),
     ({"answer": "no"}, "No.", 1.0),                                               # inferred yesno
     ({"answer": "B", "options": {"A": "x", "B": "y"}}, "y", 1.0),                 # inferred mcq
+    ({"answer": "B", "task": "quadrant"}, "<answer>B</answer>", 1.0),   # label, letter, options in the prompt
+    ({"answer": "B", "task": "quadrant"}, "A", 0.0),
+    ({"answer": "yes", "task": "lesion_presence"}, "Yes.", 1.0),
 ]
 
 

@@ -239,9 +239,12 @@ def _letter_from_lead(answer: str, opts: dict[str, str], allowed: str, phrased: 
     # Lower case counts only alone or after an answer phrase ("answer: c"), not "a) text" prose.
     if not (m.group(1).isupper() or phrased or not rest):
         return None, False
-    if rest and opts:  # "C. Pneumonia": text naming another option makes the answer ambiguous
-        by_text = _match_option_text(rest, opts)
-        if by_text is not None and by_text != letter:
+    if rest and opts:
+        # "C. Pneumonia" where Pneumonia is option A: letter and text disagree -> no answer. Only
+        # an exact option text on the first line counts; later prose may discuss other options.
+        first_line = normalize_text(rest.splitlines()[0])
+        named = [k for k, v in opts.items() if normalize_text(_strip_option_prefix(v)) == first_line]
+        if named and letter not in named:
             return None, True
     return letter, True
 
