@@ -82,8 +82,8 @@ def test_microbatch_invariants(demo, tok):
 
 def test_determinism_and_resume_across_epochs(demo, tok):
     """A resumed loader must yield exactly the micro-batches an uninterrupted one yields (the
-    kill-and-resume guarantee), including across an epoch boundary; same seed, same stream; another
-    seed, another order."""
+    kill-and-resume guarantee), including across an epoch boundary; same seed, same stream (also with
+    prefetch threads, also after a resume that discards prefetched work); another seed, another order."""
     cfg = _cfg(demo)
     first = PackedLoader(cfg.train, tok, cfg, seed=5)
     per_epoch = len(first)
@@ -97,6 +97,12 @@ def test_determinism_and_resume_across_epochs(demo, tok):
     assert all(_same(a, b) for a, b in zip(rest, [next(resumed) for _ in range(5)]))
     again = PackedLoader(cfg.train, tok, cfg, seed=5)
     assert all(_same(a, next(again)) for a in stream)
+    threaded_cfg = dataclasses.replace(cfg, num_workers=2)  # prefetch threads must not change the stream
+    threaded = PackedLoader(threaded_cfg.train, tok, threaded_cfg, seed=5)
+    assert all(_same(a, next(threaded)) for a in stream)
+    threaded.load_state_dict(state)
+    assert all(_same(a, next(threaded)) for a in rest)
+    threaded.close()
     other = PackedLoader(cfg.train, tok, cfg, seed=6)
     assert [next(other).sample_ids for _ in range(4)] != [mb.sample_ids for mb in stream[:4]]
     with pytest.raises(DataError, match="cannot resume"):

@@ -25,6 +25,7 @@ with another dp size works when the global position divides by the new size.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import zlib
 from pathlib import Path
@@ -94,8 +95,10 @@ class PackedLoader:
                             f"(skipped: { {k: v for k, v in self._startup.counts.items() if v} })")
         self.fingerprint = zlib.crc32(self.lengths.tobytes()) ^ len(self.lengths)
         self.epoch, self.position = 0, 0
-        self._plan_epoch: Optional[int] = None
-        self._rank_bins: list[np.ndarray] = []
+        self._plans: dict[int, list[np.ndarray]] = {}  # this rank's bins of the current and next epoch
+        self._pool = None
+        self._pending: collections.deque = collections.deque()
+        self._ahead = iter(())
 
     # -- start-up -------------------------------------------------------------------------------
     def _scan(self, records: list[Sample]) -> None:
@@ -157,15 +160,16 @@ class PackedLoader:
         return plan.bins()
 
     def _bins_for(self, epoch: int) -> list[np.ndarray]:
-        if self._plan_epoch != epoch:
+        if epoch not in self._plans:
             bins = self._global_bins(epoch)
             per_rank = len(bins) // self.dp_size
             if per_rank == 0:
                 raise DataError(f"only {len(bins)} micro-batches per epoch for {self.dp_size} data-parallel "
                                 f"ranks: add data or lower data.max_tokens_per_microbatch")
-            self._rank_bins = bins[self.dp_rank::self.dp_size][:per_rank]
-            self._plan_epoch = epoch
-        return self._rank_bins
+            for old in [e for e in self._plans if e < epoch - 1 or e > epoch + 1]:
+                del self._plans[old]
+            self._plans[epoch] = bins[self.dp_rank::self.dp_size][:per_rank]
+        return self._plans[epoch]
 
     def __len__(self) -> int:
         """Micro-batches per epoch on this rank (epoch 0's plan; later epochs differ by a few)."""
@@ -178,32 +182,69 @@ class PackedLoader:
     def __iter__(self) -> "PackedLoader":
         return self
 
+    def _coordinates(self, epoch: int, position: int):
+        """(epoch, position) of the micro-batches from here on, crossing epochs; stops at `epochs`."""
+        while True:
+            while position >= len(self._bins_for(epoch)):
+                if self.epochs is not None and epoch + 1 >= self.epochs:
+                    return
+                epoch, position = epoch + 1, 0
+            yield epoch, position
+            position += 1
+
     def __next__(self) -> MicroBatch:
-        while self.position >= len(self._bins_for(self.epoch)):
-            if self.epochs is not None and self.epoch + 1 >= self.epochs:
+        if self.cfg.num_workers <= 0:
+            coord = next(self._coordinates(self.epoch, self.position), None)
+            if coord is None:
                 raise StopIteration
-            self.epoch, self.position = self.epoch + 1, 0
-        sample_ids = self._bins_for(self.epoch)[self.position]
-        self.position += 1
-        return self.build(sample_ids)
+            batch, failed = self._build(self._bins_for(coord[0])[coord[1]])
+        else:
+            coord, batch, failed = self._next_prefetched()
+        self._runtime[SkipReason.CORRUPT_IMAGE.value] += failed
+        self.epoch, self.position = coord[0], coord[1] + 1
+        return batch
+
+    def _next_prefetched(self):
+        """Keep 2*num_workers micro-batches building in threads (image decode and resize release the
+        GIL); results are taken strictly in order, so the stream equals the unthreaded one."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.cfg.num_workers, thread_name_prefix="lingshu-data")
+        if not self._pending:
+            self._ahead = self._coordinates(self.epoch, self.position)
+        while len(self._pending) < 2 * self.cfg.num_workers:
+            coord = next(self._ahead, None)
+            if coord is None:
+                break
+            self._pending.append((coord, self._pool.submit(self._build, self._bins_for(coord[0])[coord[1]])))
+        if not self._pending:
+            raise StopIteration
+        coord, future = self._pending.popleft()
+        return (coord, *future.result())
 
     def build(self, sample_ids: Sequence[int]) -> MicroBatch:
         """The MicroBatch of these dataset indices (images decoded and preprocessed here)."""
+        batch, failed = self._build(sample_ids)
+        self._runtime[SkipReason.CORRUPT_IMAGE.value] += failed
+        return batch
+
+    def _build(self, sample_ids: Sequence[int]) -> tuple[MicroBatch, int]:
         kept, loaded = [], []
         for index in map(int, sample_ids):
             sample = self.samples[index]
             try:
                 arrays = [img.load_image(p) for p in sample.images]
             except img.ImageError as err:
-                self._runtime[SkipReason.CORRUPT_IMAGE.value] += 1
                 if self.cfg.strict:
                     raise DataError(f"{sample.source}: corrupt_image: {err}") from err
                 logger.warning("skipping sample %s: corrupt_image: %s", sample.source, err)
                 continue
             kept.append(index)
             loaded.extend(arrays)
+        failed = len(sample_ids) - len(kept)
         if not kept:
-            return self._empty_batch()
+            return self._empty_batch(), failed
         ids = [self._ids[i].astype(np.int64) for i in kept]
         lengths = np.asarray([len(x) for x in ids], dtype=np.int64)
         cu = np.concatenate([[0], np.cumsum(lengths)])
@@ -231,7 +272,7 @@ class PackedLoader:
             batch.pixel_values = pixel_values.float()
             batch.image_grid_thw = grid_thw.to(torch.int64)
             batch.vit_cu_seqlens = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).to(torch.int32)
-        return batch
+        return batch, failed
 
     def _empty_batch(self) -> MicroBatch:
         pad = self.token_ids["pad_token_id"]
@@ -239,6 +280,18 @@ class PackedLoader:
                           labels=torch.tensor([IGNORE_INDEX], dtype=torch.int64),
                           position_ids=torch.zeros(3, 1, dtype=torch.int64),
                           cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1)
+
+    def _drop_prefetched(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Stop the prefetch threads (also safe to leave to garbage collection)."""
+        self._drop_prefetched()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     # -- metrics and resume ---------------------------------------------------------------------
     @property
@@ -275,5 +328,6 @@ class PackedLoader:
                 raise DataError(f"cannot resume with dp={self.dp_size}: {state['global_position']} micro-batches "
                                 f"were consumed in this epoch, not a multiple of {self.dp_size}")
             position = state["global_position"] // self.dp_size
+        self._drop_prefetched()
         self.epoch, self.position = int(state["epoch"]), int(position)
         self._runtime.update(state.get("skipped_runtime", {}))
