@@ -305,9 +305,11 @@ def _score_in_pool(terms: list[RewardTerm], responses: list[str], samples: list[
     pool = _pool(workers)
     pending = [(i, pool.apply_async(_worker_score_chunk, (fns, responses[i:i + chunk], samples[i:i + chunk], timeout_s)))
                for i in range(0, n, chunk)]
-    # Worst case with every call timing out, chunks spread over the workers, plus start-up grace.
+    # Worst case with every call timing out, chunks spread over the workers; 25 % for alarms that
+    # fire late and IPC, plus a fixed grace for worker start-up. Only a worker that ignores its
+    # alarm can reach it.
     rounds = math.ceil(len(pending) / workers)
-    deadline = time.monotonic() + rounds * chunk * len(fns) * timeout_s + _DEADLINE_GRACE_S
+    deadline = time.monotonic() + 1.25 * rounds * chunk * len(fns) * timeout_s + _DEADLINE_GRACE_S
     results: list[list[Optional[float]]] = [[None] * len(fns) for _ in range(n)]
     for start, handle in pending:
         try:
