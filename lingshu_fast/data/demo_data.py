@@ -183,7 +183,8 @@ def build_demo_dataset(out_dir: Union[str, Path], *, num_train_images: int = 48,
     rl = []
     for im in synthetic:
         if im["quadrant"] is not None:
-            rl.append(_prompt("<image>" + QUADRANT_QUESTION, LETTERS[im["quadrant"]], [im], "quadrant"))
+            rl.append({**_prompt("<image>" + QUADRANT_QUESTION, LETTERS[im["quadrant"]], [im], "quadrant"),
+                       "options": QUADRANTS})
         rl.append(_prompt("<image>" + LESION_QUESTION, "yes" if im["quadrant"] is not None else "no", [im],
                           "lesion_presence"))
 
