@@ -89,17 +89,37 @@ def _window_of(ds) -> tuple[float, float, str] | None:
     return center, width, function
 
 
+def _voi_table_to_uint8(values: np.ndarray, item, ds) -> np.ndarray:
+    """VOI LUT Sequence item (PS3.3 C.11.2.1.1): values below the first mapped value take entry 0,
+    above the table the last entry; the entries' bit depth is scaled to 8 bits. Done here rather than
+    with pydicom's apply_voi_lut, which indexes in the table's dtype and wraps around for 8-bit tables
+    whose input range exceeds 255 (pydicom 3.0)."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536  # 0 encodes 2**16
+    if first >= 2**15 and int(ds.get("PixelRepresentation", 0)) == 1:
+        first -= 2**16  # descriptor stored as US while the pixels are signed
+    data = item["LUTData"]
+    if data.VR == "OW":
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+        table = np.frombuffer(bytes(data.value), dtype="<u2" if little else ">u2")[:entries]
+    else:
+        table = np.asarray(data.value, dtype=np.int64).reshape(-1)[:entries]
+    if table.size < entries:
+        raise ValueError(f"VOI LUT holds {table.size} entries, its descriptor says {entries}")
+    index = np.clip(np.floor(values.astype(np.float64)) - first, 0, entries - 1).astype(np.int64)
+    mapped = table.astype(np.float64)[index] / float(2**bits - 1) * 255.0
+    return np.floor(np.clip(mapped, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
 def _grey_to_uint8(frame: np.ndarray, ds) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     values = apply_modality_lut(frame, ds)
     window = _window_of(ds)
     if window is not None:
         grey = window_to_uint8(values, *window)
     elif "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        mapped = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
-        grey = np.floor(np.clip(mapped / float(2**lut_bits - 1) * 255.0, 0, 255) + 0.5).astype(np.uint8)
+        grey = _voi_table_to_uint8(values, ds.VOILUTSequence[0], ds)
     else:
         grey = minmax_to_uint8(values)
         if not grey.any():
