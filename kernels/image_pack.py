@@ -21,6 +21,8 @@ pixel-channel 1 byte read, 8 (fp32) or 4 (bf16) bytes written.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +58,7 @@ def normalise_uint8(pixels_uint8: torch.Tensor) -> torch.Tensor:
     return (rescaled - mean) / std
 
 
+@functools.lru_cache(maxsize=16)
 def _value_table(device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
     """[3 * 256] out_dtype: the normalised value of each (channel, byte), rounded to out_dtype by torch
     (round-to-nearest-even). The kernel then only copies: no in-kernel cast whose rounding could differ
@@ -76,7 +79,9 @@ def _layout(flat_uint8: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Te
     bad = (heights <= 0) | (widths <= 0) | (heights % FACTOR != 0) | (widths % FACTOR != 0)
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise ValueError(f"image {i} is {sizes[i].tolist()}: sides must be positive multiples of {FACTOR} (smart_resize first)")
+        raise ValueError(
+            f"image {i} is {sizes[i].tolist()}: sides must be positive multiples of {FACTOR} (smart_resize first)"
+        )
     image_bytes = heights * widths * CHANNELS
     if int(image_bytes.sum()) != flat_uint8.numel():
         raise ValueError(f"flat_uint8 holds {flat_uint8.numel()} bytes but sizes describe {int(image_bytes.sum())}")
@@ -92,7 +97,10 @@ def _layout(flat_uint8: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Te
 
 
 def window_index(
-    image_grid_thw: torch.Tensor, window_size_px: int = 112, spatial_merge_size: int = MERGE_SIZE, patch_size: int = PATCH_SIZE
+    image_grid_thw: torch.Tensor,
+    window_size_px: int = 112,
+    spatial_merge_size: int = MERGE_SIZE,
+    patch_size: int = PATCH_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Qwen2.5-VL ViT window permutation, equal to transformers' get_window_index:
     (index [P/4] int64 over 2x2 merge units, cu_window_seqlens [windows + 1] int32 in patches).
@@ -112,7 +120,8 @@ def window_index(
     frame_units = (units_h * units_w)[image_of]
     frame, in_frame = local // frame_units, local % frame_units
     row, col = in_frame // units_w[image_of], in_frame % units_w[image_of]
-    window_id = window_start[image_of] + (frame * windows_h[image_of] + row // side) * windows_w[image_of] + col // side
+    window_in_image = (frame * windows_h[image_of] + row // side) * windows_w[image_of] + col // side
+    window_id = window_start[image_of] + window_in_image
     key = window_id * side * side + (row % side) * side + col % side
     index = torch.argsort(key)
     counts = torch.bincount(window_id, minlength=int(windows.sum()))
@@ -193,7 +202,8 @@ def _pack_images_kernel(
     x0 = ((block % blocks_per_row) * 2 + sub % 2) * 14
     k = tl.arange(0, BLOCK_K)
     k_ok = k < 196
-    src_offsets = base[:, None] + ((y0[:, None] + k[None, :] // 14) * width[:, None] + x0[:, None] + k[None, :] % 14) * 3
+    pixel_y, pixel_x = y0[:, None] + k[None, :] // 14, x0[:, None] + k[None, :] % 14
+    src_offsets = base[:, None] + (pixel_y * width[:, None] + pixel_x) * 3
     mask = row_ok[:, None] & k_ok[None, :]
     out_offsets = rows[:, None] * 1176 + k[None, :]
     for c in tl.static_range(3):
@@ -211,18 +221,19 @@ def _pack_images_triton(
     num_images = layout["grid_thw"].shape[0]
     num_rows = int(layout["cu_rows"][-1])
     out = torch.empty(num_rows, ROW_WIDTH, dtype=out_dtype, device=device)
-    if window_order:
-        src_rows = _window_rows(layout["grid_thw"], window_size_px).to(device)
-    else:
-        src_rows = layout["cu_rows"].to(device)  # never read; any int64 pointer will do
+    # one host-to-device copy for all per-image metadata: [cu_rows (n+1) | pixel_offsets (n) | widths (n)]
+    meta = torch.cat([layout["cu_rows"], layout["pixel_offsets"], layout["widths"]]).to(device, non_blocking=True)
+    cu_rows, pixel_offsets, widths = meta.split([num_images + 1, num_images, num_images])
+    # natural order never reads src_rows: any int64 pointer will do
+    src_rows = _window_rows(layout["grid_thw"], window_size_px).to(device) if window_order else cu_rows
     grid = (triton.cdiv(num_rows, BLOCK_ROWS),)
     _pack_images_kernel[grid](
         flat_uint8,
         _value_table(device, out_dtype),
         out,
-        layout["cu_rows"].to(device),
-        layout["pixel_offsets"].to(device),
-        layout["widths"].to(device),
+        cu_rows,
+        pixel_offsets,
+        widths,
         src_rows,
         num_rows,
         num_images,
