@@ -123,9 +123,25 @@ def test_native_equals_numpy_on_random_plans():
         lengths = rng.integers(0, int(budget * 1.3) + 1, n)
         if trial % 3 == 0:
             lengths = rng.choice([0, budget // 4, budget // 2, budget], n)  # many ties
-        ours = [plan_packing(lengths, budget, window=window, seed=trial, backend=be) for be in ("numpy", "native")]
-        for field in ("order", "bin_offsets", "oversize"):
-            np.testing.assert_array_equal(getattr(ours[0], field), getattr(ours[1], field), err_msg=field)
+        assert_same_plans(lengths, budget, window, seed=trial)
+
+
+def assert_same_plans(lengths, budget, window, seed):
+    ours = [plan_packing(lengths, budget, window=window, seed=seed, backend=be) for be in ("numpy", "native")]
+    for field in ("order", "bin_offsets", "oversize"):
+        np.testing.assert_array_equal(getattr(ours[0], field), getattr(ours[1], field), err_msg=field)
+
+
+def test_native_large_window_and_huge_budget_paths():
+    """The native planner switches structures (flat keys vs ordered set) above 4096 samples per
+    window or a 2^31-token budget; the switch must not change the plan."""
+    if "native" not in BACKENDS:
+        pytest.skip("lingshu_fast._C not built")
+    rng = np.random.default_rng(12)
+    assert_same_plans(rng.integers(0, 1300, 9000), 1000, window=9000, seed=1)  # one 9000-sample window
+    assert_same_plans(rng.choice([0, 250, 500, 1000, 1200], 9000), 1000, window=5000, seed=2)  # ties
+    huge = 2**31 + 5
+    assert_same_plans(rng.integers(0, 2**32, 500), huge, window=64, seed=3)
 
 
 def test_realistic_mix_packs_tightly():
