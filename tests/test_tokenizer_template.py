@@ -166,3 +166,14 @@ def test_render_rejects_bad_input(template):
         template.render([{"role": "doctor", "content": "x"}], [])
     with pytest.raises(TemplateError, match="at least one token"):
         template.render(CONVERSATIONS[0], [0])
+
+
+def test_render_many_equals_render(template):
+    """The batched start-up path (Rust tokenizer called directly) must give exactly render()'s ids and
+    labels, and report a bad item as its TemplateError without spoiling the others."""
+    items = list(zip(CONVERSATIONS, IMAGE_TOKENS)) + [(CONVERSATIONS[0], [])]
+    results = template.render_many(items)
+    for (messages, counts), result in zip(items[:-1], results[:-1]):
+        ids, labels = template.render(messages, counts)
+        assert np.array_equal(result[0], ids) and np.array_equal(result[1], labels)
+    assert isinstance(results[-1], TemplateError)

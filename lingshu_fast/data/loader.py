@@ -101,35 +101,40 @@ class PackedLoader:
         self._ahead = iter(())
 
     # -- start-up -------------------------------------------------------------------------------
-    def _scan(self, records: list[Sample]) -> None:
+    def _scan(self, records: list[Sample], chunk: int = 512) -> None:
         self.samples: list[Sample] = []
         self._ids: list[np.ndarray] = []
         self._trained: list[np.ndarray] = []
         self._grids: list[np.ndarray] = []
+        self._image_sizes: dict[str, tuple[int, int]] = {}  # many records share an image: read it once
         lengths = []
-        for sample in records:
-            try:
-                grid = self._grids_of(sample)
-                counts = [int(t * h * w) // MERGE_SIZE**2 for t, h, w in grid]
-                ids, labels = self.template.render(sample.messages, counts)
-            except SampleError as err:
-                self._startup.add(sample.source, err)
-                continue
-            except TemplateError as err:
-                self._startup.add(sample.source, SampleError(SkipReason.BAD_SCHEMA, str(err)))
-                continue
-            if len(ids) > self.limit:
-                self._startup.add(sample.source, SampleError(
-                    SkipReason.TOO_LONG, f"{len(ids)} tokens > {self.limit} (data.max_length="
-                    f"{self.cfg.max_length}, data.max_tokens_per_microbatch={self.cfg.max_tokens_per_microbatch}"
-                    f", data.pack={self.cfg.pack})"))
-                continue
-            self.samples.append(sample)
-            self._ids.append(ids.astype(np.int32))
-            self._trained.append(labels != IGNORE_INDEX)
-            self._grids.append(grid)
-            lengths.append(len(ids))
+        for lo in range(0, len(records), chunk):
+            ready = []
+            for sample in records[lo:lo + chunk]:
+                try:
+                    ready.append((sample, self._grids_of(sample)))
+                except SampleError as err:
+                    self._startup.add(sample.source, err)
+            rendered = self.template.render_many(
+                [(s.messages, [int(t * h * w) // MERGE_SIZE**2 for t, h, w in g]) for s, g in ready])
+            for (sample, grid), result in zip(ready, rendered):
+                if isinstance(result, TemplateError):
+                    self._startup.add(sample.source, SampleError(SkipReason.BAD_SCHEMA, str(result)))
+                    continue
+                ids, labels = result
+                if len(ids) > self.limit:
+                    self._startup.add(sample.source, SampleError(
+                        SkipReason.TOO_LONG, f"{len(ids)} tokens > {self.limit} (data.max_length="
+                        f"{self.cfg.max_length}, data.max_tokens_per_microbatch="
+                        f"{self.cfg.max_tokens_per_microbatch}, data.pack={self.cfg.pack})"))
+                    continue
+                self.samples.append(sample)
+                self._ids.append(ids.astype(np.int32))
+                self._trained.append(labels != IGNORE_INDEX)
+                self._grids.append(grid)
+                lengths.append(len(ids))
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        self._image_sizes.clear()
 
     def _grids_of(self, sample: Sample) -> np.ndarray:
         grids = []
@@ -140,7 +145,9 @@ class PackedLoader:
                 except img.ImageError as err:
                     raise SampleError(SkipReason.CORRUPT_IMAGE, str(err)) from None
             else:
-                height, width = image_hw(path)
+                if path not in self._image_sizes:
+                    self._image_sizes[path] = image_hw(path)
+                height, width = self._image_sizes[path]
             try:
                 grids.append(image_grid(height, width, min_pixels=self.cfg.min_pixels,
                                         max_pixels=self.cfg.max_pixels))

@@ -102,8 +102,12 @@ class ChatTemplate:
     def _encode(self, messages, num_image_tokens, system_prompt, add_generation_prompt):
         text, spans = self._layout(messages, system_prompt, add_generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+        return self._finish(enc["input_ids"], enc["offset_mapping"], spans, num_image_tokens)
+
+    def _finish(self, token_ids, offsets, spans, num_image_tokens):
+        """Token ids + char offsets of the layout text -> (expanded ids, trained mask)."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        starts = np.asarray([s for s, _ in offsets], dtype=np.int64)
         trained = np.zeros(len(ids), dtype=bool)
         for lo, hi in spans:
             trained |= (starts >= lo) & (starts < hi)
@@ -121,6 +125,33 @@ class ChatTemplate:
         vision = (ids == image_id) | (ids == self.ids["vision_start_token_id"]) | (ids == self.ids["vision_end_token_id"])
         trained &= ~vision
         return ids, trained
+
+    def render_many(self, items: Sequence[tuple[Sequence[dict], Sequence[int]]],
+                    system_prompt: Optional[str] = None) -> list:
+        """`render` for many (messages, num_image_tokens) at once: one batched tokenizer call (the
+        start-up scan's hot path). Each result is (input_ids, labels) or the TemplateError it raised."""
+        layouts, results = [], [None] * len(items)
+        for k, (messages, _) in enumerate(items):
+            try:
+                layouts.append((k, *self._layout(messages, system_prompt, False)))
+            except TemplateError as err:
+                results[k] = err
+        if layouts:
+            texts = [text for _, text, _ in layouts]
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is not None:  # the Rust tokenizer directly: skips transformers' per-item conversion
+                encodings = backend.encode_batch(texts, add_special_tokens=False)
+                pairs = [(e.ids, e.offsets) for e in encodings]
+            else:
+                enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+                pairs = list(zip(enc["input_ids"], enc["offset_mapping"]))
+            for j, (k, _, spans) in enumerate(layouts):
+                try:
+                    ids, trained = self._finish(*pairs[j], spans, items[k][1])
+                    results[k] = (ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int64))
+                except TemplateError as err:
+                    results[k] = err
+        return results
 
     def render(self, messages: Sequence[dict], num_image_tokens: Sequence[int] = (),
                system_prompt: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
