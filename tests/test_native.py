@@ -77,7 +77,7 @@ def test_native_rejects_bad_arrays():
 def test_cmake_build_lands_in_output_dir(tmp_path):
     """The contract with setup.py: configuring with LINGSHU_OUTPUT_DIR puts `_C<ext suffix>` there
     and the result imports, with the same arguments setup.py passes. Built in a scratch dir so the
-    installed copy is not touched (~8 s on 2 idle cores, mostly compiling pybind11 headers)."""
+    installed copy is not touched (slow-ish: it compiles the pybind11 headers)."""
     import pybind11
     import sysconfig
 
