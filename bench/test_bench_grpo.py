@@ -55,10 +55,10 @@ def make_inputs(device: str, seed: int = 0, shape: dict | None = None) -> dict:
 
 
 def run_lingshu(x: dict) -> torch.Tensor:
-    from lingshu_fast.kernels import fused_linear_grpo_loss as mod
+    from lingshu_fast.kernels.fused_linear_grpo_loss import fused_linear_grpo_loss
 
     b, t = x["batch"], x["seq_len"]
-    loss, _ = mod.fused_linear_grpo_loss(
+    loss, _ = fused_linear_grpo_loss(
         x["hidden"], x["weight"], x["labels"], x["adv_seq"].repeat_interleave(t), x["mask"],
         torch.arange(b, device=x["mask"].device).repeat_interleave(t), old_logprobs=x["old"],
         ref_logprobs=x["ref"], beta=BETA, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, loss_agg="token-mean")
@@ -149,7 +149,7 @@ def inputs_and_reference_loss():
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_bench_grpo_loss(benchmark, impl, inputs_and_reference_loss):
+def test_bench_grpo_loss(benchmark, bench_info, impl, inputs_and_reference_loss):
     x, our_loss = inputs_and_reference_loss
     _zero_grads(x)
     loss = IMPLS[impl](x)
@@ -164,8 +164,7 @@ def test_bench_grpo_loss(benchmark, impl, inputs_and_reference_loss):
 
     shape = SHAPES["cuda" if x["hidden"].is_cuda else "cpu"]
     benchmark.group = "grpo_loss[B={batch},T={seq_len},H={hidden},V={vocab},{dtype}]".format(**shape)
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if x["hidden"].is_cuda else "cpu"
-    benchmark.extra_info["peak_growth_mib"] = round(measure_peak_mib(impl), 1)
+    bench_info.update(provider=impl, shape=benchmark.group, peak_growth_mib=round(measure_peak_mib(impl), 1))
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
