@@ -26,8 +26,28 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
         )
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, gather_output: bool = False) -> torch.Tensor:
-        out, _ = super().forward(x.unsqueeze(1), weight=weight, runtime_gather_output=gather_output)
-        return out.squeeze(1)
+        out, _ = super().forward(x.unsqueeze(1), weight=weight, runtime_gather_output=False)
+        out = out.squeeze(1)
+        if gather_output and self.tp_group.size() > 1:
+            out = _GatherLastDim.apply(out, self.tp_group)
+        return out
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim; backward keeps this rank's slice. Megatron's own gather
+    allocates on torch.cuda.current_device(), so it cannot run on CPU/gloo."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank = torch.distributed.get_rank(ctx.group)
+        return grad.chunk(ctx.group.size(), dim=-1)[rank].contiguous(), None
 
 
 class RowLinear(tensor_parallel.RowParallelLinear):

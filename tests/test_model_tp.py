@@ -1,0 +1,91 @@
+"""Tensor parallelism: TP=2 over gloo equals TP=1 (forward, gradients, save, random init).
+
+One spawn runs every TP=2 check (a spawn costs ~8 s). Tolerances: TP splits each matmul's
+reduction (row-parallel layers sum two partial products) so fp32 results differ from TP=1 by
+rounding only: 1e-5 absolute on logits of size ~1, 1e-5 relative on gradients.
+"""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lingshu_fast.model as M
+from lingshu_fast.model.checkpoint_io import full_hf_state_dict
+from lingshu_fast.model.testing import model_inputs, packed_batch
+from lingshu_fast.parallel.spawn import free_port, spawn
+
+
+def _forward_backward(model, batch):
+    out = model(**batch, return_logits=True)
+    weights = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(7))
+    (out.logits * weights).sum().backward()
+    return out.logits.detach(), out.hidden_states.detach(), full_hf_state_dict(model, grads=True)
+
+
+def _tp2_worker(dims, hf_folder, batch, out_folder):
+    assert dims.tp == 2
+    model = M.from_pretrained(hf_folder)
+    logits, hidden, grads = _forward_backward(model, batch)
+    # each rank holds half the vocabulary of the head and half the heads of the fused qkv
+    vocab = model.config.text_config.vocab_size
+    assert model.lm_head_weight.shape[0] == vocab // 2
+    assert model.vocab_start_end == (dims.tp_rank * vocab // 2, (dims.tp_rank + 1) * vocab // 2)
+    M.save_pretrained(model, os.path.join(out_folder, "tp2_export"))
+    M.save_pretrained(M.build_model(model.config, seed=3), os.path.join(out_folder, "tp2_random"))
+    return (logits, hidden, grads) if dims.tp_rank == 0 else None
+
+
+def _single_process_world():
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        os.environ.pop("WORLD_SIZE", None)
+        os.environ["MASTER_PORT"] = str(free_port())
+        from lingshu_fast.parallel.state import init_parallel
+
+        init_parallel(1, 1, backend="gloo")
+
+
+def _read_export(folder):
+    tensors = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(folder, name)))
+    return tensors
+
+
+@pytest.mark.dist
+def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path):
+    """Pins: per-rank q/kv head slices of the fused qkv (GQA), [gate; up] shards, the ViT's
+    3-part qkv, row-parallel biases added once, vocab-sharded embedding/head, gathered logits,
+    un-sharding on save, and a random init that does not depend on the TP layout."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = M.tiny_hf_config()
+    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
+    hf_folder = str(tmp_path / "hf")
+    hf.save_pretrained(hf_folder)
+    batch = model_inputs(packed_batch(config))
+
+    (logits2, hidden2, grads2), _ = spawn(_tp2_worker, 2, hf_folder, batch, str(tmp_path), tp=2)
+
+    _single_process_world()
+    logits1, hidden1, grads1 = _forward_backward(M.from_pretrained(hf_folder), batch)
+    torch.testing.assert_close(logits2, logits1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden2, hidden1, atol=1e-5, rtol=0)
+    assert grads2.keys() == grads1.keys()
+    for name in grads1:
+        scale = grads1[name].abs().max().item() + 1e-12
+        torch.testing.assert_close(grads2[name] / scale, grads1[name] / scale, atol=1e-5, rtol=0, msg=name)
+
+    exported = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "tp2_export")).state_dict()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(exported[name], tensor), name
+
+    M.save_pretrained(M.build_model(config, seed=3), str(tmp_path / "tp1_random"))
+    random1, random2 = _read_export(str(tmp_path / "tp1_random")), _read_export(str(tmp_path / "tp2_random"))
+    assert random1.keys() == random2.keys()
+    assert all(torch.equal(random1[k], random2[k]) for k in random1)
+    assert random1["model.norm.weight"].eq(1).all() and random1["visual.blocks.0.attn.qkv.bias"].eq(0).all()
