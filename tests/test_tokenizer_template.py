@@ -71,6 +71,7 @@ def test_special_tokens_follow_qwen_order(tok):
     assert ids["image_token_id"] == ids["vision_start_token_id"] + 3
     assert ids["eos_token_id"] == ids["im_end_id"] and ids["pad_token_id"] == ids["endoftext_id"]
     assert len(tok) == 1024
+    assert type(tok).__name__.startswith("Qwen2Tokenizer")  # loads as Qwen's own class (HF exports, vLLM)
     for t in ["<think>", "</answer>", "<|image_pad|>"]:
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
     text = "Findings: a well circumscribed hyperdense nodule, 12 mm. Ünïcode ok 肺"

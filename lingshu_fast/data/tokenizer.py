@@ -108,6 +108,12 @@ def build_tiny_tokenizer(out_dir: Union[str, Path]) -> Path:
     )
     hf_tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
     hf_tok.save_pretrained(str(out_dir))
+    # Name Qwen2's class, not the generic backend: transformers 4.x/5.x and vLLM then load the folder
+    # (and an HF export that copies it) as they load Qwen2.5-VL's own tokenizer, from tokenizer.json.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out_dir
 
 
@@ -163,7 +169,9 @@ def tokenizer_fingerprint(folder: Union[str, Path]) -> dict:
     template = config.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return {"vocab": data["model"]["vocab"], "merges": merges, "added": added, "chat_template": template}
+    return {"vocab": data["model"]["vocab"], "merges": merges, "added": added, "chat_template": template,
+            "tokenizer_class": config.get("tokenizer_class"), "eos": config.get("eos_token"),
+            "pad": config.get("pad_token")}
 
 
 if __name__ == "__main__":  # python -m lingshu_fast.data.tokenizer: rebuild the committed assets
