@@ -53,7 +53,7 @@ def load_native(backend: str):
     return _C
 
 
-@dataclass
+@dataclass(eq=False)  # arrays: identity equality, not an ambiguous element-wise `==`
 class PackPlan:
     """`order`: sample indices bin after bin; bin `b` is `order[bin_offsets[b]:bin_offsets[b+1]]`.
     `oversize`: indices longer than the budget (ascending), left out of every bin."""
