@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from lingshu_fast.kernels._aot import AotSpec
-from lingshu_fast.kernels._dispatch import use_triton
+from lingshu_fast.kernels._dispatch import interpreting, use_triton
 
 _REF_CHUNK_ELEMS = 1 << 22  # fp32 logits elements per reference chunk (16 MB)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -79,10 +79,20 @@ _INTERPRET_CONFIG = BlockConfig(16, 32, 16, 4, 1)
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST works around triton 3.9's interpreter, which multiplies bf16 tensors as their raw uint16
+    # bits: it feeds the same bf16-rounded values to the dot as fp32 (exact products, fp32 sums, as
+    # the GPU's bf16 MMA does). Compiled kernels never set it.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _flce_fwd_kernel(h_ptr, w_ptr, labels_ptr, lse_part_ptr, tgt_part_ptr, sumx_part_ptr,
                      N, H, V, vocab_start, tiles_per_split, stride_hn, stride_wv,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                     WITH_SUMX: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     WITH_SUMX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,12 +114,13 @@ def _flce_fwd_kernel(h_ptr, w_ptr, labels_ptr, lse_part_ptr, tgt_part_ptr, sumx_
                         mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
             w_t = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
                           mask=col_ok[None, :] & (ks[:, None] < H), other=0.0)
-            x = tl.dot(h, w_t, x, input_precision=DOT_PRECISION)
+            x = _dot(h, w_t, x, DOT_PRECISION, UPCAST)
         x = tl.where(col_ok[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))  # finite: each tile has a valid column
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
         m = m_new
-        tgt += tl.sum(tl.where(cols[None, :] == local_label[:, None], x, 0.0), 1)
+        # col_ok matters: under TP a label of the next shard matches a padded column of this one.
+        tgt += tl.sum(tl.where(col_ok[None, :] & (cols[None, :] == local_label[:, None]), x, 0.0), 1)
         if WITH_SUMX:
             sumx += tl.sum(tl.where(col_ok[None, :], x, 0.0), 1)
     out = pid_s * N + rows
@@ -124,7 +135,7 @@ def _flce_bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, gh_ptr, gw_ptr,
                      N, H, V, vocab_start, target_coef, smooth_per_class, z2, filter_eps,
                      stride_hn, stride_wv, stride_ghn, stride_gwv,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Vocabulary blocks vary fastest so neighbouring programs share the same hidden rows in L2.
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -143,10 +154,10 @@ def _flce_bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, gh_ptr, gw_ptr,
                         mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
             w_t = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
                           mask=col_ok[None, :] & (ks[:, None] < H), other=0.0)
-            x = tl.dot(h, w_t, x, input_precision=DOT_PRECISION)
+            x = _dot(h, w_t, x, DOT_PRECISION, UPCAST)
         p = tl.where(col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
         d = p * (1.0 + z2 * lse)[:, None]
-        d -= tl.where(cols[None, :] == local_label[:, None], target_coef, 0.0)
+        d -= tl.where(col_ok[None, :] & (cols[None, :] == local_label[:, None]), target_coef, 0.0)
         d -= tl.where(col_ok[None, :], smooth_per_class, 0.0)
         d = d * g[:, None]
         if tl.max(tl.max(tl.abs(d), 1), 0) > filter_eps:
@@ -156,12 +167,12 @@ def _flce_bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, gh_ptr, gw_ptr,
                 k_ok = ks < H
                 w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                gh = tl.dot(d_in, w, input_precision=DOT_PRECISION)
+                gh = _dot(d_in, w, tl.zeros([BLOCK_N, BLOCK_H], tl.float32), DOT_PRECISION, UPCAST)
                 tl.atomic_add(gh_ptr + rows[:, None] * stride_ghn + ks[None, :], gh,
                               mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
                 h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                gw = tl.dot(tl.trans(d_in), h, input_precision=DOT_PRECISION)
+                gw = _dot(tl.trans(d_in), h, tl.zeros([BLOCK_V, BLOCK_H], tl.float32), DOT_PRECISION, UPCAST)
                 tl.atomic_add(gw_ptr + cols[:, None] * stride_gwv + ks[None, :], gw,
                               mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
@@ -171,6 +182,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _upcast_dots(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def _config(table: dict, dtype: torch.dtype, device: torch.device) -> BlockConfig:
@@ -202,7 +217,8 @@ def _triton_forward(hidden, weight, labels, vocab_start: int, with_sumx: bool):
         hidden, weight, labels, parts[0], parts[1], sumx_buf,
         n_rows, h_dim, v_local, vocab_start, tiles_per_split, hidden.stride(0), weight.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, WITH_SUMX=with_sumx,
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dots(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     lse = torch.logsumexp(parts[0], dim=0)
     return lse, parts[1].sum(0), (parts[2].sum(0) if with_sumx else None)
 
@@ -219,7 +235,8 @@ def _triton_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_
         n_rows, h_dim, v_local, vocab_start, *coefs, filter_eps,
         hidden.stride(0), weight.stride(0), grad_h.stride(0), grad_w.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dots(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad_h, grad_w
 
 
@@ -378,7 +395,7 @@ def aot_specs() -> list[AotSpec]:
                    "tgt_part_ptr": "*fp32", "sumx_part_ptr": "*fp32", **ints, "tiles_per_split": "i32",
                    "stride_hn": "i32", "stride_wv": "i32"}
             consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                          WITH_SUMX=with_sumx, DOT_PRECISION=prec)
+                          WITH_SUMX=with_sumx, DOT_PRECISION=prec, UPCAST=False)
             specs.append(AotSpec(f"flce_fwd[{shapes},{ty},sumx={with_sumx},sm{arch}]", _flce_fwd_kernel,
                                  {**sig, **{k: "constexpr" for k in consts}}, consts, cfg.num_warps,
                                  cfg.num_stages, expects_wgmma=True, aligned_args=("H", "V", "stride_hn", "stride_wv"),
@@ -394,7 +411,7 @@ def _bwd_spec(ty: str, arch: int, shapes: str, prec: str, ints: dict) -> AotSpec
            "gh_ptr": "*fp32", "gw_ptr": "*fp32", **ints, "target_coef": "fp32", "smooth_per_class": "fp32",
            "z2": "fp32", "filter_eps": "fp32", "stride_hn": "i32", "stride_wv": "i32",
            "stride_ghn": "i32", "stride_gwv": "i32"}
-    consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=prec)
+    consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=prec, UPCAST=False)
     return AotSpec(f"flce_bwd[{shapes},{ty},sm{arch}]", _flce_bwd_kernel, {**sig, **{k: "constexpr" for k in consts}},
                    consts, cfg.num_warps, cfg.num_stages, expects_wgmma=True, capabilities=(arch,),
                    aligned_args=("H", "V", "stride_hn", "stride_wv", "stride_ghn", "stride_gwv"))

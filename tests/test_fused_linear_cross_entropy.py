@@ -1,0 +1,234 @@
+"""fused_linear_cross_entropy: both paths (torch reference, Triton kernels under TRITON_INTERPRET) against
+torch's F.cross_entropy on full logits, Liger's FLCE, and Megatron-Core's vocab_parallel_cross_entropy.
+
+Tolerances: fp32 paths accumulate in fp32 like torch but in another order, so ~1e-5 relative; bf16 uses
+Cut Cross-Entropy's bar: |ours - fp32 truth| <= |torch native bf16 - fp32 truth| + small tol.
+Shapes stay tiny (the interpreter is slow); the interpreter's tiles are 16x32x16, so H=45 and V=150 span
+ragged tiles, V=20 is smaller than one tile, and N=1 is a single partial row block.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from lingshu_fast.parallel.spawn import spawn
+
+PATHS = ("torch", "triton")
+# By module path: kernels/__init__ re-exports a function of the same name as this module.
+flce_mod = importlib.import_module("lingshu_fast.kernels.fused_linear_cross_entropy")
+
+
+def _inputs(n, h, v, dtype=torch.float32, ignored=(), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (1.5 / h**0.5)  # logits of std ~1.5, peaky softmax
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[list(ignored)] = -100
+    return hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels
+
+
+def _truth(hidden, weight, labels, reduction, grad_out, z_loss_weight=0.0, label_smoothing=0.0):
+    """fp32 full-logits loss and grads with torch (the oracle)."""
+    h = hidden.detach().float().requires_grad_()
+    w = weight.detach().float().requires_grad_()
+    logits = h @ w.T
+    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    loss = loss + z_loss_weight * torch.where(labels != -100, torch.logsumexp(logits, 1) ** 2, 0.0)
+    loss = _reduce(loss, labels, reduction)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w), grad_out))
+
+
+def _reduce(loss_rows, labels, reduction):
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / (labels != -100).sum().clamp(min=1)
+
+
+def _ours(hidden, weight, labels, reduction, grad_out, **kw):
+    loss = fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction, **kw)
+    grads = torch.autograd.grad(loss, (hidden, weight), grad_out, allow_unused=False)
+    return (loss.detach(), *grads)
+
+
+def _grad_out(n, reduction, seed=1):
+    # reduction="none": a non-uniform, signed upstream gradient (what the GRPO loss sends back).
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) if reduction == "none" else torch.tensor(1.0)
+
+
+CASES = [  # (N, H, V, ignored rows)
+    (1, 16, 40, ()),
+    (37, 45, 150, (3, 17)),
+    (8, 24, 20, (0,)),  # V smaller than one vocabulary tile
+    (64, 64, 300, tuple(range(0, 64, 5))),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}H{c[1]}V{c[2]}")
+def test_fp32_matches_full_logits_torch(monkeypatch, path, reduction, case):
+    """Pins the forward lse/target maths, the masks of ragged tiles and the per-row upstream gradient
+    (reduction='none' with a random grad_out catches a backward that assumes a uniform gradient)."""
+    monkeypatch.setenv("LINGSHU_KERNELS", path)
+    n, h, v, ignored = case
+    hidden, weight, labels = _inputs(n, h, v, ignored=ignored)
+    g = _grad_out(n, reduction)
+    got = _ours(hidden, weight, labels, reduction, g)
+    want = _truth(hidden, weight, labels, reduction, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fp32_matches_liger_flce(monkeypatch, path, reduction):
+    """The real peer: Liger's fused linear cross-entropy (its Triton kernels under the interpreter)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    monkeypatch.setenv("LINGSHU_KERNELS", path)
+    hidden, weight, labels = _inputs(37, 45, 150, ignored=(2, 30))
+    g = torch.tensor(1.0)
+    got = _ours(hidden, weight, labels, reduction, g)
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    liger_loss = liger_fused_linear_cross_entropy(h2, w2, labels, reduction=reduction)
+    want = (liger_loss.detach(), *torch.autograd.grad(liger_loss, (h2, w2)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_all_ignored_gives_zero_loss_and_zero_grads(monkeypatch, path):
+    """'mean' over zero valid labels must be 0 (not 0/0 = NaN), and so must every gradient."""
+    monkeypatch.setenv("LINGSHU_KERNELS", path)
+    hidden, weight, labels = _inputs(9, 20, 50, ignored=range(9))
+    for reduction in ("mean", "sum", "none"):
+        loss, gh, gw = _ours(hidden, weight, labels, reduction, _grad_out(9, reduction))
+        assert torch.all(loss == 0) and torch.all(gh == 0) and torch.all(gw == 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_z_loss_and_label_smoothing(monkeypatch, path):
+    """Smoothing as torch defines it (eps spread over all V classes) plus the PaLM z-loss z*lse^2:
+    the extra dlogits terms (-eps/V, 2 z lse p) are easy to get wrong on masked columns."""
+    monkeypatch.setenv("LINGSHU_KERNELS", path)
+    hidden, weight, labels = _inputs(21, 40, 100, ignored=(4,))
+    g = _grad_out(21, "none")
+    kw = dict(z_loss_weight=1e-2, label_smoothing=0.1)
+    got = _ours(hidden, weight, labels, "none", g, **kw)
+    want = _truth(hidden, weight, labels, "none", g, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_meets_cce_bar(monkeypatch, path):
+    """bf16 inputs: each output must be at least as close to the fp32 truth (same bf16 inputs, fp32
+    maths) as torch's native bf16 full-logits cross-entropy is, plus one bf16 ulp at the output's largest
+    magnitude: grads are returned in bf16 (half an ulp of rounding alone) and dlogits are rounded to bf16
+    before the tensor-core dot, as the GPU kernel must."""
+    monkeypatch.setenv("LINGSHU_KERNELS", path)
+    hidden, weight, labels = _inputs(48, 64, 300, dtype=torch.bfloat16, ignored=(1, 7))
+    g = torch.tensor(1.0)
+    got = _ours(hidden, weight, labels, "sum", g)
+    want = _truth(hidden, weight, labels, "sum", g)
+    native_loss = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    native = (native_loss.detach(), *torch.autograd.grad(native_loss, (hidden, weight)))
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    for ours, torch_bf16, truth in zip(got, native, want):
+        err = (ours.float() - truth).abs().max()
+        bar = (torch_bf16.float() - truth).abs().max() + truth.abs().max() * 2**-7
+        assert err <= bar, (err, bar)
+
+
+def test_triton_production_tiles_under_interpreter(monkeypatch):
+    """The GPU tiles (128/64 rows x 128 vocab x 64 hidden) on a shape far smaller than one tile: every
+    load and store must be masked, which the small interpreter tiles of the other tests do not prove."""
+    monkeypatch.setenv("LINGSHU_KERNELS", "triton")
+    monkeypatch.setattr(flce_mod, "_INTERPRET_CONFIG", flce_mod._BWD_CONFIGS[("16bit", 90)])
+    hidden, weight, labels = _inputs(5, 30, 70, ignored=(2,))
+    g = _grad_out(5, "none")
+    for a, b in zip(_ours(hidden, weight, labels, "none", g), _truth(hidden, weight, labels, "none", g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_filter_skips_only_negligible_tiles(monkeypatch):
+    """CCE-style gradient filtering: with eps far below the gradient scale the result is unchanged
+    within 10 * eps * V per element; the exact path (eps=0) is what every other test checks."""
+    monkeypatch.setenv("LINGSHU_KERNELS", "triton")
+    hidden, weight, labels = _inputs(32, 32, 200)
+    g = torch.tensor(1.0)
+    eps = 1e-7
+    got = _ours(hidden, weight, labels, "sum", g, grad_filter_eps=eps)
+    want = _truth(hidden, weight, labels, "sum", g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=10 * eps * 200)
+
+
+def test_clear_errors():
+    """Out-of-vocabulary labels would otherwise give a silent target logit of 0 (a wrong loss)."""
+    hidden, weight, labels = _inputs(4, 8, 10)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fused_linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="share H"):
+        fused_linear_cross_entropy(hidden, weight[:, :4], labels)
+
+
+def _tp_worker(dims, hidden, weight, labels, grad_rows):
+    """Each rank: its contiguous vocab shard; ours (both paths) and Megatron-Core's peer."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    v_local = weight.shape[0] // world
+    shard = weight[rank * v_local:(rank + 1) * v_local]
+    out = {}
+    for path in PATHS:
+        os.environ["LINGSHU_KERNELS"] = path
+        h, w = hidden.clone().requires_grad_(), shard.clone().requires_grad_()
+        loss = fused_linear_cross_entropy(h, w, labels, reduction="none", tp_group=group)
+        out[path] = (loss.detach(), *torch.autograd.grad(loss, (h, w), grad_rows))
+        h, w = hidden.clone().requires_grad_(), shard.clone().requires_grad_()
+        mean = fused_linear_cross_entropy(h, w, labels, tp_group=group, z_loss_weight=1e-2, label_smoothing=0.1)
+        out[path + "_mean"] = (mean.detach(), *torch.autograd.grad(mean, (h, w)))
+    valid = labels != -100
+    h, w = hidden.clone().requires_grad_(), shard.clone().requires_grad_()
+    mega = tensor_parallel.vocab_parallel_cross_entropy((h @ w.T)[valid].unsqueeze(1), labels[valid].unsqueeze(1))
+    gh, gw = torch.autograd.grad(mega.squeeze(1), (h, w), grad_rows[valid])
+    torch.distributed.all_reduce(gh, group=group)  # what ColumnParallelLinear's backward would add
+    out["megatron"] = (mega.squeeze(1).detach(), gh, gw)
+    return out
+
+
+@pytest.mark.dist
+def test_tp2_equals_tp1_and_megatron():
+    """Vocab-parallel over 2 gloo ranks: the loss, the all-reduced grad_hidden and each rank's weight
+    shard grad must equal TP=1 (our reference path) and Megatron-Core's vocab_parallel_cross_entropy
+    on the sharded logits. One spawn for both paths and both checks (each spawn costs ~8 s)."""
+    n, h, v = 24, 32, 130  # V/2 = 65 per rank: ragged against the 32-wide interpreter tile
+    hidden, weight, labels = _inputs(n, h, v, ignored=(5, 11))
+    hidden, weight = hidden.detach(), weight.detach()
+    labels[3], labels[4] = 64, 65  # the last id of rank 0's shard and the first of rank 1's
+    grad_rows = _grad_out(n, "none")
+    results = spawn(_tp_worker, 2, hidden, weight, labels, grad_rows, tp=2)
+    one = _truth(hidden, weight, labels, "none", grad_rows)
+    one_mean = _truth(hidden, weight, labels, "mean", torch.tensor(1.0), z_loss_weight=1e-2, label_smoothing=0.1)
+    valid = labels != -100
+    for rank, res in enumerate(results):
+        rows = slice(rank * v // 2, (rank + 1) * v // 2)
+        for path in PATHS:
+            for got, want in ((res[path], one), (res[path + "_mean"], one_mean)):
+                torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got[2], want[2][rows], rtol=1e-5, atol=1e-5)
+            loss, gh, gw = res[path]
+            mega_loss, mega_gh, mega_gw = res["megatron"]
+            torch.testing.assert_close(loss[valid], mega_loss, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gh, mega_gh, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gw, mega_gw, rtol=1e-5, atol=1e-5)
