@@ -47,6 +47,10 @@ def test_part_lists_sharegpt_and_captions(image_dir):
     share = {"conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}],
              "images": ["imgs/b.png"]}
     assert parse_record(share, base_dir=image_dir).messages[1] == {"role": "assistant", "content": "a"}
+    swift = {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+             "images": [{"path": "imgs/b.png"}], "system": "Be brief."}
+    s = parse_record(swift, base_dir=image_dir)
+    assert s.images == [str(image_dir / "imgs/b.png")] and s.messages[0] == {"role": "system", "content": "Be brief."}
     cap = parse_record({"image": "imgs/a.png", "caption": "a grey square"}, base_dir=image_dir)
     assert cap.messages == [{"role": "user", "content": "<image>" + CAPTION_PROMPT},
                             {"role": "assistant", "content": "a grey square"}]

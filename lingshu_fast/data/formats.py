@@ -6,6 +6,7 @@ Accepted record shapes (one JSON object per line):
   (`{"type": "text", "text"}` / `{"type": "image", "image": path}`), turned into markers; image paths
   in the parts are used when the record has no "images".
 - ShareGPT: `{"conversations": [{"from": "human"|"gpt"|"system", "value"}], "images": [...]}`.
+- also: a top-level "system" string (LLaMA-Factory), and `{"path": ...}` entries in "images" (ms-swift).
 - caption pairs: `{"image": path, "caption": str}` -> user "<image>" + CAPTION_PROMPT, assistant caption.
 
 Relative image paths resolve against `image_root` when given, else the JSONL file's folder.
@@ -104,12 +105,18 @@ def parse_record(obj, *, base_dir: Union[str, Path, None] = None, source: str = 
     if "messages" in obj or "conversations" in obj:
         messages, part_images = _normalise_messages(obj.get("messages", obj.get("conversations")),
                                                     require_assistant=require_assistant)
+        system = obj.get("system")
+        if isinstance(system, str) and messages[0]["role"] != "system":  # LLaMA-Factory's system column
+            messages.insert(0, {"role": "system", "content": system})
         images = obj.get("images", None)
         if images is None:
             images = part_images
         elif isinstance(images, str):
             images = [images]
-        known = {"messages", "conversations", "images"}
+        elif isinstance(images, list):  # ms-swift also writes {"path": ...} entries
+            images = [im["path"] if isinstance(im, dict) and isinstance(im.get("path"), str) else im
+                      for im in images]
+        known = {"messages", "conversations", "images", "system"}
     elif "caption" in obj or "image" in obj:
         caption, image = obj.get("caption"), obj.get("image")
         if not isinstance(caption, str) or not isinstance(image, str):

@@ -46,11 +46,20 @@ logger = logging.getLogger(__name__)
 MERGE_SIZE = 2  # Qwen2.5-VL's spatial merge: one LLM token per 2x2 patches
 
 
+def _looks_like_dicom(path: str) -> bool:
+    """A .dcm/.dicom name, or the 'DICM' magic after the 128-byte preamble (extensionless files)."""
+    if Path(path).suffix.lower() in img.DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
 def image_hw(path: str) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels; SampleError(corrupt_image)
     when the file is not a readable image."""
     try:
-        if img._is_dicom_file(Path(path)):
+        if _looks_like_dicom(path):
             import pydicom
 
             ds = pydicom.dcmread(path, stop_before_pixels=True)
