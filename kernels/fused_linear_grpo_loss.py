@@ -97,10 +97,8 @@ def aggregation_weights(loss_mask: torch.Tensor, seq_index: torch.Tensor, loss_a
     mask = loss_mask.float()
     if loss_agg == "token-mean":
         return mask / mask.sum().clamp_min(1.0)
-    _, seq = torch.unique(seq_index, return_inverse=True)
-    tokens_per_seq = torch.zeros(int(seq.max()) + 1 if seq.numel() else 0, device=mask.device).index_add_(
-        0, seq, mask
-    )
+    seq_ids, seq = torch.unique(seq_index, return_inverse=True)
+    tokens_per_seq = torch.zeros(seq_ids.numel(), device=mask.device).index_add_(0, seq, mask)
     n_seqs = (tokens_per_seq > 0).sum().clamp_min(1).float()
     if loss_agg == "seq-mean-token-mean":
         return mask / (tokens_per_seq[seq].clamp_min(1.0) * n_seqs)

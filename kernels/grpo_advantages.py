@@ -59,8 +59,8 @@ def grpo_advantages_reference(
     """Plain-PyTorch path (CPU, tests): segment sums with index_add_, two-pass variance."""
     acc_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(acc_dtype)
-    _, group = torch.unique(group_index, return_inverse=True)
-    n_groups = int(group.max()) + 1 if group.numel() else 0
+    group_ids, group = torch.unique(group_index, return_inverse=True)
+    n_groups = group_ids.numel()
     count = torch.zeros(n_groups, dtype=acc_dtype, device=r.device).index_add_(0, group, torch.ones_like(r))
     total = torch.zeros(n_groups, dtype=acc_dtype, device=r.device).index_add_(0, group, r)
     deviation = r - (total / count)[group]
