@@ -129,6 +129,9 @@ def test_dp_sharding_disjoint_covering_and_layout_independent(demo, tok):
     rank1 = PackedLoader(cfg.train, tok, cfg, seed=7, dp_rank=1, dp_size=2)
     rank1.load_state_dict(single2.state_dict())
     assert next(rank1).sample_ids == global_ids[5]
+    records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3
+    with pytest.raises(DataError, match="data-parallel ranks"):  # at start-up, not at the first step
+        PackedLoader(records, tok, DataConfig(max_tokens_per_microbatch=64), dp_rank=0, dp_size=4)
 
 
 def test_no_packing_is_one_sample_per_microbatch(demo, tok):

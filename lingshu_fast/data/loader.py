@@ -108,6 +108,7 @@ class PackedLoader:
         self._pool = None
         self._pending: collections.deque = collections.deque()
         self._ahead = iter(())
+        self._bins_for(0)  # too few micro-batches for dp_size is a start-up error, not a first-step one
 
     # -- start-up -------------------------------------------------------------------------------
     def _scan(self, records: list[Sample], chunk: int = 512) -> None:
