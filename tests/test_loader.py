@@ -78,6 +78,9 @@ def test_microbatch_invariants(demo, tok):
             assert mb.pixel_values is None and mb.vit_cu_seqlens is None
         seen += mb.sample_ids
     assert sorted(seen) == list(range(len(loader.samples)))  # dp=1: every sample exactly once an epoch
+    efficiency = loader.packing_efficiency(0)
+    assert efficiency == pytest.approx(loader.lengths.sum() / (len(loader) * cfg.max_tokens_per_microbatch))
+    assert efficiency > 0.85  # short demo samples pack tightly; a broken planner falls far below
 
 
 def test_determinism_and_resume_across_epochs(demo, tok):

@@ -195,6 +195,12 @@ class PackedLoader:
     def microbatches_in_epoch(self, epoch: int) -> int:
         return len(self._bins_for(epoch))
 
+    def packing_efficiency(self, epoch: int = 0) -> float:
+        """Real tokens / (micro-batches * budget) over all ranks' bins of `epoch` (1.0 = no padding)."""
+        bins = self._global_bins(epoch)
+        budget = self.cfg.max_tokens_per_microbatch if self.cfg.pack else self.cfg.max_length
+        return float(sum(int(self.lengths[b].sum()) for b in bins)) / (len(bins) * budget)
+
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> "PackedLoader":
         return self
