@@ -11,6 +11,7 @@ _EXPORTS = {
     "fused_linear_cross_entropy": "fused_linear_cross_entropy",
     "grpo_advantages": "grpo_advantages",
     "fused_linear_grpo_loss": "fused_linear_grpo_loss",
+    "token_logprobs": "fused_linear_grpo_loss",
     "pack_images": "image_pack",
     "window_index": "image_pack",
 }
