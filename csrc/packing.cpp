@@ -93,10 +93,11 @@ int64_t best_fit(const std::vector<int64_t>& item_len, int64_t budget, OpenBins&
 // order (positions are unique, so the order is total and any sort gives the same result). Packs
 // each item into one 64-bit key when it fits: sorting integers is ~2x faster than sorting pairs.
 void sort_decreasing(std::vector<std::pair<int64_t, int64_t>>& items, int64_t budget, int64_t window_start,
-                     std::vector<int64_t>& item_len, std::vector<int64_t>& item_pos, std::vector<uint64_t>& keys) {
+                     int64_t window_end, std::vector<int64_t>& item_len, std::vector<int64_t>& item_pos, std::vector<uint64_t>& keys) {
   item_len.resize(items.size());
   item_pos.resize(items.size());
-  if (budget <= kFlatMaxBudget && items.size() <= kFlatMaxItems) {
+  const bool position_fits_32_bits = window_end - window_start <= int64_t{0xffffffff};
+  if (budget <= kFlatMaxBudget && position_fits_32_bits) {
     keys.resize(items.size());
     for (size_t i = 0; i < items.size(); ++i)
       keys[i] = (uint64_t(budget - items[i].first) << 32) | uint64_t(items[i].second - window_start);
@@ -157,7 +158,7 @@ PackResult plan_packing(const int64_t* lengths, const int64_t* permutation, int6
         items.emplace_back(lengths[s], p);
       }
     }
-    sort_decreasing(items, budget, start, item_len, item_pos, sort_keys);
+    sort_decreasing(items, budget, start, end, item_len, item_pos, sort_keys);
 
     bin_of.resize(items.size());
     const bool flat_fits = items.size() <= kFlatMaxItems && budget <= kFlatMaxBudget;
