@@ -144,6 +144,50 @@ def test_multiframe_uses_middle_frame():
     assert np.array_equal(read_dicom(get_testdata_file("SC_rgb_rle_2frame.dcm")), rgb_frames[1])
 
 
+def test_enhanced_multiframe_window_from_functional_groups(tmp_path):
+    """Enhanced CT/MR keep the window in functional groups: the shared group's window applies when
+    there is none at the top level, and the middle frame's own (per-frame) window wins over it."""
+    ds, stored = _stored("MR_small.dcm")
+    voi = Dataset()
+    voi.WindowCenter, voi.WindowWidth = ds.WindowCenter, ds.WindowWidth
+    shared = Dataset()
+    shared.FrameVOILUTSequence = Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    del ds.WindowCenter, ds.WindowWidth
+    got = read_dicom(_save(ds, tmp_path, "shared.dcm"))
+    assert np.array_equal(got, _expected(stored, lambda x: _linear(x, 600.0, 1600.0)))
+
+    dose = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
+    middle = dose.pixel_array[7].astype(np.float64)
+    center, width = float(np.median(middle)), float(middle.max() - middle.min()) / 2
+    per_frame = []
+    for i in range(15):
+        item_voi = Dataset()
+        item_voi.WindowCenter, item_voi.WindowWidth = (center, width) if i == 7 else (-1e6, 10)
+        group = Dataset()
+        group.FrameVOILUTSequence = Sequence([item_voi])
+        per_frame.append(group)
+    dose.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    path = _save(dose, tmp_path, "per_frame.dcm")
+    got = read_dicom(path)
+    saved = pydicom.dcmread(path).PerFrameFunctionalGroupsSequence[7].FrameVOILUTSequence[0]  # DS as stored
+    center, width = float(saved.WindowCenter), float(saved.WindowWidth)
+    assert np.array_equal(got, _expected(middle, lambda x: _linear(x, center, width)))
+
+
+def test_file_without_preamble_is_read(tmp_path):
+    """Old files without the 128-byte preamble and 'DICM' (no file meta) are still read, with the
+    transfer syntax pydicom detects."""
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.preamble, ds.file_meta = None, FileMetaDataset()
+    path = str(tmp_path / "acr_nema.dcm")
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert open(path, "rb").read(132)[128:] != b"DICM"
+    assert np.array_equal(read_dicom(path), read_dicom(get_testdata_file("CT_small.dcm")))
+
+
 def test_rgb_and_palette_stay_colour():
     """RGB DICOM is returned as is; YBR is converted to RGB by pydicom; 16-bit colour and 16-bit
     palettes keep their top 8 bits."""

@@ -2,8 +2,10 @@
 
 Pipeline for a grey (MONOCHROME1/2) image:
 1. decode one frame with pydicom (multi-frame: the middle frame, index NumberOfFrames // 2; only that
-   frame is decoded);
-2. modality LUT: RescaleSlope/RescaleIntercept (or a Modality LUT Sequence) -> e.g. Hounsfield units;
+   frame is decoded). Files without the preamble/'DICM' (ACR-NEMA style) are read if they hold an image;
+2. modality LUT: RescaleSlope/RescaleIntercept (or a Modality LUT Sequence) -> e.g. Hounsfield units.
+   Enhanced multi-frame files keep rescale and window in functional groups: the shared group's values
+   are used, overridden by the chosen frame's own;
 3. VOI: the file's first WindowCenter/WindowWidth (with its VOILUTFunction: LINEAR, LINEAR_EXACT or
    SIGMOID, DICOM PS3.3 C.11.2.1.2) mapped onto [0, 255]; else the file's VOI LUT Sequence; else
    min-max of the frame. The window wins over a LUT sequence when both exist (viewers default to it).
@@ -139,6 +141,57 @@ def _colour_to_uint8(rgb: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(values * 255 // (2**bits - 1), 0, 255).astype(np.uint8)
 
 
+_FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+_FRAME_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTFunction")
+
+
+def _adopt_functional_groups(ds, index: int) -> None:
+    """Enhanced multi-frame CT/MR keep rescale and window in functional groups, not at the top level:
+    copy the shared group's values, then the chosen frame's (more specific, so they win), onto `ds`."""
+    groups = []
+    if ds.get("SharedFunctionalGroupsSequence"):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and index < len(per_frame):
+        groups.append(per_frame[index])
+    for group in groups:
+        for macro in _FRAME_MACROS:
+            if group.get(macro):
+                item = group[macro][0]
+                for keyword in _FRAME_KEYWORDS:
+                    if keyword in item:
+                        setattr(ds, keyword, item[keyword].value)
+
+
+def _read_dataset(path: Path):
+    """dcmread; files without the 128-byte preamble + 'DICM' (old ACR-NEMA style) are read with
+    force=True and accepted only if they hold an image, their transfer syntax taken from the encoding
+    pydicom detected."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as err:
+        reason = err
+    except Exception as err:  # truncated headers surface as EOFError/OSError/struct errors
+        raise ImageError(f"{path}: unreadable DICOM file ({type(err).__name__}: {err})") from err
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        has_image = any(tag in ds for tag in _PIXEL_TAGS) and "Rows" in ds and "Columns" in ds
+    except Exception:  # noqa: BLE001 - garbage read with force: report the original reason
+        has_image = False
+    if not has_image:
+        raise ImageError(f"{path}: not a DICOM file ({reason})")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return ds
+
+
 def _decode_frame(ds, path: Path) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
@@ -147,6 +200,7 @@ def _decode_frame(ds, path: Path) -> np.ndarray:
     except (TypeError, ValueError) as err:
         raise ImageError(f"{path}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r} ({err})") from err
     index = frames // 2 if frames > 1 else None
+    _adopt_functional_groups(ds, index or 0)
     try:
         frame = pixel_array(ds, index=index)  # YBR_* -> RGB is pydicom's default
     except Exception as err:  # pydicom raises RuntimeError/ValueError/AttributeError/NotImplementedError
@@ -161,19 +215,12 @@ def _decode_frame(ds, path: Path) -> np.ndarray:
 
 def read_dicom(path: str | Path) -> np.ndarray:
     """A DICOM file -> uint8 RGB [H, W, 3] (see the module docstring for the rules)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut
 
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"DICOM file not found: {path}")
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as err:
-        raise ImageError(f"{path}: not a DICOM Part 10 file ({err})") from err
-    except Exception as err:  # truncated headers surface as EOFError/OSError/struct errors
-        raise ImageError(f"{path}: unreadable DICOM file ({type(err).__name__}: {err})") from err
+    ds = _read_dataset(path)
     if not any(tag in ds for tag in _PIXEL_TAGS):
         raise ImageError(f"{path}: DICOM file holds no image (no PixelData; SOP class {ds.get('SOPClassUID', '?')})")
     frame = _decode_frame(ds, path)
