@@ -1,0 +1,135 @@
+"""Everything a stage needs, built from the config: device, tokenizer, model, optimizer, data, runner."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lingshu_fast.config import Config, ConfigError
+from lingshu_fast.parallel.state import ParallelDims
+from lingshu_fast.train.step import LossOptions, forward_backward
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    runner: Any  # .forward_backward(microbatches, global_label_tokens=...) -> float
+    device: torch.device
+    tokenizer: Any
+    flops_of: Callable  # MicroBatch -> training FLOPs of the whole model on it
+    export: Callable  # folder -> None (HF export, collective)
+
+
+class LocalRunner:
+    """Forward/backward without pipeline parallelism (TP and DP still apply)."""
+
+    def __init__(self, model, tp_group, opts: LossOptions):
+        self.model, self.tp_group, self.opts = model, tp_group, opts
+
+    def forward_backward(self, microbatches, *, global_label_tokens: int) -> float:
+        mbs = [mb.to(self.model_device) for mb in microbatches]
+        return forward_backward(self.model, mbs, global_label_tokens=global_label_tokens,
+                                tp_group=self.tp_group, opts=self.opts)
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def pick_device(dims: ParallelDims) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dims.local_rank)
+    return torch.device("cpu")
+
+
+def pick_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_model_path(cfg: Config, tokenizer) -> str:
+    if cfg.model.init_from:
+        path = Path(cfg.model.init_from)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model.init_from={cfg.model.init_from!r} is not a Hugging Face folder "
+                              f"(no config.json); point it at a previous stage's run.dir/hf")
+        return str(path)
+    if cfg.model.path == "tiny":
+        from lingshu_fast.train.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(Path(cfg.run.dir) / "tiny_init", tokenizer, seed=cfg.run.seed))
+    if not (Path(cfg.model.path) / "config.json").exists():
+        raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face Qwen2.5-VL folder (no config.json)")
+    return cfg.model.path
+
+
+def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
+    from megatron.core import parallel_state as ps
+
+    from lingshu_fast.data.loader import PackedLoader
+    from lingshu_fast.data.tokenizer import load_tokenizer
+    from lingshu_fast.model import from_pretrained, param_groups, save_pretrained, set_trainable, training_flops
+    from lingshu_fast.train.optim import build_optimizer, build_scheduler
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
+    device = pick_device(dims)
+    dtype = pick_dtype(cfg, device)
+    seed_everything(cfg.run.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model_path = resolve_model_path(cfg, tokenizer)
+    layer_range = {}
+    if dims.pp > 1:
+        from lingshu_fast.parallel.pipeline import stage_layer_range
+        from lingshu_fast.model import load_hf_config
+
+        layer_range = dict(zip(("layer_start", "layer_end"),
+                               stage_layer_range(load_hf_config(model_path), dims.pp, dims.pp_rank)))
+    model = from_pretrained(model_path, dtype=dtype, device=device,
+                            activation_checkpointing=cfg.model.activation_checkpointing,
+                            attention_backend=cfg.model.attention, **layer_range)
+    set_trainable(model, cfg.model.freeze)
+    if not any(p.requires_grad for p in model.parameters()) and dims.pp == 1:
+        raise ConfigError(f"model.freeze={cfg.model.freeze} freezes every parameter: nothing to train")
+    optimizer = build_optimizer(param_groups(model), cfg.optim, dp_group=ps.get_data_parallel_group())
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
+                          seed=cfg.run.seed)
+    opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
+    tp_group = ps.get_tensor_model_parallel_group()
+    if dims.pp > 1:
+        from lingshu_fast.parallel.pipeline import PipelineRunner
+
+        runner = PipelineRunner(model, dims, cfg, opts)
+    else:
+        runner = LocalRunner(model, tp_group, opts)
+    hf_config = model.config
+
+    def flops_of(mb) -> float:
+        seq_lens = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
+        return training_flops(hf_config, [s for s in seq_lens if s > 0], mb.image_grid_thw)
+
+    def export(folder: Path) -> None:
+        save_pretrained(model, str(folder))
+        if dims.rank == 0:
+            tokenizer.save_pretrained(str(folder))
+
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, runner=runner,
+                      device=device, tokenizer=tokenizer, flops_of=flops_of, export=export)

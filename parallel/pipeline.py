@@ -1,0 +1,149 @@
+"""Pipeline parallelism: torch.distributed.pipelining schedules over Megatron-Core's PP group.
+
+Layout. Stage s holds decoder layers [start_s, end_s); the first stage also holds the vision tower
+and the embeddings, the last the final norm and the LM head. `stage_layer_range` balances the
+stages by a FLOP estimate in which the first stage pays for the ViT on a representative image
+load, so it gets fewer decoder layers.
+
+Shapes. The schedules' receive buffers have fixed shapes, so every micro-batch is padded to the
+token budget (`data.max_tokens_per_microbatch`) with the tail as its own segment (labels -100),
+and `cu_seqlens` to a fixed number of slots (`MicroBatch.pad_to`). What crosses a stage boundary
+is `(hidden [T, H], position_ids [3, T], cu_seqlens [S+1])`.
+
+Inputs of the first stage. Images differ in size from one micro-batch to the next, so they do not
+go through the schedule's input splitting: the first stage receives only the micro-batch's index
+and reads that micro-batch (ids, positions, pixels) from the runner. The last stage's loss gets the
+padded labels as the schedule's target and returns `sum CE / global_label_tokens`, as the
+non-pipelined step does, with `scale_grads=False`.
+
+Tied embeddings (PP > 1). The last stage keeps its own copy of the embedding as LM head; their
+gradients are summed over Megatron-Core's embedding group after the backward so both copies take
+the same update, and the copy on the last stage is marked `shared` so the gradient norm counts it
+once.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+SEGMENT_SLOTS_PER_TOKENS = 8  # a packed sample is at least 8 tokens (chat template overhead)
+
+
+def _layer_costs(hf_config) -> tuple[float, float]:
+    """(forward FLOPs of one decoder layer, of the ViT) on a representative 8K-token micro-batch with
+    a quarter of its tokens from 448x448 images."""
+    from lingshu_fast.model.flops import forward_flops
+
+    t = hf_config.text_config
+    seq = [8192]
+    images = torch.tensor([[1, 32, 32]] * (2048 // 256))  # 448x448: 32x32 patches, 256 merged tokens
+    f = forward_flops(hf_config, seq, images)
+    head = 2.0 * 8192 * t.hidden_size * t.vocab_size
+    per_layer = (f["llm"] - head) / t.num_hidden_layers
+    return per_layer, f["vit"]
+
+
+def stage_layer_range(hf_config, pp: int, pp_rank: int) -> tuple[int, int]:
+    """Contiguous decoder-layer range of pipeline stage `pp_rank`, minimising the largest stage cost."""
+    n = hf_config.text_config.num_hidden_layers
+    if pp > n:
+        raise ValueError(f"parallel.pp={pp} exceeds the {n} decoder layers: every stage needs at least one")
+    per_layer, vit = _layer_costs(hf_config)
+    first_extra = vit / per_layer  # in layer units
+    # best[s][i]: minimal max cost splitting layers [0, i) into s stages; first stage pays first_extra
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = 0.0
+    for s in range(1, pp + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                cost = (i - j) + (first_extra if s == 1 else 0.0)
+                value = max(best[s - 1][j], cost)
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    bounds = [n]
+    for s in range(pp, 0, -1):
+        bounds.append(cut[s][bounds[-1]])
+    bounds = bounds[::-1]
+    return bounds[pp_rank], bounds[pp_rank + 1]
+
+
+class _StageModule(nn.Module):
+    """Adapts the model slice to the schedule's positional tensor interface."""
+
+    def __init__(self, model, runner: "PipelineRunner"):
+        super().__init__()
+        self.model, self.runner = model, runner
+
+    def forward(self, *args):
+        if self.model.pre_process:
+            mb = self.runner.current[int(args[0].reshape(-1)[0])]
+            out = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                             pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, max_seqlen=mb.max_seqlen)
+            position_ids, cu_seqlens = mb.position_ids, mb.cu_seqlens
+        else:
+            hidden, position_ids, cu_seqlens = args
+            out = self.model(hidden_states=hidden, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        if self.model.post_process:
+            return out.hidden_states
+        return out.hidden_states, position_ids, cu_seqlens
+
+
+class PipelineRunner:
+    def __init__(self, model, dims, cfg, opts):
+        from megatron.core import parallel_state as ps
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        if cfg.parallel.pp_schedule == "interleaved" or cfg.parallel.virtual_stages > 1:
+            raise ValueError("parallel.pp_schedule=interleaved is not available yet; use 1f1b or gpipe")
+        self.model, self.dims, self.opts = model, dims, opts
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.tokens = cfg.data.max_tokens_per_microbatch
+        self.slots = self.tokens // SEGMENT_SLOTS_PER_TOKENS + 2
+        self.per_rank = cfg.train.global_microbatches // dims.dp
+        self.device = next(model.parameters()).device
+        self.current: list = []
+        self._denominator = 1.0
+        self.tied = bool(model.config.tie_word_embeddings)
+        if self.tied and model.post_process and not model.pre_process:
+            model.lm_head.weight.shared = True
+        stage = PipelineStage(_StageModule(model, self), dims.pp_rank, dims.pp, self.device, group=self.pp_group)
+        schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[cfg.parallel.pp_schedule]
+        if self.per_rank < dims.pp and schedule_cls is Schedule1F1B:
+            raise ValueError(f"1F1B needs at least parallel.pp={dims.pp} micro-batches per DP rank and step; "
+                             f"train.global_microbatches={cfg.train.global_microbatches} gives {self.per_rank}")
+        self.schedule = schedule_cls(stage, self.per_rank, loss_fn=self._loss if model.post_process else None,
+                                     scale_grads=False)
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from lingshu_fast.train.step import lm_loss_sum
+
+        return lm_loss_sum(hidden, self.model.lm_head_weight, labels.reshape(-1), self.tp_group,
+                           self.opts) / self._denominator
+
+    def forward_backward(self, microbatches: Sequence, *, global_label_tokens: int) -> float:
+        self._denominator = float(max(global_label_tokens, 1))
+        self.current = [mb.pad_to(self.tokens, self.slots).to(self.device) for mb in microbatches]
+        n = len(self.current)
+        losses: list = []
+        args = (torch.arange(n, device=self.device).reshape(n, 1),) if self.model.pre_process else ()
+        target = torch.stack([mb.labels for mb in self.current]) if self.model.post_process else None
+        self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        self._sync_tied_embeddings()
+        self.current = []
+        return float(sum(float(x.detach()) for x in losses)) if self.model.post_process else 0.0
+
+    def _sync_tied_embeddings(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        if not self.tied or self.dims.pp == 1 or not ps.is_rank_in_embedding_group():
+            return
+        weight = self.model.embed_tokens.weight if self.model.pre_process else self.model.lm_head.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=ps.get_embedding_group())
