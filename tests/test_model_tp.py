@@ -1,4 +1,5 @@
-"""Tensor parallelism: TP=2 over gloo equals TP=1 (forward, gradients, save, random init).
+"""Tensor parallelism: TP=2 over gloo equals TP=1 (forward, gradients, save, random init),
+with and without sequence parallelism.
 
 One spawn runs every TP=2 check (a spawn costs ~8 s). Tolerances: TP splits each matmul's
 reduction (row-parallel layers sum two partial products) so fp32 results differ from TP=1 by
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 import lingshu_fast.model as M
 from lingshu_fast.model.checkpoint_io import full_hf_state_dict
-from lingshu_fast.model.testing import model_inputs, packed_batch
+from lingshu_fast.model.testing import DEFAULT_LAYOUT, model_inputs, packed_batch
 from lingshu_fast.parallel.spawn import free_port, spawn
 
 
@@ -33,7 +34,15 @@ def _tp2_worker(dims, hf_folder, batch, out_folder):
     assert model.vocab_start_end == (dims.tp_rank * vocab // 2, (dims.tp_rank + 1) * vocab // 2)
     M.save_pretrained(model, os.path.join(out_folder, "tp2_export"))
     M.save_pretrained(M.build_model(model.config, seed=3), os.path.join(out_folder, "tp2_random"))
-    return (logits, hidden, grads) if dims.tp_rank == 0 else None
+    sp_model = M.from_pretrained(hf_folder, sequence_parallel=True)
+    sp_results = _forward_backward(sp_model, batch)
+    # the residual stream really is split: each rank's first layer sees T/2 tokens
+    seen = []
+    sp_model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        sp_model(**batch)
+    assert seen == [batch["input_ids"].shape[0] // 2]
+    return ((logits, hidden, grads), sp_results) if dims.tp_rank == 0 else None
 
 
 def _single_process_world():
@@ -67,18 +76,21 @@ def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path):
     hf = Qwen2_5_VLForConditionalGeneration(config).eval()
     hf_folder = str(tmp_path / "hf")
     hf.save_pretrained(hf_folder)
-    batch = model_inputs(packed_batch(config))
+    # 108 tokens: even, so sequence parallelism can split them over 2 ranks
+    batch = model_inputs(packed_batch(config, DEFAULT_LAYOUT[:2] + (([], 10),)))
+    assert batch["input_ids"].shape[0] % 2 == 0
 
-    (logits2, hidden2, grads2), _ = spawn(_tp2_worker, 2, hf_folder, batch, str(tmp_path), tp=2)
+    (tp2, sp2), _ = spawn(_tp2_worker, 2, hf_folder, batch, str(tmp_path), tp=2)
 
     _single_process_world()
     logits1, hidden1, grads1 = _forward_backward(M.from_pretrained(hf_folder), batch)
-    torch.testing.assert_close(logits2, logits1, atol=1e-5, rtol=0)
-    torch.testing.assert_close(hidden2, hidden1, atol=1e-5, rtol=0)
-    assert grads2.keys() == grads1.keys()
-    for name in grads1:
-        scale = grads1[name].abs().max().item() + 1e-12
-        torch.testing.assert_close(grads2[name] / scale, grads1[name] / scale, atol=1e-5, rtol=0, msg=name)
+    for logits2, hidden2, grads2 in (tp2, sp2):
+        torch.testing.assert_close(logits2, logits1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hidden2, hidden1, atol=1e-5, rtol=0)
+        assert grads2.keys() == grads1.keys()
+        for name in grads1:
+            scale = grads1[name].abs().max().item() + 1e-12
+            torch.testing.assert_close(grads2[name] / scale, grads1[name] / scale, atol=1e-5, rtol=0, msg=name)
 
     exported = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "tp2_export")).state_dict()
     for name, tensor in hf.state_dict().items():

@@ -141,18 +141,20 @@ def _finish(model, device, activation_checkpointing: bool) -> Qwen25VLModel:
 
 
 def build_model(hf_config, *, seed: int = 0, dtype=torch.float32, device="cpu", layer_start: int = 0,
-                layer_end=None, activation_checkpointing: bool = False, attention_backend: str = "auto") -> Qwen25VLModel:
+                layer_end=None, activation_checkpointing: bool = False, attention_backend: str = "auto",
+                sequence_parallel: bool = False) -> Qwen25VLModel:
     """A randomly initialised model for this rank (identical across TP/PP layouts for the same seed)."""
     tp, _, _ = _tp_info()
     model = Qwen25VLModel(hf_config, dtype=dtype, tp=tp, layer_start=layer_start, layer_end=layer_end,
-                          attention_backend=attention_backend)
+                          attention_backend=attention_backend, sequence_parallel=sequence_parallel)
     source = _RandomSource(hf_config, seed)
     _fill(model, source, source.full_shapes)
     return _finish(model, device, activation_checkpointing)
 
 
 def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_checkpointing: bool = False,
-                    layer_start: int = 0, layer_end=None, attention_backend: str = "auto") -> Qwen25VLModel:
+                    layer_start: int = 0, layer_end=None, attention_backend: str = "auto",
+                    sequence_parallel: bool = False) -> Qwen25VLModel:
     """This rank's TP shard (and PP layer range) of the HF Qwen2.5-VL folder `path`."""
     config = load_hf_config(path)
     source = _SafetensorsSource(path)
@@ -160,7 +162,7 @@ def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_
     _check_checkpoint(path, config, found)
     tp, _, _ = _tp_info()
     model = Qwen25VLModel(config, dtype=dtype, tp=tp, layer_start=layer_start, layer_end=layer_end,
-                          attention_backend=attention_backend)
+                          attention_backend=attention_backend, sequence_parallel=sequence_parallel)
     _fill(model, source, found)
     return _finish(model, device, activation_checkpointing)
 

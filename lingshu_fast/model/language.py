@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from lingshu_fast.model.attention import varlen_attention
-from lingshu_fast.model.ops import apply_rotary, rms_norm, swiglu
+from lingshu_fast.model.ops import apply_rotary, swiglu
 from lingshu_fast.model.parallel_linear import ColumnLinear, RowLinear
 from lingshu_fast.model.vision import RMSNorm
 
@@ -54,8 +54,9 @@ class DecoderLayer(nn.Module):
         self.attention_backend = "auto"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
-        tokens, d = x.shape[0], self.head_dim
-        qkv = self.qkv(rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps))
+        d = self.head_dim
+        qkv = self.qkv(self.input_layernorm(x))
+        tokens = qkv.shape[0]  # all T tokens, also under sequence parallelism (x holds T/tp)
         q, k, v = qkv.split([self.q_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k = apply_rotary(q.view(tokens, self.q_heads, d), k.view(tokens, self.kv_heads, d), cos, sin)
         attn = varlen_attention(q, k, v.view(tokens, self.kv_heads, d), cu_seqlens, max_seqlen, causal=True,

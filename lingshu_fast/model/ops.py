@@ -1,8 +1,8 @@
 """The one dispatch point for the model's elementwise ops: RMSNorm, SwiGLU and rotary embedding.
 
-Each op asks `lingshu_fast.kernels._dispatch.use_triton(...)` once at entry: on CUDA tensors (or
-with LINGSHU_KERNELS=triton) it runs Liger-Kernel's Triton kernel, otherwise the plain-PyTorch
-reference below, which is written to match transformers' Qwen2.5-VL maths exactly in fp32.
+Each op asks `_use_liger(...)` (which defers to `lingshu_fast.kernels._dispatch.use_triton`) once at
+entry: on CUDA tensors it runs Liger-Kernel's Triton kernel (LINGSHU_KERNELS=torch turns it off),
+otherwise the plain-PyTorch reference below, which is written to match transformers' Qwen2.5-VL maths exactly in fp32.
 M-RoPE needs no kernel of its own: the (t, h, w) section selection happens once per forward when
 building cos/sin (language.py), after which it is an ordinary rotate-half rotation.
 """
@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from lingshu_fast.kernels._dispatch import use_triton
 
 
-def _liger_available() -> bool:
+def _use_liger(*tensors: torch.Tensor) -> bool:
+    """Liger on CUDA tensors only: its kernels do not run under TRITON_INTERPRET (checked with
+    liger-kernel 0.8.5: a scalar `.to` fails), so LINGSHU_KERNELS=triton on CPU keeps the
+    reference here and the model stays usable in tests that force Triton for other ops."""
+    if not use_triton(*tensors) or not all(t.is_cuda for t in tensors):
+        return False
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
@@ -24,7 +29,7 @@ def _liger_available() -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * x / sqrt(mean(x^2) + eps), the statistics in fp32 (as transformers)."""
-    if use_triton(x) and _liger_available():
+    if _use_liger(x):
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
         shape = x.shape
@@ -37,7 +42,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up."""
-    if use_triton(gate, up) and _liger_available():
+    if _use_liger(gate, up):
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
         return LigerSiLUMulFunction.apply(gate, up)
@@ -55,7 +60,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     The reference computes in fp32 and casts back, as transformers' vision rotary does; for the
     text model in fp32 this is identical to transformers' in-dtype computation.
     """
-    if use_triton(q, k) and _liger_available():
+    if _use_liger(q, k):
         from liger_kernel.ops.rope import LigerRopeFunction
 
         # Liger wants [batch, heads, seq, dim] and cos [1, seq, dim]

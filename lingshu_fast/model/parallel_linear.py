@@ -15,7 +15,10 @@ Sharding (contiguous blocks per TP rank, rank r of tp):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
+
+from lingshu_fast.model.sequence_parallel import gather_seq, reduce_scatter_seq
 
 
 class ColumnLinear(tensor_parallel.ColumnParallelLinear):
@@ -25,7 +28,11 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
             skip_weight_param_allocation=skip_weight, tp_group=_tp_group(),
         )
 
+    sequence_parallel = False  # set by the model: input arrives as this rank's slice of the sequence
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, gather_output: bool = False) -> torch.Tensor:
+        if self.sequence_parallel:
+            return F.linear(gather_seq(x, self.tp_group), self.weight if weight is None else weight, self.bias)
         out, _ = super().forward(x.unsqueeze(1), weight=weight, runtime_gather_output=False)
         out = out.squeeze(1)
         if gather_output and self.tp_group.size() > 1:
@@ -57,7 +64,12 @@ class RowLinear(tensor_parallel.RowParallelLinear):
             skip_bias_add=False, tp_group=_tp_group(),
         )
 
+    sequence_parallel = False  # set by the model: output leaves as this rank's slice of the sequence
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            out = reduce_scatter_seq(F.linear(x, self.weight), self.tp_group)
+            return out + self.bias if self.bias is not None else out
         out, _ = super().forward(x.unsqueeze(1))
         return out.squeeze(1)
 

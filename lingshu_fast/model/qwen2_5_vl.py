@@ -14,6 +14,10 @@ the last (layer_end == num_layers) owns `norm` and `lm_head`. Pieces are callabl
 `head(h)` -> normed. A middle stage's forward takes `hidden_states=` instead of `input_ids` and
 returns its un-normed output in `out.hidden_states`.
 
+Sequence parallelism (`sequence_parallel=True`, TP > 1; see sequence_parallel.py): between stages
+and inside the decoder each TP rank holds T/tp tokens (T must be a multiple of tp); the last
+stage's `out.hidden_states` is gathered back to the full [T, H].
+
 Tied embeddings: `lm_head_weight` is then `embed_tokens.weight`. Under PP>1 the last stage holds
 its own copy (`lm_head.weight`, loaded from the embedding); keeping the two copies' gradients in
 sync is the pipeline's job (as Megatron's embedding group does).
@@ -30,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from lingshu_fast.model.config import check_tensor_parallel, megatron_layer_config, mrope_section, text_head_dim
 from lingshu_fast.model.language import DecoderLayer, mrope_cos_sin, mrope_inv_freq
 from lingshu_fast.model.parallel_linear import ColumnLinear, VocabEmbedding
+from lingshu_fast.model.sequence_parallel import gather_seq_output, scatter_seq
 from lingshu_fast.model.vision import RMSNorm, VisionTower
 
 GROUPS = ("vision", "merger", "llm")
@@ -44,7 +49,7 @@ class ModelOutput:
 class Qwen25VLModel(nn.Module):
     def __init__(self, hf_config, *, dtype: torch.dtype = torch.float32, tp: int = 1,
                  layer_start: int = 0, layer_end: Optional[int] = None, activation_checkpointing: bool = False,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", sequence_parallel: bool = False):
         super().__init__()
         check_tensor_parallel(hf_config, tp)
         tcfg, vcfg = hf_config.text_config, hf_config.vision_config
@@ -75,6 +80,22 @@ class Qwen25VLModel(nn.Module):
         self.mrope_section = mrope_section(hf_config)
         self.set_attention_backend(attention_backend)
         self.activation_checkpointing = activation_checkpointing
+        self.sequence_parallel = bool(sequence_parallel) and tp > 1  # a no-op at TP=1
+        if self.sequence_parallel:
+            self._enable_sequence_parallel()
+
+    def _enable_sequence_parallel(self) -> None:
+        """Decoder layers and the final norm work on T/tp tokens per rank (the ViT does not)."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group()
+        norms = [self.norm] if self.post_process else []
+        for layer in self.layers:
+            layer.qkv.sequence_parallel = layer.gate_up.sequence_parallel = True
+            layer.o_proj.sequence_parallel = layer.down_proj.sequence_parallel = True
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        for norm in norms:
+            norm.sync_group = group
 
     # ---- switches ----
     @property
@@ -135,6 +156,11 @@ class Qwen25VLModel(nn.Module):
         hidden[image_mask] = image_embeds.to(hidden.dtype)
         return hidden
 
+    def _tp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mrope_cos_sin(position_ids, self.rope_inv_freq, self.mrope_section, self.dtype)
 
@@ -147,7 +173,9 @@ class Qwen25VLModel(nn.Module):
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+        """Final norm; under sequence parallelism also gathers the T/tp slices back to [T, H]."""
+        hidden = self.norm(hidden)
+        return gather_seq_output(hidden, self._tp_group()) if self.sequence_parallel else hidden
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [T, V], gathered over TP (evaluation only: training never needs them)."""
@@ -161,6 +189,11 @@ class Qwen25VLModel(nn.Module):
             if input_ids is None:
                 raise ValueError("the first stage needs input_ids")
             hidden = self.embed(input_ids, pixel_values, image_grid_thw, image_embeds)
+            if self.sequence_parallel:
+                if hidden.shape[0] % self.tp:
+                    raise ValueError(f"sequence parallelism needs the packed length ({hidden.shape[0]}) to be a "
+                                     f"multiple of parallel.tp={self.tp}; pad the micro-batch")
+                hidden = scatter_seq(hidden, self._tp_group())
         else:
             if hidden_states is None:
                 raise ValueError("a middle/last pipeline stage needs hidden_states from the previous stage")

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from lingshu_fast.model.attention import varlen_attention
 from lingshu_fast.model.ops import apply_rotary, rms_norm, swiglu
 from lingshu_fast.model.parallel_linear import ColumnLinear, RowLinear
+from lingshu_fast.model.sequence_parallel import sync_grad
 
 _VISION_NORM_EPS = 1e-6  # hard-coded in HF's vision blocks and merger
 
@@ -31,9 +32,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
         self.eps = eps
+        self.sync_group = None  # sequence parallel: all-reduce the weight's gradient over this group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        weight = self.weight if self.sync_group is None else sync_grad(self.weight, self.sync_group)
+        return rms_norm(x, weight, self.eps)
 
 
 def window_layout(grid_thw: torch.Tensor, merge: int, window_merged: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
