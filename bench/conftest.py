@@ -45,6 +45,18 @@ def _commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def _cpu_name() -> str:
+    # platform.processor() is often just "x86_64" on Linux; /proc/cpuinfo names the model.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def collect_machine_info() -> dict:
     """Device name (the CUDA card, else the CPU), core count, torch version, commit."""
     info = {"commit": _commit(), "cpu_cores": os.cpu_count(), "python": platform.python_version()}
@@ -53,10 +65,10 @@ def collect_machine_info() -> dict:
 
         info["torch"] = torch.__version__
         cuda = torch.cuda.is_available()
-        info["device"] = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine() or "cpu")
+        info["device"] = torch.cuda.get_device_name() if cuda else _cpu_name()
         info["device_kind"] = "cuda" if cuda else "cpu"
     except ImportError:
-        info.update(torch="not installed", device=platform.processor() or "cpu", device_kind="cpu")
+        info.update(torch="not installed", device=_cpu_name(), device_kind="cpu")
     return info
 
 
