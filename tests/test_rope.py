@@ -166,3 +166,15 @@ def test_video_and_bad_backend_are_refused():
         rope.sample_position_ids(ids, None, image_token_id=IMG, vision_start_token_id=VSTART, video_token_id=VIDEO)
     with pytest.raises(ValueError, match="backend"):
         rope.sample_position_ids(ids, None, image_token_id=IMG, vision_start_token_id=VSTART, backend="cuda")
+
+
+def test_batched_grid_count_mismatch_is_a_clear_error():
+    """Grids are consumed across the batch in order: a left-over or missing grid must not shift
+    every later sample's images silently."""
+    ids, grids = make_sample(np.random.default_rng(5), ["t2", (1, 4, 4), "t2"])
+    batch = torch.from_numpy(np.stack([ids, ids]))
+    kwargs = dict(image_token_id=IMG, vision_start_token_id=VSTART)
+    with pytest.raises(ValueError, match="uses only 2"):
+        rope.get_rope_index(batch, torch.from_numpy(np.concatenate([grids] * 3)), **kwargs)
+    with pytest.raises(ValueError, match="sample 1"):
+        rope.get_rope_index(batch, torch.from_numpy(grids), **kwargs)
