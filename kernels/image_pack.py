@@ -225,6 +225,7 @@ def _pack_images_triton(
     flat_uint8: torch.Tensor, sizes: torch.Tensor, out_dtype: torch.dtype, window_order: bool, window_size_px: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = _layout(flat_uint8, sizes)
+    flat_uint8 = flat_uint8.contiguous()  # the kernel indexes bytes with unit stride
     device = flat_uint8.device
     num_images = layout["grid_thw"].shape[0]
     num_rows = int(layout["cu_rows"][-1])
