@@ -40,7 +40,7 @@ ROW_WIDTH = CHANNELS * TEMPORAL_PATCH_SIZE * PATCH_AREA  # 1176
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN, as transformers
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESCALE_FACTOR = 1 / 255
-BLOCK_ROWS = 8  # rows per program; 8 keeps ptxas at 96 registers (16: 158) for ~5 blocks per SM
+BLOCK_ROWS = 8  # rows per program: 8 x 256 lanes compiles to <= 72 registers on sm_80 and sm_90a, no spills
 BLOCK_K = 256  # lanes covering one channel's 196 pixels (next power of two)
 
 
