@@ -34,6 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -97,18 +98,22 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _model_tensors(model_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a state dict into safetensors-able tensors and the rest (e.g. `_extra_state`).
+def _model_tensors(model_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
+    """Split a state dict into safetensors-able tensors, keys whose value is None (Megatron-Core's
+    `_extra_state`, kept so the state dict round-trips exactly) and other values.
 
     safetensors refuses tensors sharing storage (tied weights): later aliases get their own copy.
     """
     tensors: dict[str, torch.Tensor] = {}
+    none_keys: list[str] = []
     other: dict[str, Any] = {}
     seen_storage: set[tuple[str, int]] = set()
     for name, value in model_state.items():
+        if value is None:
+            none_keys.append(name)
+            continue
         if not isinstance(value, torch.Tensor):
-            if value is not None:
-                other[name] = value
+            other[name] = value
             continue
         t = value.detach()
         t = t.cpu() if t.device.type != "cpu" else t
@@ -117,7 +122,7 @@ def _model_tensors(model_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor]
             t = t.contiguous().clone()
         seen_storage.add(key)
         tensors[name] = t
-    return tensors, other
+    return tensors, none_keys, other
 
 
 # --------------------------------------------------------------------------- RNG
@@ -180,11 +185,11 @@ def _clean_leftovers(ckpt_root: Path) -> None:
 def _write_rank_files(tmp_dir: Path, rank: int, model_state, state: dict) -> None:
     written: dict[str, dict] = {}
     if model_state:
-        tensors, other = _model_tensors(model_state)
+        tensors, none_keys, other = _model_tensors(model_state)
         if other:
             state["model_extra"] = other
         path = tmp_dir / _model_file(rank)
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        save_file(tensors, str(path), metadata={"format": "pt", "none_keys": json.dumps(none_keys)})
         _fsync_file(path)
         written[path.name] = {}
     path = tmp_dir / _state_file(rank)
@@ -353,6 +358,9 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, *, world: Optional[i
     model_state = None
     if model_name in manifest["files"]:
         model_state = load_file(str(path / model_name))
+        with safe_open(str(path / model_name), framework="pt") as f:
+            none_keys = json.loads((f.metadata() or {}).get("none_keys", "[]"))
+        model_state.update({k: None for k in none_keys})
         model_state.update(state.pop("model_extra", {}) if model_rank in (None, rank) else {})
     return {"step": state["step"], "world": state["world"], "model_state": model_state,
             "optim_state": state["optim"], "sched_state": state["sched"], "rng_state": state["rng"],
