@@ -188,9 +188,11 @@ def test_tensor_parallel_divisibility_is_checked():
         M.Qwen25VLModel(M.tiny_hf_config(), tp=4)
 
 
-def test_pipeline_stages_compose_to_whole_model(tmp_path):
-    """Pins: a layer range per stage; first stage embeds, middle passes hidden states, last norms."""
-    hf, folder = _hf_checkpoint(tmp_path)
+@pytest.mark.parametrize("tied", [False, True])
+def test_pipeline_stages_compose_to_whole_model(tmp_path, tied):
+    """Pins: a layer range per stage; first stage embeds, middle passes hidden states, last norms;
+    a tied head on a later stage gets its own copy of the embedding (not written on save)."""
+    hf, folder = _hf_checkpoint(tmp_path, tied)
     batch = model_inputs(packed_batch(hf.config))
     whole = M.from_pretrained(folder).eval()
     first = M.from_pretrained(folder, layer_end=1).eval()
@@ -202,6 +204,10 @@ def test_pipeline_stages_compose_to_whole_model(tmp_path):
                       return_logits=True)
         full = whole(**batch, return_logits=True)
     torch.testing.assert_close(staged.logits, full.logits, atol=0, rtol=0)
+    assert [layer.layer_id for layer in last.layers] == [1, 2]
+    if tied:
+        assert torch.equal(last.lm_head_weight, hf.state_dict()["model.language_model.embed_tokens.weight"])
+        assert "lm_head.weight" not in full_hf_state_dict(last)
 
 
 def test_flops_formula():

@@ -1,5 +1,5 @@
 """Tensor parallelism: TP=2 over gloo equals TP=1 (forward, gradients, save, random init),
-with and without sequence parallelism.
+with and without sequence parallelism (the SP run also checkpoints activations).
 
 One spawn runs every TP=2 check (a spawn costs ~8 s). Tolerances: TP splits each matmul's
 reduction (row-parallel layers sum two partial products) so fp32 results differ from TP=1 by
@@ -34,7 +34,7 @@ def _tp2_worker(dims, hf_folder, batch, out_folder):
     assert model.vocab_start_end == (dims.tp_rank * vocab // 2, (dims.tp_rank + 1) * vocab // 2)
     M.save_pretrained(model, os.path.join(out_folder, "tp2_export"))
     M.save_pretrained(M.build_model(model.config, seed=3), os.path.join(out_folder, "tp2_random"))
-    sp_model = M.from_pretrained(hf_folder, sequence_parallel=True)
+    sp_model = M.from_pretrained(hf_folder, sequence_parallel=True, activation_checkpointing=True)
     sp_results = _forward_backward(sp_model, batch)
     # the residual stream really is split: each rank's first layer sees T/2 tokens
     seen = []
