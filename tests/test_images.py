@@ -70,7 +70,7 @@ def test_preprocess_equals_transformers_grey_and_alpha_arrays():
     _assert_same([rgba])
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "1", "CMYK"])
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "CMYK"])
 def test_preprocess_equals_transformers_pil_modes(mode):
     """PIL images in other modes go through PIL's own convert (alpha composited onto white) exactly as
     transformers does; includes a palette image with a transparency key."""
@@ -143,6 +143,23 @@ def test_resize_image_budget_and_multiples():
     assert math.isclose(h / w, 500 / 300, rel_tol=0.25)
 
 
+def test_sixteen_bit_grey_is_stretched_not_clipped(tmp_path):
+    """Documented deviation: a 16-bit PNG (PIL mode I;16) and uint16 arrays are stretched min-max to
+    8 bits. PIL's convert("RGB"), which transformers uses, clips at 255: the 12-bit ramp below would
+    come out >= 93% white there."""
+    ramp = (np.arange(48 * 64).reshape(48, 64) + 100).astype(np.uint16)  # 100..3171, a 12-bit range
+    path = tmp_path / "xray16.png"
+    PIL.Image.fromarray(ramp).save(path)
+    assert PIL.Image.open(path).mode.startswith("I;16")
+    clipped = np.asarray(PIL.Image.open(path).convert("RGB"))
+    assert (clipped == 255).mean() > 0.9  # the failure mode we avoid
+    expected = np.floor((ramp - 100.0) / (ramp.max() - 100.0) * 255 + 0.5).astype(np.uint8)
+    for source in (path, ramp, PIL.Image.open(path)):
+        got = load_image(source)
+        assert np.array_equal(got, np.repeat(expected[:, :, None], 3, axis=2))
+    assert not load_image(np.full((5, 5), 7, dtype=np.int32)).any()  # constant: zeros, no NaN
+
+
 def test_load_image_float_and_bool_arrays():
     """Documented deviation: float arrays in [0, 1] are quantised with round(x * 255)."""
     values = np.array([[0.0, 0.5, 1.0, 0.2 / 255]], dtype=np.float32)
@@ -155,7 +172,7 @@ def test_load_image_float_and_bool_arrays():
     "bad, message",
     [
         (np.full((4, 4, 3), 1.5, dtype=np.float32), r"\[0, 1\]"),
-        (np.zeros((4, 4), dtype=np.uint16), "uint16"),
+        (np.zeros((4, 4), dtype=np.complex64), "complex64"),
         (np.zeros((4, 4, 2), dtype=np.uint8), "channels-last"),
         (np.zeros((0, 4, 3), dtype=np.uint8), "empty"),
         (12, "unsupported image source"),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lingshu_fast.data.images import ImageError
+from lingshu_fast.data.images import ImageError, minmax_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +57,6 @@ def window_to_uint8(values: np.ndarray, center: float, width: float, function: s
         high = center - 0.5 + (width - 1.0) / 2.0
         ramp = ((x - (center - 0.5)) / max(width - 1.0, 1e-12) + 0.5) * 255.0
         y = np.where(x <= low, 0.0, np.where(x > high, 255.0, ramp))
-    return np.floor(np.clip(y, 0.0, 255.0) + 0.5).astype(np.uint8)
-
-
-def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Linear stretch of [min, max] onto [0, 255]; a constant (or empty-range) frame gives zeros."""
-    x = values.astype(np.float64)
-    finite = x[np.isfinite(x)]
-    if finite.size == 0:
-        return np.zeros(x.shape, dtype=np.uint8)
-    low, high = float(finite.min()), float(finite.max())
-    if high <= low:
-        return np.zeros(x.shape, dtype=np.uint8)
-    y = np.nan_to_num((x - low) / (high - low) * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
     return np.floor(np.clip(y, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 

@@ -14,8 +14,10 @@ GPU, plain torch on CPU), so uint8 rather than fp32 crosses the host-to-device l
 Deviations (documented, deliberate):
 - float arrays must lie in [0, 1] and are quantised with round(x * 255) before resizing. transformers
   would truncate them to uint8 for the PIL resize and then rescale by 1/255 twice, which is a bug,
-  not a behaviour worth copying. Other integer dtypes (uint16 ...) are refused: window them first
-  (DICOM files are windowed by `read_dicom`).
+  not a behaviour worth copying.
+- deeper-than-8-bit grey (16-bit PNG/TIFF: PIL modes I;16*, I, F) and integer arrays other than uint8
+  are stretched min-max to 8 bits (as DICOM without a window; a constant image gives zeros).
+  transformers lets PIL clip them at 255, which turns a 16-bit X-ray PNG almost entirely white.
 - errors are `ImageError` (a ValueError) naming the source and the reason, never a bare traceback.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ DEFAULT_MIN_PIXELS = 56 * 56  # transformers' Qwen2VLImageProcessorPil defaults
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
 DICOM_SUFFIXES = (".dcm", ".dicom")
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL grey modes deeper than 8 bits
 
 
 class ImageError(ValueError):
@@ -54,7 +57,25 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linear stretch of [min, max] onto [0, 255]; a constant (or empty-range) frame gives zeros."""
+    x = values.astype(np.float64)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        return np.zeros(x.shape, dtype=np.uint8)
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        return np.zeros(x.shape, dtype=np.uint8)
+    y = np.nan_to_num((x - low) / (high - low) * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.floor(np.clip(y, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
 def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        # Deviation: PIL's convert("RGB") clips 16/32-bit grey at 255, so a 16-bit X-ray PNG would come
+        # out almost all white (transformers has this flaw); stretch min-max as DICOM without a window.
+        grey = minmax_to_uint8(np.asarray(image))
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     # Same rule as transformers' convert_to_rgb: alpha (band or palette transparency) -> onto white.
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
@@ -80,11 +101,10 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
         if array.size and (not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0):
             raise ImageError(f"{name}: float image values must lie in [0, 1] (got dtype {array.dtype})")
         array = np.floor(array.astype(np.float64) * 255.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        array = minmax_to_uint8(array)  # 16/32-bit data: stretched jointly over all channels
     elif array.dtype != np.uint8:
-        raise ImageError(
-            f"{name}: dtype {array.dtype} is not supported; give uint8 RGB/grey (window 16-bit data to "
-            "8 bits first, e.g. with lingshu_fast.data.dicom.read_dicom)"
-        )
+        raise ImageError(f"{name}: dtype {array.dtype} is not supported; give uint8, integer or float [0, 1] pixels")
     channels = array.shape[2]
     if channels == 1:
         return np.ascontiguousarray(np.repeat(array, 3, axis=2))
