@@ -118,7 +118,8 @@ def test_smart_resize_equals_transformers():
             for w in sides:
                 if max(h, w) / min(h, w) > 200:
                     continue
-                assert smart_resize(h, w, 28, min_pixels, max_pixels) == hf_smart_resize(h, w, 28, min_pixels, max_pixels)
+                expected = hf_smart_resize(h, w, 28, min_pixels, max_pixels)
+                assert smart_resize(h, w, 28, min_pixels, max_pixels) == expected, (h, w, min_pixels, max_pixels)
 
 
 def test_smart_resize_errors_are_image_errors():
