@@ -221,9 +221,23 @@ def _two_rank_save_load(dims, run_dir: str):
                         loader_state={"cursor": 100 * step + r}, rank=r, world=dims.world, keep=1)
         times.append(time.perf_counter() - t0)
     dist.barrier()
+    # Rank 0 fails while publishing step 3: every rank must get the error instead of hanging.
+    real_publish = ck._publish
+
+    def failing_publish(*a, **k):
+        raise OSError("no space left (simulated)")
+
+    ck._publish = failing_publish
+    try:
+        save_checkpoint(run_dir, 3, optim_state={}, rank=r, world=dims.world)
+        publish_error = None
+    except CheckpointError as err:
+        publish_error = str(err)
+    finally:
+        ck._publish = real_publish
     latest = find_latest(run_dir)
     got = load_checkpoint(latest, rank=r, world=dims.world, model_rank=0)
-    return dict(latest=latest.name, w=got["model_state"]["w"].tolist(), shard=got["optim_state"]["shard"].tolist(),
+    return dict(latest=latest.name, publish_error=publish_error, w=got["model_state"]["w"].tolist(), shard=got["optim_state"]["shard"].tolist(),
                 cursor=got["loader_state"]["cursor"], files=sorted(got["manifest"]["files"]),
                 dirs=sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir()))
 
@@ -231,11 +245,13 @@ def _two_rank_save_load(dims, run_dir: str):
 @pytest.mark.dist
 def test_two_ranks_gloo(tmp_path):
     """Pins: with 2 ranks the manifest lists both ranks' files, each rank reads back its own
-    optimizer shard and loader cursor, a rank without model weights reads rank 0's, and keep=1
-    prunes step 1 for both."""
+    optimizer shard and loader cursor, a rank without model weights reads rank 0's, keep=1
+    prunes step 1 for both, and a failure on rank 0 while publishing reaches every rank as a
+    CheckpointError (not a hang at a barrier) with step 2 still the latest."""
     res = spawn(_two_rank_save_load, 2, str(tmp_path))
     for r, out in enumerate(res):
         assert out["latest"] == "step_000002" and out["w"] == [20.0] * 3
         assert out["shard"] == [float(r + 2)] * 2 and out["cursor"] == 200 + r
         assert out["files"] == ["model_rank00000.safetensors", "state_rank00000.pt", "state_rank00001.pt"]
-        assert out["dirs"] == ["latest", "step_000002"]
+        assert [d for d in out["dirs"] if ".tmp-" not in d] == ["latest", "step_000002"]
+        assert "failed on rank 0: OSError: no space left" in out["publish_error"]

@@ -262,10 +262,19 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: Optio
     _write_rank_files(tmp_dir, rank, model_state, state)
     _barrier(world)
     final = ckpt_root / name
+    error = [None]
     if rank == 0:
-        final = _publish(ckpt_root, tmp_dir, name, step, world, nonce)
-        _prune(ckpt_root, keep, protect=final)
-    _barrier(world)  # nobody starts the next step's save (or a load) before `latest` moved
+        try:
+            final = _publish(ckpt_root, tmp_dir, name, step, world, nonce)
+            _prune(ckpt_root, keep, protect=final)
+        except Exception as err:  # noqa: BLE001 - every rank raises it below instead of hanging
+            error = [f"{type(err).__name__}: {err}"]
+            if world == 1:
+                raise
+    if world > 1:  # also the barrier: nobody starts the next save (or a load) before `latest` moved
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointError(f"saving checkpoint step {step} to {ckpt_root} failed on rank 0: {error[0]}")
     return final
 
 
