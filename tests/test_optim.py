@@ -205,8 +205,8 @@ def _tp_norm_and_zero(dims, seed: int):
     ref_norm = _full_grad_norm(x, seed)
 
     # ZeRO-1 over the 2 ranks (the whole world serves as the DP group here) against plain AdamW.
-    def run(zero1: bool, steps=range(4), resume_from=None):
-        v, m, l = _tiny_groups(seed)
+    def run(zero1: bool, steps=range(4), resume_from=None, dtype=torch.float32):
+        v, m, l = (mod.to(dtype) for mod in _tiny_groups(seed))
         ocfg = OptimConfig(lr=1e-2, lr_vision=1e-3, lr_merger=5e-3, weight_decay=0.1, warmup_steps=2,
                            zero1=zero1)
         opt = build_optimizer(_groups_of(v, m, l), ocfg)
@@ -222,7 +222,8 @@ def _tp_norm_and_zero(dims, seed: int):
             sched.load_state_dict(ckpt["sched"])
         for step in steps:
             torch.manual_seed(100 + step)  # same batch on both ranks: grads stand in for all-reduced ones
-            (m(v(torch.randn(3, 4))).square().sum() + l(torch.tensor([1, 3])).square().sum()).backward()
+            x = torch.randn(3, 4, dtype=dtype)
+            (m(v(x)).float().square().sum() + l(torch.tensor([1, 3])).float().square().sum()).backward()
             opt.step()
             opt.zero_grad()
             sched.step()
@@ -235,11 +236,14 @@ def _tp_norm_and_zero(dims, seed: int):
     _, plain_state, _ = run(False)
     _, _, half_ckpt = run(True, steps=range(2))
     _, resumed_state, _ = run(True, steps=range(2, 4), resume_from=half_ckpt)
+    zopt16, z16, _ = run(True, dtype=torch.bfloat16)
+    _, plain16, _ = run(False, dtype=torch.bfloat16)
     local = optimizer_state_dict(zopt)
     n_local = len(local["zero1_local"]["state"])
     return dict(tp_norm=tp_norm, naive=math.sqrt(float(t)), ref=ref_norm,
                 zero_kind=type(zopt).__name__, zero_max_diff=float((zstate - plain_state).abs().max()),
                 resume_equal=torch.equal(resumed_state, zstate),
+                bf16_zero_equal=torch.equal(z16, plain16), bf16_local=type(zopt16.optim).__name__,
                 n_local=n_local, lrs=current_lrs(zopt))
 
 
@@ -249,14 +253,59 @@ def test_tp_grad_norm_and_zero1_on_gloo():
     (1e-5 relative: fp32 sums in another order); the naive all-rank sum double-counts the replicated
     row bias and gain, so it must differ. (2) ZeRO-1 with per-group LRs and the schedule gives the
     same weights as plain AdamW (1e-6 absolute: the same fp32 arithmetic on each shard) while each
-    rank holds state for only part of the parameters."""
+    rank holds state for only part of the parameters; with bf16 weights its local optimizer is
+    MasterAdamW (fp32 masters for the shard only) and the result is bit-identical to unsharded
+    MasterAdamW; a shard saved per rank reloads into a bit-identical continuation."""
     res = spawn(_tp_norm_and_zero, 2, 3, tp=2)
     for r in res:
         assert r["tp_norm"] == pytest.approx(r["ref"], rel=1e-5)
         assert abs(r["naive"] - r["ref"]) > 1e-3 * r["ref"]
         assert r["zero_kind"] == "ZeroRedundancyOptimizer"
         assert r["zero_max_diff"] < 1e-6
+        assert r["bf16_zero_equal"] and r["bf16_local"] == "MasterAdamW"  # masters only for the shard
         assert r["resume_equal"]  # ZeRO shard saved per rank and reloaded: bit-identical continuation
         assert r["lrs"]["vision"] != r["lrs"]["llm"]
     n_params = sum(len(list(m.parameters())) for m in _tiny_groups())
     assert sum(r["n_local"] for r in res) == n_params and all(r["n_local"] < n_params for r in res)
+
+
+def test_bf16_params_get_fp32_master_weights():
+    """Pins the bf16 stall: with bf16 weights ~1 and lr 1e-5 a plain AdamW update (~1e-5) is below
+    bf16's resolution (2^-8 relative), so the weights never move. MasterAdamW must track an fp32
+    AdamW run: its bf16 weights equal the fp32 reference rounded to bf16 (exact: same fp32
+    arithmetic, then one rounding), zero_grad must clear the model's gradients, and the masters
+    must survive a weights_only state round trip."""
+    torch.manual_seed(0)
+    start16 = (torch.rand(8, 8) + 0.5).to(torch.bfloat16)
+    w32 = torch.nn.Parameter(start16.float())  # the same starting values as the bf16 runs
+    w16 = torch.nn.Parameter(start16.clone())
+    plain16 = torch.nn.Parameter(start16.clone())
+    cfg = OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant")
+    ref = build_optimizer({"llm": [w32]}, cfg)
+    ours = build_optimizer({"llm": [w16]}, cfg)
+    assert type(ours).__name__ == "MasterAdamW" and type(ref) is torch.optim.AdamW
+    plain = torch.optim.AdamW([plain16], lr=1e-5, weight_decay=0.0)
+    for step in range(300):  # a steady gradient: Adam moves each weight ~lr per step, 3e-3 in all
+        g = (1.0 + 0.1 * torch.randn(8, 8)).to(torch.bfloat16).float()  # exact in bf16 and fp32
+        for p, o in ((w32, ref), (w16, ours), (plain16, plain)):
+            o.zero_grad()
+            p.grad = g.to(p.dtype)
+            o.step()
+    assert torch.equal(plain16.detach(), start16)  # the stall MasterAdamW exists for
+    assert not torch.equal(w16.detach(), start16)
+    torch.testing.assert_close(w16.detach(), w32.detach().to(torch.bfloat16), rtol=0, atol=0)
+    ours.zero_grad()
+    assert w16.grad is None
+
+    buf = io.BytesIO()
+    torch.save(optimizer_state_dict(ours), buf)
+    buf.seek(0)
+    w16b = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.bfloat16))
+    again = build_optimizer({"llm": [w16b]}, cfg)
+    load_optimizer_state_dict(again, torch.load(buf, weights_only=True))
+    assert torch.equal(w16b.detach(), w16.detach())
+    g = torch.randn(8, 8)
+    for p, o in ((w16, ours), (w16b, again)):
+        p.grad = g.to(torch.bfloat16)
+        o.step()
+    assert torch.equal(w16b.detach(), w16.detach())

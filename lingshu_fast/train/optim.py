@@ -9,6 +9,8 @@ Design choices:
   state memory nor updates (AdamW's decoupled weight decay would otherwise still move them).
 - fused=True on CUDA (one kernel for all tensors), foreach on CPU (fused has no CPU path in older
   torch and foreach is the fast multi-tensor path there).
+- bf16/fp16 parameters get fp32 master weights (`MasterAdamW`): small updates would otherwise round
+  away in bf16. fp32 parameters (CPU, tests) use plain AdamW.
 - ZeRO-1: `torch.distributed.optim.ZeroRedundancyOptimizer` over the data-parallel group, so each DP
   rank keeps Adam moments for 1/DP of the parameters; gradients are still all-reduced in full.
 - The schedule's warm-up starts at lr * 1/(warmup+1), not 0 as in Hugging Face's
@@ -70,6 +72,76 @@ def build_param_groups(param_groups: dict[str, list[torch.nn.Parameter]], optim_
     return groups
 
 
+class MasterAdamW(torch.optim.AdamW):
+    """AdamW that keeps fp32 master copies of low-precision (bf16/fp16) parameters.
+
+    Why: with bf16 weights an update of lr 1e-5 relative to a weight of ~1e-2 is below bf16's
+    resolution (8 mantissa bits, ~4e-3 relative) and rounds away, so training silently stalls.
+    Here AdamW steps fp32 masters (its param_groups hold them) and the model's parameters get the
+    rounded result after each step. Under ZeRO-1 this class is the local optimizer, so masters exist
+    only for the rank's shard. The masters are part of the state dict (exact resume).
+    """
+
+    def __init__(self, params, **kwargs):
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self._model_params: list[torch.Tensor] = []
+        master_groups = []
+        for g in groups:
+            model_params = list(g["params"])
+            self._model_params.extend(model_params)
+            masters = [p.detach().to(torch.float32, copy=True) for p in model_params]
+            master_groups.append({**g, "params": masters})
+        super().__init__(master_groups, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # The model's parameters hold the gradients (the masters' exist only inside step()).
+        for p in self._model_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+    def _masters(self) -> list[torch.Tensor]:
+        return [m for g in self.param_groups for m in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterAdamW does not take a closure")
+        masters = self._masters()
+        for p, m in zip(self._model_params, masters):
+            m.grad = None if p.grad is None else p.grad.detach().to(torch.float32)
+        super().step()
+        for p, m in zip(self._model_params, masters):
+            p.copy_(m)
+            m.grad = None  # the fp32 gradient copy lives only during the step
+        return None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["master_params"] = [m.detach().clone() for m in self._masters()]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        master_params = state_dict.pop("master_params", None)
+        super().load_state_dict(state_dict)
+        if master_params is None:
+            raise ValueError("the optimizer state has no fp32 master weights (saved from an fp32 model?); "
+                             "resume with the same model.dtype")
+        with torch.no_grad():
+            for p, m, saved in zip(self._model_params, self._masters(), master_params):
+                m.copy_(saved)
+                p.copy_(m)
+
+
+def _needs_master_weights(groups: list[dict]) -> bool:
+    return any(p.dtype in (torch.bfloat16, torch.float16) for g in groups for p in g["params"])
+
+
 def _adamw_kwargs(groups: list[dict], optim_cfg) -> dict:
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     kwargs = dict(lr=float(optim_cfg.lr), betas=tuple(optim_cfg.betas), eps=float(optim_cfg.eps),
@@ -82,20 +154,21 @@ def build_optimizer(param_groups: dict[str, list[torch.nn.Parameter]], optim_cfg
                     dp_group: Optional[dist.ProcessGroup] = None) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters of `param_groups` (keys vision, merger, llm).
 
+    MasterAdamW (fp32 masters) when any trainable parameter is bf16/fp16, plain AdamW otherwise.
     With `optim_cfg.zero1` and an initialised process group whose data-parallel group (`dp_group`,
     default the whole world) has more than one rank, the optimizer state is sharded over it
     (ZeroRedundancyOptimizer wrapping AdamW); otherwise a plain AdamW.
     """
     groups = build_param_groups(param_groups, optim_cfg)
     kwargs = _adamw_kwargs(groups, optim_cfg)
+    adamw = MasterAdamW if _needs_master_weights(groups) else torch.optim.AdamW
     if optim_cfg.zero1 and dist.is_available() and dist.is_initialized():
         group = dp_group if dp_group is not None else dist.group.WORLD
         if dist.get_world_size(group) > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
-                                           process_group=group, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+            return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=group, **kwargs)
+    return adamw(groups, **kwargs)
 
 
 def is_zero(optimizer: torch.optim.Optimizer) -> bool:
