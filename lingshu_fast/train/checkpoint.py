@@ -129,7 +129,8 @@ def _model_tensors(model_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor]
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and (when present) every CUDA device's RNG state, as tensors."""
+    """Python, numpy, torch CPU and (when CUDA is in use) the current CUDA device's RNG state, as
+    tensors (so the checkpoint loads with weights_only=True)."""
     version, mt_state, gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -139,7 +140,9 @@ def capture_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        # Only this process's device: touching every GPU would create a CUDA context (hundreds of
+        # MB) on each of them from every rank.
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -150,12 +153,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) != torch.cuda.device_count():
-            warnings.warn(f"checkpoint holds RNG states for {len(state['cuda'])} CUDA devices, this "
-                          f"process sees {torch.cuda.device_count()}; CUDA RNG not restored", stacklevel=2)
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
         else:
-            torch.cuda.set_rng_state_all(state["cuda"])
+            warnings.warn("the checkpoint holds a CUDA RNG state but CUDA is not available here; "
+                          "CPU RNGs restored only", stacklevel=2)
 
 
 # --------------------------------------------------------------------------- save
