@@ -1,5 +1,6 @@
 """Tensor parallelism: TP=2 over gloo equals TP=1 (forward, gradients, save, random init),
-with and without sequence parallelism (the SP run also checkpoints activations).
+with and without sequence parallelism (the SP run also checkpoints activations), and with a
+vision tower that TP cannot divide (replicated on both ranks).
 
 One spawn runs every TP=2 check (a spawn costs ~8 s). Tolerances: TP splits each matmul's
 reduction (row-parallel layers sum two partial products) so fp32 results differ from TP=1 by
@@ -24,7 +25,7 @@ def _forward_backward(model, batch):
     return out.logits.detach(), out.hidden_states.detach(), full_hf_state_dict(model, grads=True)
 
 
-def _tp2_worker(dims, hf_folder, batch, out_folder):
+def _tp2_worker(dims, hf_folder, odd_folder, batch, out_folder):
     assert dims.tp == 2
     model = M.from_pretrained(hf_folder)
     logits, hidden, grads = _forward_backward(model, batch)
@@ -42,7 +43,11 @@ def _tp2_worker(dims, hf_folder, batch, out_folder):
     with torch.no_grad():
         sp_model(**batch)
     assert seen == [batch["input_ids"].shape[0] // 2]
-    return ((logits, hidden, grads), sp_results) if dims.tp_rank == 0 else None
+    odd_model = M.from_pretrained(odd_folder)  # ViT MLP width 63: not split over 2 ranks -> replicated
+    assert odd_model.visual.tp == 1 and odd_model.layers[0].qkv.weight.shape[0] == (4 + 2 * 2) * 16 // 2
+    odd_results = _forward_backward(odd_model, batch)
+    M.save_pretrained(odd_model, os.path.join(out_folder, "odd_export"))
+    return ((logits, hidden, grads), sp_results, odd_results) if dims.tp_rank == 0 else None
 
 
 def _single_process_world():
@@ -80,11 +85,18 @@ def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path):
     batch = model_inputs(packed_batch(config, DEFAULT_LAYOUT[:2] + (([], 10),)))
     assert batch["input_ids"].shape[0] % 2 == 0
 
-    (tp2, sp2), _ = spawn(_tp2_worker, 2, hf_folder, batch, str(tmp_path), tp=2)
+    torch.manual_seed(1)
+    odd_hf = Qwen2_5_VLForConditionalGeneration(M.tiny_hf_config(vision_config=dict(intermediate_size=63))).eval()
+    odd_folder = str(tmp_path / "hf_odd_vision")
+    odd_hf.save_pretrained(odd_folder)
+
+    (tp2, sp2, odd2), _ = spawn(_tp2_worker, 2, hf_folder, odd_folder, batch, str(tmp_path), tp=2)
 
     _single_process_world()
     logits1, hidden1, grads1 = _forward_backward(M.from_pretrained(hf_folder), batch)
-    for logits2, hidden2, grads2 in (tp2, sp2):
+    odd1 = _forward_backward(M.from_pretrained(odd_folder), batch)
+    for (logits2, hidden2, grads2), (logits1, hidden1, grads1) in ((tp2, (logits1, hidden1, grads1)),
+                                                                     (sp2, (logits1, hidden1, grads1)), (odd2, odd1)):
         torch.testing.assert_close(logits2, logits1, atol=1e-5, rtol=0)
         torch.testing.assert_close(hidden2, hidden1, atol=1e-5, rtol=0)
         assert grads2.keys() == grads1.keys()
@@ -92,9 +104,10 @@ def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path):
             scale = grads1[name].abs().max().item() + 1e-12
             torch.testing.assert_close(grads2[name] / scale, grads1[name] / scale, atol=1e-5, rtol=0, msg=name)
 
-    exported = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "tp2_export")).state_dict()
-    for name, tensor in hf.state_dict().items():
-        assert torch.equal(exported[name], tensor), name
+    for export, reference in (("tp2_export", hf), ("odd_export", odd_hf)):
+        exported = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / export)).state_dict()
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(exported[name], tensor), name
 
     M.save_pretrained(M.build_model(config, seed=3), str(tmp_path / "tp1_random"))
     random1, random2 = _read_export(str(tmp_path / "tp1_random")), _read_export(str(tmp_path / "tp2_random"))

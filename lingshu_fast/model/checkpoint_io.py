@@ -49,6 +49,19 @@ def _tp_info() -> tuple[int, int, object]:
             ps.get_tensor_model_parallel_group())
 
 
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """torch dtype from a dtype or the config's strings: "auto" is bf16 on CUDA, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in choices:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
 # ---------------- tensor sources ----------------
 class _SafetensorsSource:
     def __init__(self, path: str):
@@ -112,6 +125,8 @@ def _check_checkpoint(path: str, config, found: dict[str, tuple]) -> None:
 
 
 def _read_local(spec: ParamSpec, source, full_shapes: dict, tp: int, rank: int) -> torch.Tensor:
+    if spec.whole:
+        tp, rank = 1, 0
     if spec.split is None:
         return source.slice(spec.pieces[0].hf_name)[:]
     if spec.split == 1:
@@ -145,6 +160,7 @@ def build_model(hf_config, *, seed: int = 0, dtype=torch.float32, device="cpu", 
                 sequence_parallel: bool = False) -> Qwen25VLModel:
     """A randomly initialised model for this rank (identical across TP/PP layouts for the same seed)."""
     tp, _, _ = _tp_info()
+    dtype = resolve_dtype(dtype, device)
     model = Qwen25VLModel(hf_config, dtype=dtype, tp=tp, layer_start=layer_start, layer_end=layer_end,
                           attention_backend=attention_backend, sequence_parallel=sequence_parallel)
     source = _RandomSource(hf_config, seed)
@@ -161,6 +177,7 @@ def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_
     found = source.shapes()
     _check_checkpoint(path, config, found)
     tp, _, _ = _tp_info()
+    dtype = resolve_dtype(dtype, device)
     model = Qwen25VLModel(config, dtype=dtype, tp=tp, layer_start=layer_start, layer_end=layer_end,
                           attention_backend=attention_backend, sequence_parallel=sequence_parallel)
     _fill(model, source, found)
@@ -171,6 +188,8 @@ def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_
 def _gather_full(param: torch.Tensor, spec: ParamSpec, full_shapes: dict, tp: int, group) -> dict[str, torch.Tensor]:
     """HF tensors (full) for one parameter, all-gathered over TP; {} on ranks that do not write."""
     local = param.detach().cpu().contiguous()
+    if spec.whole:
+        tp = 1
     if spec.split is None:
         full = local.reshape(full_shapes[spec.pieces[0].hf_name])
         return {spec.pieces[0].hf_name: full}

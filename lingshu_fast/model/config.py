@@ -93,27 +93,27 @@ def mrope_section(config) -> list[int]:
     return section
 
 
-def check_tensor_parallel(config, tp: int) -> None:
-    """Raise ValueError naming every dimension that TP=`tp` cannot split evenly.
+def check_tensor_parallel(config, tp: int) -> int:
+    """Validate TP=`tp` for `config`; return the vision tower's TP size (tp, or 1 = replicated).
 
-    Vocabulary: Megatron's VocabParallelEmbedding needs vocab_size % tp == 0 (Qwen's 151936/152064
-    are divisible by 8); we do not pad the vocabulary. KV heads must divide by tp: each rank holds
-    whole KV groups (no KV replication when tp > num_key_value_heads).
+    Text dimensions that tp cannot split raise ValueError naming each of them. Vocabulary:
+    Megatron's VocabParallelEmbedding needs vocab_size % tp == 0 (Qwen's 151936/152064 divide by 8);
+    we do not pad. KV heads must divide by tp (no KV replication when tp > num_key_value_heads).
+    The vision tower (with its merger) is small: when tp does not divide its dimensions (e.g.
+    Qwen2.5-VL's MLP width 3420 at TP=8) it is replicated on every TP rank instead of sharded.
     """
     text, vision = config.text_config, config.vision_config
-    checks = {
+    text_checks = {
         "text_config.vocab_size": text.vocab_size,
         "text_config.num_attention_heads": text.num_attention_heads,
         "text_config.num_key_value_heads": text.num_key_value_heads,
         "text_config.intermediate_size": text.intermediate_size,
-        "vision_config.num_heads": vision.num_heads,
-        "vision_config.intermediate_size": vision.intermediate_size,
-        "vision merger width (hidden_size * spatial_merge_size**2)":
-            vision.hidden_size * vision.spatial_merge_size ** 2,
     }
-    bad = [f"{name}={value}" for name, value in checks.items() if value % tp != 0]
+    bad = [f"{name}={value}" for name, value in text_checks.items() if value % tp != 0]
     if bad:
         raise ValueError(f"tensor parallel size {tp} does not divide: {', '.join(bad)}; choose a smaller parallel.tp")
+    vision_dims = (vision.num_heads, vision.intermediate_size, vision.hidden_size * vision.spatial_merge_size ** 2)
+    return tp if all(d % tp == 0 for d in vision_dims) else 1
 
 
 def megatron_layer_config(dtype: torch.dtype, tp: int):

@@ -66,3 +66,43 @@ def forward_flops(config, seq_lens: Sequence[int], image_grid_thw: Optional[torc
 def training_flops(config, seq_lens: Sequence[int], image_grid_thw: Optional[torch.Tensor] = None) -> float:
     """Forward + backward FLOPs (3 x forward) of one packed micro-batch; `seq_lens` from cu_seqlens diffs."""
     return 3.0 * sum(forward_flops(config, seq_lens, image_grid_thw).values())
+
+
+def pipeline_layer_split(config, pp: int, *, seq_len: int = 8192, image_patches: int = 0) -> list[tuple[int, int]]:
+    """Contiguous decoder-layer ranges [start, end) for `pp` stages, minimising the costliest stage.
+
+    Stage costs are forward FLOPs of one micro-batch of `seq_len` tokens (one sample: the attention
+    term is then an upper bound) holding `image_patches` ViT patches (one square-ish image, window
+    layout as the ViT's): the first stage also pays for the ViT, the last for the LM head.
+    """
+    t = config.text_config
+    layers = t.num_hidden_layers
+    if not 1 <= pp <= layers:
+        raise ValueError(f"parallel.pp={pp} must be between 1 and the number of decoder layers ({layers})")
+    head = 2.0 * seq_len * t.hidden_size * t.vocab_size
+    per_layer = (_llm_flops(config, [seq_len]) - head) / layers
+    vit = 0.0
+    if image_patches > 0:
+        merge = config.vision_config.spatial_merge_size
+        side = max(merge, int(round(image_patches ** 0.5 / merge)) * merge)
+        vit = _vit_flops(config, torch.tensor([[1, side, side]]))
+
+    def cost(start: int, end: int) -> float:
+        return per_layer * (end - start) + (vit if start == 0 else 0.0) + (head if end == layers else 0.0)
+
+    # best[k][e]: minimal max-stage cost placing layers [0, e) on k stages; tiny DP (L <= ~100)
+    inf = float("inf")
+    best = [[inf] * (layers + 1) for _ in range(pp + 1)]
+    cut = [[0] * (layers + 1) for _ in range(pp + 1)]
+    best[0][0] = 0.0
+    for k in range(1, pp + 1):
+        for e in range(k, layers + 1):
+            for s in range(k - 1, e):
+                value = max(best[k - 1][s], cost(s, e))
+                if value < best[k][e]:
+                    best[k][e], cut[k][e] = value, s
+    ranges, end = [], layers
+    for k in range(pp, 0, -1):
+        ranges.append((cut[k][end], end))
+        end = cut[k][end]
+    return ranges[::-1]

@@ -79,6 +79,26 @@ class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size, init_method=_no_init, config=config, tp_group=_tp_group())
 
 
+class ReplicatedLinear(torch.nn.Linear):
+    """A whole (unsharded) linear layer with the TP layers' call signature: the vision tower when
+    TP does not divide its dimensions. Every TP rank computes the same thing; its gradients come
+    out identical on every rank because its output's gradient does."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, gather_output: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight if weight is None else weight, self.bias)
+
+
+def make_linear(kind: str, in_features: int, out_features: int, *, bias: bool, config, sharded: bool):
+    """`kind` "column" or "row"; `sharded=False` gives a ReplicatedLinear."""
+    if not sharded:
+        return ReplicatedLinear(in_features, out_features, bias=bias, dtype=config.params_dtype)
+    layer = ColumnLinear if kind == "column" else RowLinear
+    return layer(in_features, out_features, bias=bias, config=config)
+
+
 def _tp_group():
     from megatron.core import parallel_state as ps
 

@@ -51,7 +51,7 @@ class Qwen25VLModel(nn.Module):
                  layer_start: int = 0, layer_end: Optional[int] = None, activation_checkpointing: bool = False,
                  attention_backend: str = "auto", sequence_parallel: bool = False):
         super().__init__()
-        check_tensor_parallel(hf_config, tp)
+        vision_tp = check_tensor_parallel(hf_config, tp)
         tcfg, vcfg = hf_config.text_config, hf_config.vision_config
         for name, act in (("text_config", tcfg.hidden_act), ("vision_config", vcfg.hidden_act)):
             if act != "silu":
@@ -66,7 +66,7 @@ class Qwen25VLModel(nn.Module):
         self.tied = bool(hf_config.tie_word_embeddings)
         mcfg = megatron_layer_config(dtype, tp)
         if self.pre_process:
-            self.visual = VisionTower(vcfg, tp, mcfg, dtype)
+            self.visual = VisionTower(vcfg, vision_tp, mcfg, dtype)
             self.embed_tokens = VocabEmbedding(tcfg.vocab_size, tcfg.hidden_size, config=mcfg)
         self.layers = nn.ModuleList(
             [DecoderLayer(tcfg, tp, mcfg, dtype, i) for i in range(layer_start, layer_end)])

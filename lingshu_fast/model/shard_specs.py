@@ -11,6 +11,7 @@ A `ParamSpec` says how one of our parameters is assembled from HF tensors for TP
   A piece is one HF tensor, or one of `parts` equal row blocks of it (the ViT's fused qkv). So a
   fused q/k/v holds [this rank's q heads; its kv heads; its v heads], gate/up [gate shard; up shard];
 - split=1 (row): columns [r*n/tp, (r+1)*n/tp).
+A vision tower that TP cannot divide is replicated (`whole=True`): its specs then act as TP=1.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class ParamSpec:
     pieces: list[Piece]
     split: Optional[int]  # None replicated, 0 column (rows), 1 row (columns)
     hf_shape: tuple = field(default=())  # full shape of the (single) HF tensor for replicated reshapes
+    whole: bool = False  # a replicated vision tower under TP: read/write as if tp were 1
 
 
 def canonical_name(name: str) -> str:
@@ -128,6 +130,10 @@ def param_specs(model) -> dict[str, ParamSpec]:
         if model.lm_head.weight is not None:
             # tied under PP: the last stage's own copy starts from the embedding
             specs["lm_head.weight"] = _col("model.embed_tokens.weight" if model.tied else "lm_head.weight")
+    if model.pre_process and model.visual.tp == 1:
+        for name, spec in specs.items():
+            if name.startswith("visual."):
+                spec.whole = True
     names = {n for n, _ in model.named_parameters()}
     if names != set(specs):
         raise RuntimeError(f"internal: spec/parameter mismatch {sorted(names ^ set(specs))}")

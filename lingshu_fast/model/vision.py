@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lingshu_fast.model.attention import varlen_attention
 from lingshu_fast.model.ops import apply_rotary, rms_norm, swiglu
-from lingshu_fast.model.parallel_linear import ColumnLinear, RowLinear
+from lingshu_fast.model.parallel_linear import make_linear
 from lingshu_fast.model.sequence_parallel import sync_grad
 
 _VISION_NORM_EPS = 1e-6  # hard-coded in HF's vision blocks and merger
@@ -85,15 +85,16 @@ def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
 class VisionBlock(nn.Module):
     def __init__(self, vcfg, tp: int, mcfg, dtype: torch.dtype):
         super().__init__()
-        dim, inter = vcfg.hidden_size, vcfg.intermediate_size
+        dim, inter, sharded = vcfg.hidden_size, vcfg.intermediate_size, tp > 1
         self.heads_local = vcfg.num_heads // tp
         self.head_dim = dim // vcfg.num_heads
         self.norm1 = RMSNorm(dim, _VISION_NORM_EPS, dtype)
         self.norm2 = RMSNorm(dim, _VISION_NORM_EPS, dtype)
-        self.qkv = ColumnLinear(dim, 3 * dim, bias=True, config=mcfg)  # rank-local [q; k; v] heads
-        self.proj = RowLinear(dim, dim, bias=True, config=mcfg)
-        self.gate_up = ColumnLinear(dim, 2 * inter, bias=True, config=mcfg)  # rank-local [gate; up]
-        self.down = RowLinear(inter, dim, bias=True, config=mcfg)
+        # rank-local [q; k; v] heads and [gate; up] rows
+        self.qkv = make_linear("column", dim, 3 * dim, bias=True, config=mcfg, sharded=sharded)
+        self.proj = make_linear("row", dim, dim, bias=True, config=mcfg, sharded=sharded)
+        self.gate_up = make_linear("column", dim, 2 * inter, bias=True, config=mcfg, sharded=sharded)
+        self.down = make_linear("row", inter, dim, bias=True, config=mcfg, sharded=sharded)
         self.attention_backend = "auto"
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int):
@@ -108,27 +109,28 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    def __init__(self, vcfg, mcfg, dtype: torch.dtype):
+    def __init__(self, vcfg, tp: int, mcfg, dtype: torch.dtype):
         super().__init__()
         self.width = vcfg.hidden_size * vcfg.spatial_merge_size ** 2
         self.ln_q = RMSNorm(vcfg.hidden_size, _VISION_NORM_EPS, dtype)
-        self.fc1 = ColumnLinear(self.width, self.width, bias=True, config=mcfg)
-        self.fc2 = RowLinear(self.width, vcfg.out_hidden_size, bias=True, config=mcfg)
+        self.fc1 = make_linear("column", self.width, self.width, bias=True, config=mcfg, sharded=tp > 1)
+        self.fc2 = make_linear("row", self.width, vcfg.out_hidden_size, bias=True, config=mcfg, sharded=tp > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.ln_q(x).view(-1, self.width))))
 
 
 class VisionTower(nn.Module):
-    """Submodules: `patch_embed` and `blocks` (group "vision"), `merger` (group "merger")."""
+    """Submodules: `patch_embed` and `blocks` (group "vision"), `merger` (group "merger").
+    `tp` is the tower's own TP size: the model's, or 1 when it is replicated (config.check_tensor_parallel)."""
 
     def __init__(self, vcfg, tp: int, mcfg, dtype: torch.dtype):
         super().__init__()
-        self.cfg = vcfg
+        self.cfg, self.tp = vcfg, tp
         patch_values = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
         self.patch_embed = nn.Linear(patch_values, vcfg.hidden_size, bias=False, dtype=dtype)
         self.blocks = nn.ModuleList([VisionBlock(vcfg, tp, mcfg, dtype) for _ in range(vcfg.depth)])
-        self.merger = PatchMerger(vcfg, mcfg, dtype)
+        self.merger = PatchMerger(vcfg, tp, mcfg, dtype)
         head_dim = vcfg.hidden_size // vcfg.num_heads
         theta = (vcfg.rope_parameters or {}).get("rope_theta", 10000.0)
         spatial = head_dim // 2
