@@ -93,9 +93,8 @@ def test_keep_n_and_resave_same_step(tmp_path):
 
 def test_crash_points_leave_previous_checkpoint(tmp_path, monkeypatch):
     """Pins the atomic-write protocol: a crash while writing rank files, or after the manifest but
-    before the rename, leaves step 1 the latest and loadable; a crash after the rename but before the
-    pointer moved leaves the new, complete step 2 (found with a warning). The next save deletes the
-    `*.tmp-*` leftovers."""
+    before the rename, or after the rename but before the `latest` pointer moved, leaves step 1 the
+    latest and loadable. The next save deletes the `*.tmp-*` leftovers."""
     _save(tmp_path, 1)
     real_save = torch.save
 
@@ -135,12 +134,27 @@ def test_crash_points_leave_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="before pointer"):
         _save(tmp_path, 2)
     monkeypatch.setattr(ck, "_write_text_atomic", real_write)
-    with pytest.warns(UserWarning, match="not the newest"):
-        assert find_latest(tmp_path).name == "step_000002"
+    assert find_latest(tmp_path).name == "step_000001"  # the pointer is the commit point
 
     _save(tmp_path, 3, keep=5)
     assert not list(root.glob("*.tmp-*"))
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000002", "step_000003"]
+
+
+def test_recency_not_step_number_decides(tmp_path):
+    """Pins: a fresh run (checkpoint.resume=false) in a folder holding an older run's step 100 and
+    90 keeps its own newest checkpoints and prunes the stale ones; without a pointer the most
+    recently written valid checkpoint is used, with a warning."""
+    _save(tmp_path, 90, keep=2)
+    _save(tmp_path, 100, keep=2)
+    _save(tmp_path, 1, keep=2)
+    _save(tmp_path, 2, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000002"]
+    assert find_latest(tmp_path).name == "step_000002"
+    (root / "latest").unlink()
+    with pytest.warns(UserWarning, match="pointer did not name a valid checkpoint"):
+        assert find_latest(tmp_path).name == "step_000002"
 
 
 def test_corrupt_latest_falls_back(tmp_path):
@@ -154,7 +168,7 @@ def test_corrupt_latest_falls_back(tmp_path):
     data[-1] ^= 0xFF
     model_file.write_bytes(bytes(data))
     assert find_latest(tmp_path) == p2  # sizes still match
-    with pytest.warns(UserWarning, match="sha256"):
+    with pytest.warns(UserWarning, match="sha256.*falling back"):
         assert find_latest(tmp_path, checksums=True).name == "step_000001"
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(p2)

@@ -10,8 +10,9 @@ Atomicity: every rank writes into `step_000123.tmp-<nonce>/` (fsync'd files), al
 barrier, rank 0 writes the manifest, renames the folder to `step_000123/` (os.replace, atomic on
 POSIX) and then replaces `latest` (temp file + fsync + os.replace). A crash before the rename
 leaves only a `*.tmp-*` folder, which the next save deletes; a crash after it leaves a complete
-checkpoint. `find_latest` trusts a folder only when its manifest lists files of the right sizes,
-and falls back to the previous valid one with a warning otherwise.
+checkpoint (not yet named by `latest`, so the previous one stays current). `find_latest` trusts a
+folder only when its manifest lists files of the right sizes, and falls back to the previous valid
+one with a warning otherwise.
 
 Everything in `state_rank*.pt` is plain data (tensors, dicts, lists, numbers, strings) so it loads
 with `torch.load(weights_only=True)`; RNG states are stored as tensors for the same reason.
@@ -232,8 +233,7 @@ def _publish(ckpt_root: Path, tmp_dir: Path, name: str, step: int, world: int, n
 def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
     if keep <= 0:
         return
-    steps = sorted(_step_dirs(ckpt_root), key=lambda sp: sp[0], reverse=True)
-    for _, path in steps[keep:]:
+    for path in _newest_first(ckpt_root)[keep:]:
         if path != protect:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -295,6 +295,22 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     return out
 
 
+def _newest_first(ckpt_root: Path) -> list[Path]:
+    """Step folders, most recently written first (manifest time, then step; no manifest: last).
+
+    Write time, not step number, decides: a fresh run (checkpoint.resume=false) in a folder with an
+    older, longer run's checkpoints must neither resume those nor have its own pruned.
+    """
+    def created(step_path: tuple[int, Path]) -> tuple[float, int]:
+        step, path = step_path
+        try:
+            return float(json.loads((path / MANIFEST).read_text())["created_unix_s"]), step
+        except (OSError, ValueError, KeyError, TypeError):
+            return float("-inf"), step
+
+    return [p for _, p in sorted(_step_dirs(ckpt_root), key=created, reverse=True)]
+
+
 def validate_checkpoint(path: Path, *, checksums: bool = False) -> Optional[str]:
     """None if `path` is a complete checkpoint, else the reason it is not."""
     manifest_path = path / MANIFEST
@@ -318,21 +334,26 @@ def validate_checkpoint(path: Path, *, checksums: bool = False) -> Optional[str]
 
 
 def find_latest(run_dir: str | os.PathLike, *, checksums: bool = False) -> Optional[Path]:
-    """The newest complete checkpoint under `run_dir/checkpoints`, or None when there is none.
+    """The checkpoint to resume from under `run_dir/checkpoints`, or None when there is none.
 
-    The `latest` pointer names the newest normally; if that checkpoint is invalid (manifest or a
-    file missing or truncated; with `checksums=True` also altered) the previous valid one is
-    returned with a warning.
+    That is the one the `latest` pointer names when it is valid. If it is not (manifest or a file
+    missing or truncated; with `checksums=True` also altered), or the pointer is missing, the most
+    recently written valid checkpoint is returned with a warning.
     """
     ckpt_root = Path(run_dir) / CHECKPOINTS
     pointer = ckpt_root / LATEST
-    pointed = pointer.read_text().strip() if pointer.exists() else None
-    for _, path in sorted(_step_dirs(ckpt_root), key=lambda sp: sp[0], reverse=True):
+    if pointer.exists():
+        pointed = ckpt_root / pointer.read_text().strip()
+        problem = validate_checkpoint(pointed, checksums=checksums)
+        if problem is None:
+            return pointed
+        warnings.warn(f"the latest checkpoint {pointed} is invalid ({problem}); "
+                      f"falling back to the previous valid one", stacklevel=2)
+    for path in _newest_first(ckpt_root):
         problem = validate_checkpoint(path, checksums=checksums)
         if problem is None:
-            if pointed is not None and pointed != path.name:
-                warnings.warn(f"checkpoint pointer {pointer} names {pointed!r}, which is not the newest "
-                              f"valid checkpoint; using {path}", stacklevel=2)
+            warnings.warn(f"resuming from {path} (the `latest` pointer did not name a valid checkpoint)",
+                          stacklevel=2)
             return path
         warnings.warn(f"skipping invalid checkpoint {path}: {problem}", stacklevel=2)
     return None
