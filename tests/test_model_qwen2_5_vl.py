@@ -229,3 +229,27 @@ def test_flops_formula():
     expected += 4 * d * v.depth * 64 ** 2
     assert vit == pytest.approx(expected)
     assert M.training_flops(config, [10], grid) == pytest.approx(3 * (one + vit))
+
+
+def test_pipeline_split_balances_flops_and_counts_the_vit():
+    """Pins: every stage gets >= 1 layer, ranges tile [0, L), and the ViT's cost shifts layers off stage 0."""
+    from lingshu_fast.model.flops import pipeline_layer_split
+
+    config = M.tiny_hf_config(num_hidden_layers=12, vision_config=dict(hidden_size=256, intermediate_size=512,
+                                                                        num_heads=4))
+    plain = pipeline_layer_split(config, 3, seq_len=512)
+    assert plain[0][0] == 0 and plain[-1][1] == 12 and all(a < b for a, b in plain)
+    assert all(plain[i][1] == plain[i + 1][0] for i in range(2))
+    with_images = pipeline_layer_split(config, 3, seq_len=512, image_patches=4096)
+    assert with_images[0][1] < plain[0][1]
+    with pytest.raises(ValueError, match="parallel.pp=13"):
+        pipeline_layer_split(config, 13)
+
+
+def test_dtype_strings():
+    from lingshu_fast.model.checkpoint_io import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="float64"):
+        resolve_dtype("float64", "cpu")

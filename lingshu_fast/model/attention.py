@@ -36,15 +36,17 @@ def _torch_varlen_func():
     return varlen_attn
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that `backend` means on `device`; ValueError when it cannot run there."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend that `backend` means on `device`; ValueError when it cannot run there.
+    "auto" picks a flash kernel only for 16-bit inputs (they have no fp32 path)."""
     if backend not in _BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {_BACKENDS}")
     on_cuda = device.type == "cuda"
     if backend == "auto":
-        if on_cuda and _flash_attn_func() is not None:
+        half = dtype in (torch.float16, torch.bfloat16)
+        if on_cuda and half and _flash_attn_func() is not None:
             return "flash"
-        if on_cuda and _torch_varlen_func() is not None:
+        if on_cuda and half and _torch_varlen_func() is not None:
             return "varlen"
         return "sdpa"
     if backend in ("flash", "varlen") and not on_cuda:
@@ -84,7 +86,7 @@ def varlen_attention(
     if cu_seqlens.device.type == "cpu" and int(cu_seqlens[-1]) != q.shape[0]:
         raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {q.shape[0]} tokens")
     scale = q.shape[-1] ** -0.5
-    chosen = resolve_backend(backend, q.device)
+    chosen = resolve_backend(backend, q.device, q.dtype)
     if chosen == "flash":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return _flash_attn_func()(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)

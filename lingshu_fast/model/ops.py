@@ -18,7 +18,7 @@ def _use_liger(*tensors: torch.Tensor) -> bool:
     """Liger on CUDA tensors only: its kernels do not run under TRITON_INTERPRET (checked with
     liger-kernel 0.8.5: a scalar `.to` fails), so LINGSHU_KERNELS=triton on CPU keeps the
     reference here and the model stays usable in tests that force Triton for other ops."""
-    if not use_triton(*tensors) or not all(t.is_cuda for t in tensors):
+    if not all(t.is_cuda for t in tensors) or not use_triton(*tensors):
         return False
     try:
         import liger_kernel  # noqa: F401
