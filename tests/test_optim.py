@@ -55,17 +55,25 @@ def test_param_groups_lrs_decay_and_freezing():
     assert all(torch.equal(a, b) for a, b in zip(frozen_before, llm.parameters()))
 
 
-def test_param_group_errors():
-    """Pins: a parameter listed in two module groups, or a fully frozen model, is a clear error
-    rather than a silently doubled update or an empty optimizer."""
+def test_param_group_errors_and_all_frozen_stage():
+    """Pins: a parameter listed in two module groups is a clear error rather than a doubled update;
+    a model part with nothing trainable (a pipeline stage of frozen LLM layers in stage 1) gets a
+    working empty optimizer and schedule instead of torch's 'empty parameter list' error."""
     vision, merger, llm = _tiny_groups()
     shared = list(vision.parameters())
     with pytest.raises(ValueError, match="both module groups"):
         build_optimizer({"vision": shared, "llm": shared}, OptimConfig())
+    with pytest.raises(ValueError, match="unknown module group"):
+        build_optimizer({"text": shared}, OptimConfig())
     for p in [*vision.parameters(), *merger.parameters(), *llm.parameters()]:
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        build_optimizer(_groups_of(vision, merger, llm), OptimConfig())
+    opt = build_optimizer(_groups_of(vision, merger, llm), OptimConfig(lr=1e-5, warmup_steps=1))
+    sched = build_scheduler(opt, OptimConfig(lr=1e-5, warmup_steps=1), max_steps=4)
+    opt.zero_grad()
+    opt.step()
+    sched.step()
+    assert current_lrs(opt) == {"frozen": pytest.approx(1e-5)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == 0
 
 
 def test_schedule_shapes_and_per_group_base_lr():

@@ -42,6 +42,7 @@ def build_param_groups(param_groups: dict[str, list[torch.nn.Parameter]], optim_
     """Optimizer parameter groups: per module group and decay/no-decay, trainable parameters only.
 
     Each group carries `name` ("vision", ...) and `decay` (bool) so logs and tests can find it.
+    With nothing trainable, one empty group named "frozen" (see below).
     """
     unknown = set(param_groups) - set(MODULE_GROUPS)
     if unknown:
@@ -68,7 +69,9 @@ def build_param_groups(param_groups: dict[str, list[torch.nn.Parameter]], optim_
                 groups.append({"params": params, "lr": lrs[name], "weight_decay": float(wd),
                                "name": name, "decay": is_decay})
     if not groups:
-        raise ValueError("no trainable parameters: every module group is frozen (check model.freeze)")
+        # A pipeline stage holding only frozen layers (e.g. LLM layers in stage 1 under PP) still
+        # joins the schedule and the optimizer calls: give it one empty group.
+        groups.append({"params": [], "lr": lrs["llm"], "weight_decay": 0.0, "name": "frozen", "decay": False})
     return groups
 
 
@@ -162,7 +165,8 @@ def build_optimizer(param_groups: dict[str, list[torch.nn.Parameter]], optim_cfg
     groups = build_param_groups(param_groups, optim_cfg)
     kwargs = _adamw_kwargs(groups, optim_cfg)
     adamw = MasterAdamW if _needs_master_weights(groups) else torch.optim.AdamW
-    if optim_cfg.zero1 and dist.is_available() and dist.is_initialized():
+    has_params = any(g["params"] for g in groups)
+    if optim_cfg.zero1 and has_params and dist.is_available() and dist.is_initialized():
         group = dp_group if dp_group is not None else dist.group.WORLD
         if dist.get_world_size(group) > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
