@@ -253,3 +253,15 @@ def test_dtype_strings():
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="float64"):
         resolve_dtype("float64", "cpu")
+
+
+def test_tiny_config_overrides():
+    """The demo passes its tokenizer's ids and vocabulary size; mistakes are caught here, not in a forward."""
+    config = M.tiny_hf_config(vocab_size=512, image_token_id=500, vision_start_token_id=501,
+                              vision_end_token_id=502, video_token_id=503, eos_token_id=7, num_hidden_layers=2)
+    assert config.text_config.vocab_size == 512 and config.image_token_id == 500
+    assert config.text_config.eos_token_id == 7 and config.text_config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match="must be < vocab_size=512"):
+        M.tiny_hf_config(vocab_size=512)
+    with pytest.raises(ValueError, match="unknown override 'hidden'"):
+        M.tiny_hf_config(hidden=3)

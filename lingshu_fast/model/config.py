@@ -58,6 +58,10 @@ def tiny_hf_config(**overrides: Any):
                 f"tiny_hf_config: unknown override {key!r}; use one of {_TOP_LEVEL_KEYS + _TEXT_KEYS} "
                 f"or text_config={{...}} / vision_config={{...}}"
             )
+    too_big = {k: top[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+               if top[k] >= text["vocab_size"]}
+    if too_big:
+        raise ValueError(f"tiny_hf_config: special ids {too_big} must be < vocab_size={text['vocab_size']}")
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
 
 

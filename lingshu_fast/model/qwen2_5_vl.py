@@ -47,11 +47,18 @@ class ModelOutput:
 
 
 class Qwen25VLModel(nn.Module):
-    def __init__(self, hf_config, *, dtype: torch.dtype = torch.float32, tp: int = 1,
+    def __init__(self, hf_config, *, dtype: torch.dtype = torch.float32, tp: Optional[int] = None,
                  layer_start: int = 0, layer_end: Optional[int] = None, activation_checkpointing: bool = False,
                  attention_backend: str = "auto", sequence_parallel: bool = False):
         super().__init__()
+        from megatron.core import parallel_state as ps
+
+        group_tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        tp = group_tp if tp is None else tp
         vision_tp = check_tensor_parallel(hf_config, tp)
+        if tp != group_tp:
+            raise ValueError(f"model built for tp={tp} but Megatron's tensor-parallel group has {group_tp} ranks; "
+                             "call lingshu_fast.parallel.state.init_parallel(tp, pp) first")
         tcfg, vcfg = hf_config.text_config, hf_config.vision_config
         for name, act in (("text_config", tcfg.hidden_act), ("vision_config", vcfg.hidden_act)):
             if act != "silu":
