@@ -28,7 +28,8 @@ def _oracle(q, k, v, cu_seqlens, causal):
 def test_varlen_sdpa_matches_masked_oracle(causal, q_heads, kv_heads):
     """Pins: no attention across packed samples/windows, causal inside each, GQA head grouping."""
     torch.manual_seed(0)
-    cu = torch.tensor([0, 5, 6, 19, 32], dtype=torch.int32)  # includes a length-1 segment
+    # a length-1 segment, and an empty one (the pipeline pads cu_seqlens to a fixed number of slots)
+    cu = torch.tensor([0, 5, 6, 6, 19, 32], dtype=torch.int32)
     q = torch.randn(32, q_heads, 16)
     k, v = torch.randn(32, kv_heads, 16), torch.randn(32, kv_heads, 16)
     out = varlen_attention(q, k, v, cu, 13, causal=causal, backend="sdpa")
