@@ -93,6 +93,28 @@ def _grads(model, batch, seed=1):
     return full_hf_state_dict(model, grads=True)
 
 
+def test_gradients_match_transformers(tmp_path):
+    """Pins the backward: Megatron's linear autograd, the fused-weight layout of gradients, the
+    image scatter and the window permutation all give transformers' gradients (per sample summed).
+    Tolerance 1e-4 relative to each tensor's largest gradient (fp32, summation order only)."""
+    from lingshu_fast.model.shard_specs import canonical_name
+
+    hf, folder = _hf_checkpoint(tmp_path)
+    hf.train()
+    batch = packed_batch(hf.config)
+    ours = _grads(M.from_pretrained(folder), batch)
+    out = torch.cat([hf(input_ids=s["input_ids"][None], pixel_values=s["pixel_values"],
+                        image_grid_thw=s["image_grid_thw"], position_ids=s["position_ids"][:, None]).logits[0]
+                     for s in batch["samples"]])
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weights).sum().backward()
+    reference = {canonical_name(n): p.grad for n, p in hf.named_parameters()}
+    assert ours.keys() == reference.keys()
+    for name, grad in reference.items():
+        scale = grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(ours[name] / scale, grad / scale, atol=1e-4, rtol=0, msg=name)
+
+
 def test_activation_checkpointing_same_gradients(tmp_path):
     """Pins: checkpointed blocks (ViT and LLM) recompute exactly; no gradient is lost."""
     hf, folder = _hf_checkpoint(tmp_path)
