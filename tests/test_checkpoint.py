@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +192,8 @@ _KILL_SCRIPT = textwrap.dedent("""
         print("WRITING", flush=True)
         time.sleep(60)  # the parent SIGKILLs us here, between the model file and the state file
     ck._fsync_file = slow_fsync
-    ck.save_checkpoint(run_dir, 2, model_state={"w": torch.zeros(256, 1024)}, optim_state={"x": torch.zeros(3)})
+    ck.save_checkpoint(run_dir, 2, model_state={"w": torch.zeros(256, 1024)},
+                       optim_state={"x": torch.zeros(3)})
 """)
 
 
@@ -226,14 +226,12 @@ def _two_rank_save_load(dims, run_dir: str):
     import torch.distributed as dist
 
     r = dims.rank
-    times = []
     for step in (1, 2):
-        t0 = time.perf_counter()
         # Rank 1 plays a DP replica: it saves no model (rank 0's file holds the weights).
-        save_checkpoint(run_dir, step, model_state={"w": torch.full((3,), float(10 * step))} if r == 0 else None,
+        weights = {"w": torch.full((3,), float(10 * step))} if r == 0 else None
+        save_checkpoint(run_dir, step, model_state=weights,
                         optim_state={"shard": torch.full((2,), float(r + step))},
                         loader_state={"cursor": 100 * step + r}, rank=r, world=dims.world, keep=1)
-        times.append(time.perf_counter() - t0)
     dist.barrier()
     # Rank 0 fails while publishing step 3: every rank must get the error instead of hanging.
     real_publish = ck._publish
@@ -251,7 +249,8 @@ def _two_rank_save_load(dims, run_dir: str):
         ck._publish = real_publish
     latest = find_latest(run_dir)
     got = load_checkpoint(latest, rank=r, world=dims.world, model_rank=0)
-    return dict(latest=latest.name, publish_error=publish_error, w=got["model_state"]["w"].tolist(), shard=got["optim_state"]["shard"].tolist(),
+    return dict(latest=latest.name, publish_error=publish_error, w=got["model_state"]["w"].tolist(),
+                shard=got["optim_state"]["shard"].tolist(),
                 cursor=got["loader_state"]["cursor"], files=sorted(got["manifest"]["files"]),
                 dirs=sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir()))
 

@@ -41,7 +41,8 @@ def test_lingshu_7b_stage_settings():
         assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == 100
         assert cfg.data.max_length == 8192 and cfg.data.train  # placeholder paths, not empty
     assert s3.data.pack and not s1.data.pack
-    assert s2.model.init_from == "runs/lingshu-7b-stage1/hf" and s3.model.init_from == "runs/lingshu-7b-stage2/hf"
+    assert s2.model.init_from == "runs/lingshu-7b-stage1/hf"
+    assert s3.model.init_from == "runs/lingshu-7b-stage2/hf"
     assert len({s1.run.dir, s2.run.dir, s3.run.dir}) == 3  # stages never resume each other's checkpoints
 
 

@@ -260,7 +260,8 @@ class MetricsWriter:
             return "-" if v is None else format(v, spec)
 
         parts = [f"loss {fmt(row['loss'], '.4f')}", f"lr {fmt(row['lr'], '.2e')}",
-                 f"gnorm {fmt(row['grad_norm'], '.3f')}", f"tok/s/gpu {fmt(row['tokens_per_s_per_gpu'], ',.0f')}",
+                 f"gnorm {fmt(row['grad_norm'], '.3f')}",
+                 f"tok/s/gpu {fmt(row['tokens_per_s_per_gpu'], ',.0f')}",
                  f"mfu {'-' if row['mfu'] is None else format(100 * row['mfu'], '.1f') + '%'}",
                  f"mem {fmt(row['mem_gb'], '.2f')}GiB"]
         if row.get("skipped_samples"):

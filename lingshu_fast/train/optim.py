@@ -289,7 +289,12 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, *,
     params = [p for p in params if p.grad is not None]
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     total_sq = grad_norm_squared(params, tp_rank=tp_rank)
-    device = params[0].grad.device if params else torch.device("cpu")
+    if params:
+        device = params[0].grad.device
+    elif torch.cuda.is_available():  # a frozen pipeline stage still joins the reduction (NCCL: CUDA)
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
     total_sq = total_sq.to(device)
     for group in (tp_group, pp_group):
         if group is not None and dist.get_world_size(group) > 1:
