@@ -166,6 +166,9 @@ def test_save_then_transformers_load_identical(tmp_path, tied):
     reference = hf.state_dict()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
+    # and our own loader reads the sharded folder through its index
+    again = full_hf_state_dict(M.from_pretrained(out_dir))
+    assert all(torch.equal(again[name], tensor) for name, tensor in full_hf_state_dict(model).items())
     # saving over an existing export replaces it (temp folder + rename)
     M.save_pretrained(model, out_dir)
     assert sum(f.endswith(".safetensors") for f in os.listdir(out_dir)) == 1
