@@ -246,11 +246,17 @@ def _tp_norm_and_zero(dims, seed: int):
     _, resumed_state, _ = run(True, steps=range(2, 4), resume_from=half_ckpt)
     zopt16, z16, _ = run(True, dtype=torch.bfloat16)
     _, plain16, _ = run(False, dtype=torch.bfloat16)
+    mixed = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
+    try:
+        build_optimizer({"llm": mixed}, OptimConfig(zero1=True))
+        mixed_error = None
+    except ValueError as err:
+        mixed_error = str(err)
     local = optimizer_state_dict(zopt)
     n_local = len(local["zero1_local"]["state"])
     return dict(tp_norm=tp_norm, naive=math.sqrt(float(t)), ref=ref_norm,
                 zero_kind=type(zopt).__name__, zero_max_diff=float((zstate - plain_state).abs().max()),
-                resume_equal=torch.equal(resumed_state, zstate),
+                resume_equal=torch.equal(resumed_state, zstate), mixed_error=mixed_error,
                 bf16_zero_equal=torch.equal(z16, plain16), bf16_local=type(zopt16.optim).__name__,
                 n_local=n_local, lrs=current_lrs(zopt))
 
@@ -271,6 +277,7 @@ def test_tp_grad_norm_and_zero1_on_gloo():
         assert r["zero_kind"] == "ZeroRedundancyOptimizer"
         assert r["zero_max_diff"] < 1e-6
         assert r["bf16_zero_equal"] and r["bf16_local"] == "MasterAdamW"  # masters only for the shard
+        assert "one dtype" in r["mixed_error"]  # a clear error, not ZeRO's "same dense type"
         assert r["resume_equal"]  # ZeRO shard saved per rank and reloaded: bit-identical continuation
         assert r["lrs"]["vision"] != r["lrs"]["llm"]
     n_params = sum(len(list(m.parameters())) for m in _tiny_groups())

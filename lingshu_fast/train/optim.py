@@ -171,6 +171,11 @@ def build_optimizer(param_groups: dict[str, list[torch.nn.Parameter]], optim_cfg
         if dist.get_world_size(group) > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
+            dtypes = sorted({str(p.dtype) for g in groups for p in g["params"]})
+            if len(dtypes) > 1:  # ZeroRedundancyOptimizer's own check says only "same dense type"
+                raise ValueError(f"optim.zero1 needs every trainable parameter in one dtype, got {dtypes}; "
+                                 f"set model.dtype to one type or turn optim.zero1 off")
+
             return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=group, **kwargs)
     return adamw(groups, **kwargs)
 
