@@ -72,6 +72,28 @@ def _sdpa_segments(q, k, v, cu_seqlens, causal: bool, scale: float) -> torch.Ten
     return torch.cat(outputs, dim=0)
 
 
+def _torch_varlen(q, k, v, cu, max_seqlen: int, causal: bool, scale: float) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn across torch versions: causal masking is
+    `window_size=(-1, 0)` from torch 2.11 and `is_causal` in 2.10; GQA is `enable_gqa` where it
+    exists, else K/V heads are repeated."""
+    import inspect
+
+    func = _torch_varlen_func()
+    params = inspect.signature(func).parameters
+    kwargs = {"scale": scale} if "scale" in params else {}  # the default is the same 1/sqrt(head_dim)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    return func(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,10 +113,5 @@ def varlen_attention(
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return _flash_attn_func()(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
     if chosen == "varlen":
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        window = (-1, 0) if causal else (-1, -1)
-        return _torch_varlen_func()(
-            q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=window,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        return _torch_varlen(q, k, v, cu_seqlens.to(device=q.device, dtype=torch.int32), max_seqlen, causal, scale)
     return _sdpa_segments(q, k, v, cu_seqlens, causal, scale)
