@@ -82,3 +82,28 @@ def test_cuda_attention_and_liger_ops_match_cpu_reference(backend):
     q_gpu, k_gpu = ops.apply_rotary(q.cuda(), k.cuda(), cos.cuda(), sin.cuda())
     torch.testing.assert_close(q_gpu.cpu(), q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_gpu.cpu(), k_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_varlen_call_adapts_to_both_signatures(monkeypatch):
+    """Pins the CUDA fallback's plumbing (the kernel itself needs CUDA): torch 2.10 spells causal
+    `is_causal` and has no `enable_gqa`; 2.11+ uses `window_size` and `enable_gqa`. Fakes with each
+    signature, computing through the SDPA path, must both give the oracle's answer."""
+    from lingshu_fast.model import attention
+
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
+        assert key.shape[1] == query.shape[1]  # K/V heads were repeated for GQA
+        return attention._sdpa_segments(query, key, value, cu_seq_q, is_causal, query.shape[-1] ** -0.5)
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+            enable_gqa=False):
+        assert enable_gqa == (key.shape[1] != query.shape[1])
+        return attention._sdpa_segments(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    for fake in (old, new):
+        monkeypatch.setattr(attention, "_torch_varlen_func", lambda fake=fake: fake)
+        for causal in (True, False):
+            out = attention._torch_varlen(q, k, v, cu, 13, causal, 8 ** -0.5)
+            torch.testing.assert_close(out.double(), _oracle(q, k, v, cu, causal), atol=1e-5, rtol=0)
