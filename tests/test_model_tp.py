@@ -114,3 +114,31 @@ def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path):
     assert random1.keys() == random2.keys()
     assert all(torch.equal(random1[k], random2[k]) for k in random1)
     assert random1["model.norm.weight"].eq(1).all() and random1["visual.blocks.0.attn.qkv.bias"].eq(0).all()
+
+
+def _pp2_save_worker(dims, hf_folder, out_folder):
+    from lingshu_fast.model.flops import pipeline_layer_split
+
+    start, end = pipeline_layer_split(M.load_hf_config(hf_folder), dims.pp)[dims.pp_rank]
+    model = M.from_pretrained(hf_folder, layer_start=start, layer_end=end)
+    M.save_pretrained(model, out_folder, max_shard_bytes=300_000)
+    return (start, end, model.pre_process, model.post_process)
+
+
+@pytest.mark.dist
+def test_pp2_stages_save_one_complete_folder(tmp_path):
+    """Pins: each pipeline stage writes its own tensors (HF layer numbering), rank 0 indexes all of
+    them; a tied head's last-stage copy is not written twice."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(2)
+    hf = Qwen2_5_VLForConditionalGeneration(M.tiny_hf_config(tie_word_embeddings=True)).eval()
+    hf_folder, out = str(tmp_path / "hf"), str(tmp_path / "pp2_export")
+    hf.save_pretrained(hf_folder)
+    stages = spawn(_pp2_save_worker, 2, hf_folder, out, pp=2)
+    assert stages[0][0] == 0 and stages[0][1] == stages[1][0] and stages[1][1] == 3
+    assert stages[0][2:] == (True, False) and stages[1][2:] == (False, True)
+    loaded, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
