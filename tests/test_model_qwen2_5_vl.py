@@ -160,6 +160,11 @@ def test_save_then_transformers_load_identical(tmp_path, tied):
     files = sorted(os.listdir(out_dir))
     assert "model.safetensors.index.json" in files and "generation_config.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 1
+    with open(os.path.join(out_dir, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = {name: load_file(os.path.join(out_dir, name)) for name in set(index["weight_map"].values())}
+    assert index["metadata"]["total_size"] == sum(t.nbytes for shard in shards.values() for t in shard.values())
+    assert all(key in shards[file] for key, file in index["weight_map"].items())
     assert not os.path.exists(out_dir + ".tmp")
     loaded, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

@@ -29,6 +29,7 @@ from lingshu_fast.model.qwen2_5_vl import Qwen25VLModel
 from lingshu_fast.model.shard_specs import ParamSpec, canonical_name, hf_tensor_shapes, param_specs, saved_specs
 
 INDEX_FILE = "model.safetensors.index.json"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(ValueError):
@@ -186,18 +187,19 @@ def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_
 
 # ---------------- save ----------------
 def _gather_full(param: torch.Tensor, spec: ParamSpec, full_shapes: dict, tp: int, group) -> dict[str, torch.Tensor]:
-    """HF tensors (full) for one parameter, all-gathered over TP; {} on ranks that do not write."""
-    local = param.detach().cpu().contiguous()
+    """HF tensors (full, on CPU) for one parameter, all-gathered over TP on its own device (NCCL
+    gathers only CUDA tensors)."""
+    local = param.detach().contiguous()
     if spec.whole:
         tp = 1
     if spec.split is None:
-        full = local.reshape(full_shapes[spec.pieces[0].hf_name])
-        return {spec.pieces[0].hf_name: full}
+        return {spec.pieces[0].hf_name: local.cpu().reshape(full_shapes[spec.pieces[0].hf_name])}
     if tp > 1:
         shards = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(shards, local, group=group)
+        shards = [shard.cpu() for shard in shards]
     else:
-        shards = [local]
+        shards = [local.cpu()]
     if spec.split == 1:
         return {spec.pieces[0].hf_name: torch.cat(shards, dim=1)}
     by_name: dict[str, list] = {}
@@ -254,7 +256,8 @@ def _finalize(tmp: str, path: str, config, dtype) -> None:
         with safe_open(os.path.join(tmp, final), framework="pt") as f:
             for key in f.keys():
                 weight_map[key] = final
-                total += f.get_tensor(key).nbytes
+                tensor_slice = f.get_slice(key)
+                total += torch.Size(tensor_slice.get_shape()).numel() * _DTYPE_BYTES[tensor_slice.get_dtype()]
     with open(os.path.join(tmp, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     config = config.__class__.from_dict(config.to_dict())
