@@ -76,6 +76,8 @@ def test_precomputed_image_embeds_equal_pixel_path(tmp_path):
 
 
 def test_image_token_count_mismatch_is_clear(tmp_path):
+    """Pins: a prompt whose <|image_pad|> count disagrees with its image grid fails with the counts,
+    not with a shape error deep in an index_put."""
     hf, folder = _hf_checkpoint(tmp_path)
     model = M.from_pretrained(folder).eval()
     inputs = model_inputs(packed_batch(hf.config))
@@ -191,6 +193,8 @@ def test_transformers_in_memory_names_load(tmp_path):
 
 
 def test_bad_checkpoints_name_every_offending_tensor(tmp_path):
+    """Pins: one error lists missing, unexpected and mis-shaped tensors together (before any weight
+    is read), and a non-Qwen2.5-VL config.json is refused by model_type."""
     hf, folder = _hf_checkpoint(tmp_path)
     path = os.path.join(folder, "model.safetensors")
     tensors = load_file(path)
@@ -214,6 +218,7 @@ def test_bad_checkpoints_name_every_offending_tensor(tmp_path):
 
 
 def test_tensor_parallel_divisibility_is_checked():
+    """Pins: TP=4 cannot split 2 KV heads; the error names the dimension instead of a Megatron assert."""
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
         M.Qwen25VLModel(M.tiny_hf_config(), tp=4)
 
@@ -277,6 +282,7 @@ def test_pipeline_split_balances_flops_and_counts_the_vit():
 
 
 def test_dtype_strings():
+    """model.dtype in recipes is a string: auto means bf16 on CUDA and fp32 on CPU."""
     from lingshu_fast.model.checkpoint_io import resolve_dtype
 
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
