@@ -169,6 +169,24 @@ def test_grad_filter_skips_only_negligible_tiles(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=10 * eps * 200)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_hidden_frozen_weight_and_temperature(monkeypatch, path):
+    """A column-sliced (non-contiguous) hidden, a frozen weight (no grad_weight asked) and a temperature
+    applied by the caller (hidden / T): the kernel's stride handling and needs_input_grad plumbing."""
+    monkeypatch.setenv("LINGSHU_KERNELS", path)
+    base = torch.randn(13, 70, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    weight = torch.randn(90, 35, generator=torch.Generator().manual_seed(4)) * 0.3
+    labels = torch.randint(0, 90, (13,), generator=torch.Generator().manual_seed(5))
+    temperature = 0.7
+    g = _grad_out(13, "none")
+    loss = fused_linear_cross_entropy(base[:, ::2] / temperature, weight, labels, reduction="none")
+    (grad,) = torch.autograd.grad(loss, (base,), g)
+    want = F.cross_entropy(base[:, ::2] / temperature @ weight.T, labels, reduction="none")
+    (want_grad,) = torch.autograd.grad(want, (base,), g)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_clear_errors():
     """Out-of-vocabulary labels would otherwise give a silent target logit of 0 (a wrong loss)."""
     hidden, weight, labels = _inputs(4, 8, 10)
