@@ -2,27 +2,19 @@
 
 Each op lives in one file holding its Triton kernel(s), its plain-PyTorch reference and the autograd
 wrapper; `LINGSHU_KERNELS=auto|triton|torch` picks the path (`_dispatch.py`). This file only
-re-exports, lazily: importing it has no side effects and does not import triton (transformers
-probes for a package named `kernels`, see DESIGN.md).
+re-exports the public functions (transformers probes for a package named `kernels`: it must stay
+free of side effects, see DESIGN.md).
+
+The imports are eager on purpose: three modules share their function's name, and a lazily bound
+name would be overwritten by the submodule the first time someone imports the submodule itself.
+To reach a module, use `importlib.import_module("lingshu_fast.kernels.<name>")`.
 """
-from importlib import import_module
+from lingshu_fast.kernels.fused_linear_cross_entropy import FlceOptions, fused_linear_cross_entropy
+from lingshu_fast.kernels.fused_linear_grpo_loss import fused_linear_grpo_loss, token_logprobs
+from lingshu_fast.kernels.grpo_advantages import grpo_advantages
+from lingshu_fast.kernels.image_pack import pack_images, window_index
 
-_EXPORTS = {
-    "fused_linear_cross_entropy": "fused_linear_cross_entropy",
-    "grpo_advantages": "grpo_advantages",
-    "fused_linear_grpo_loss": "fused_linear_grpo_loss",
-    "token_logprobs": "fused_linear_grpo_loss",
-    "pack_images": "image_pack",
-    "window_index": "image_pack",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lingshu_fast.kernels' has no attribute {name!r}")
-    value = getattr(import_module(f"lingshu_fast.kernels.{module}"), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "FlceOptions", "fused_linear_cross_entropy", "fused_linear_grpo_loss", "grpo_advantages", "pack_images",
+    "token_logprobs", "window_index",
+]

@@ -7,8 +7,14 @@ load, so it gets fewer decoder layers.
 
 Shapes. The schedules' receive buffers have fixed shapes, so every micro-batch is padded to the
 token budget (`data.max_tokens_per_microbatch`) with the tail as its own segment (labels -100),
-and `cu_seqlens` to a fixed number of slots (`MicroBatch.pad_to`). What crosses a stage boundary
-is `(hidden [T, H], position_ids [3, T], cu_seqlens [S+1])`.
+and `cu_seqlens` to a fixed number of slots (`MicroBatch.pad_to`). Only `hidden [T, H]` crosses a
+stage boundary: every rank of a pipeline loads the same micro-batches (same DP rank), and the
+single-stage schedules (GPipe, 1F1B) run each stage's forwards in micro-batch order, so a stage
+reads the positions and segment boundaries of its k-th forward from its own copy. (Passing the
+integer tensors through the schedule deadlocks 1F1B on gloo: their gradient sends and receives do
+not pair up.)
+
+Stage metadata is static (from these fixed shapes), never inferred by a trial forward.
 
 Inputs of the first stage. Images differ in size from one micro-batch to the next, so they do not
 go through the schedule's input splitting: the first stage receives only the micro-batch's index
@@ -73,24 +79,23 @@ def stage_layer_range(hf_config, pp: int, pp_rank: int) -> tuple[int, int]:
 
 
 class _StageModule(nn.Module):
-    """Adapts the model slice to the schedule's positional tensor interface."""
+    """Adapts the model slice to the schedule's positional tensor interface: the first stage takes
+    a micro-batch index, the others the previous stage's hidden states; every stage reads the
+    micro-batch's positions and boundaries from the runner."""
 
     def __init__(self, model, runner: "PipelineRunner"):
         super().__init__()
         self.model, self.runner = model, runner
 
-    def forward(self, *args):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mb = self.runner.next_forward_microbatch()
         if self.model.pre_process:
-            mb = self.runner.current[int(args[0].reshape(-1)[0])]
             out = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
                              pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, max_seqlen=mb.max_seqlen)
-            position_ids, cu_seqlens = mb.position_ids, mb.cu_seqlens
         else:
-            hidden, position_ids, cu_seqlens = args
-            out = self.model(hidden_states=hidden, position_ids=position_ids, cu_seqlens=cu_seqlens)
-        if self.model.post_process:
-            return out.hidden_states
-        return out.hidden_states, position_ids, cu_seqlens
+            out = self.model(hidden_states=x, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                             max_seqlen=mb.max_seqlen)
+        return out.hidden_states
 
 
 class PipelineRunner:
@@ -108,17 +113,33 @@ class PipelineRunner:
         self.per_rank = cfg.train.global_microbatches // dims.dp
         self.device = next(model.parameters()).device
         self.current: list = []
+        self._forwards = 0
         self._denominator = 1.0
         self.tied = bool(model.config.tie_word_embeddings)
         if self.tied and model.post_process and not model.pre_process:
             model.lm_head.weight.shared = True
-        stage = PipelineStage(_StageModule(model, self), dims.pp_rank, dims.pp, self.device, group=self.pp_group)
+        stage = PipelineStage(_StageModule(model, self), dims.pp_rank, dims.pp, self.device, group=self.pp_group,
+                              **self._static_shapes(model))
         schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[cfg.parallel.pp_schedule]
         if self.per_rank < dims.pp and schedule_cls is Schedule1F1B:
             raise ValueError(f"1F1B needs at least parallel.pp={dims.pp} micro-batches per DP rank and step; "
                              f"train.global_microbatches={cfg.train.global_microbatches} gives {self.per_rank}")
-        self.schedule = schedule_cls(stage, self.per_rank, loss_fn=self._loss if model.post_process else None,
-                                     scale_grads=False)
+        # every stage gets the loss function: the schedule runs backward only where one is given
+        self.schedule = schedule_cls(stage, self.per_rank, loss_fn=self._loss, scale_grads=False)
+
+    def _static_shapes(self, model) -> dict:
+        """Example tensors of each stage's inputs and outputs. Static metadata matters: in dynamic
+        mode torch.distributed.pipelining first runs the stage on uninitialised buffers to infer
+        its output, and our varlen attention rightly rejects garbage `cu_seqlens`."""
+        hidden = torch.zeros(self.tokens, model.config.text_config.hidden_size, dtype=model.dtype, device=self.device,
+                             requires_grad=True)  # the metadata carries requires_grad: gradients flow back
+        inputs = torch.zeros(1, 1, dtype=torch.int64, device=self.device) if model.pre_process else hidden
+        return {"input_args": (inputs,), "output_args": (hidden,)}
+
+    def next_forward_microbatch(self):
+        mb = self.current[self._forwards]
+        self._forwards += 1
+        return mb
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from lingshu_fast.train.step import lm_loss_sum
@@ -129,6 +150,7 @@ class PipelineRunner:
     def forward_backward(self, microbatches: Sequence, *, global_label_tokens: int) -> float:
         self._denominator = float(max(global_label_tokens, 1))
         self.current = [mb.pad_to(self.tokens, self.slots).to(self.device) for mb in microbatches]
+        self._forwards = 0
         n = len(self.current)
         losses: list = []
         args = (torch.arange(n, device=self.device).reshape(n, 1),) if self.model.pre_process else ()

@@ -8,7 +8,10 @@ rank is re-raised here with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
+import queue as queue_mod
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -33,6 +36,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, tp
     try:
         dims = init_parallel(tp=tp, pp=pp, backend="gloo")
         result = fn(dims, *args)
+        pickle.dumps(result)  # an unpicklable result fails here, with a traceback, not in the queue's thread
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         queue.put((rank, "error", traceback.format_exc()))
@@ -55,14 +59,26 @@ def spawn(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: int = 1, t
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout_s)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=0.5)
+            except queue_mod.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs)
+                        if r not in results and p.exitcode is not None and p.exitcode != 0]
+                if dead:
+                    time.sleep(1.0)  # let a rank that failed cleanly report its traceback first
+                    if queue.empty():
+                        errors.extend(f"rank {r} died with exit code {code} without reporting" for r, code in dead)
+                if time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout_s:.0f} s waiting for ranks "
+                                  f"{sorted(set(range(world_size)) - set(results))}")
+                continue
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 30)

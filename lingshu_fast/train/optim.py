@@ -308,6 +308,6 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, *,
     if not math.isfinite(total_norm) or max_norm <= 0:
         return total_norm
     clip_coef = max_norm / (total_norm + 1e-6)
-    if clip_coef < 1.0:
+    if clip_coef < 1.0 and params:
         torch._foreach_mul_([p.grad for p in params], clip_coef)
     return total_norm
