@@ -7,37 +7,37 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from lingshu_fast.config import ConfigError, load_config
+
+# Megatron-Core warns at import that Transformer Engine and Apex are absent; we use neither by design.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    try:
-        from lingshu_fast.train.loop import train
-    except ImportError:
-        print("lingshu-fast train: the trainer is not built yet (issue 5); config parsed OK:", cfg.run.name)
-        return 3
+    if cfg.train.stage == 4:
+        from lingshu_fast.rl.loop import train_rl
+
+        train_rl(cfg)
+        return 0
+    from lingshu_fast.train.loop import train
+
     train(cfg)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from lingshu_fast.demo import run_demo
-    except ImportError:
-        print("lingshu-fast demo: not yet — the four-stage demo lands with the trainer (issue 5).")
-        return 0
-    run_demo(out_dir=args.out)
+    from lingshu_fast.demo import run_demo
+
+    run_demo(out_dir=args.out, extra_overrides=[f"train.max_steps={args.max_steps}"] if args.max_steps else None)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from lingshu_fast.train.export import export_checkpoint
-    except ImportError:
-        print("lingshu-fast export: not yet — lands with checkpoints (issue 5).")
-        return 3
+    from lingshu_fast.train.export import export_checkpoint
+
     export_checkpoint(args.checkpoint, args.hf_dir)
     return 0
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
     d = sub.add_parser("demo", help="the four-stage demo on the embedded tiny model and data (CPU)")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--max-steps", type=int, default=0, help="steps per stage (default: each recipe's)")
     d.set_defaults(fn=_cmd_demo)
     e = sub.add_parser("export", help="write a Hugging Face folder from a training checkpoint")
     e.add_argument("checkpoint")

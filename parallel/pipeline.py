@@ -2,8 +2,8 @@
 
 Layout. Stage s holds decoder layers [start_s, end_s); the first stage also holds the vision tower
 and the embeddings, the last the final norm and the LM head. `stage_layer_range` balances the
-stages by a FLOP estimate in which the first stage pays for the ViT on a representative image
-load, so it gets fewer decoder layers.
+stages by the model's FLOP estimate (`lingshu_fast.model.flops.pipeline_layer_split`), in which the
+first stage pays for the ViT on a representative image load and the last for the LM head.
 
 Shapes. The schedules' receive buffers have fixed shapes, so every micro-batch is padded to the
 token budget (`data.max_tokens_per_microbatch`) with the tail as its own segment (labels -100),
@@ -38,44 +38,13 @@ import torch.nn as nn
 SEGMENT_SLOTS_PER_TOKENS = 8  # a packed sample is at least 8 tokens (chat template overhead)
 
 
-def _layer_costs(hf_config) -> tuple[float, float]:
-    """(forward FLOPs of one decoder layer, of the ViT) on a representative 8K-token micro-batch with
-    a quarter of its tokens from 448x448 images."""
-    from lingshu_fast.model.flops import forward_flops
+def stage_layer_range(hf_config, pp: int, pp_rank: int, tokens_per_microbatch: int) -> tuple[int, int]:
+    """Decoder layers of pipeline stage `pp_rank`, for micro-batches of `tokens_per_microbatch` tokens of
+    which a quarter are image tokens (4 ViT patches each): a typical multimodal mix."""
+    from lingshu_fast.model.flops import pipeline_layer_split
 
-    t = hf_config.text_config
-    seq = [8192]
-    images = torch.tensor([[1, 32, 32]] * (2048 // 256))  # 448x448: 32x32 patches, 256 merged tokens
-    f = forward_flops(hf_config, seq, images)
-    head = 2.0 * 8192 * t.hidden_size * t.vocab_size
-    per_layer = (f["llm"] - head) / t.num_hidden_layers
-    return per_layer, f["vit"]
-
-
-def stage_layer_range(hf_config, pp: int, pp_rank: int) -> tuple[int, int]:
-    """Contiguous decoder-layer range of pipeline stage `pp_rank`, minimising the largest stage cost."""
-    n = hf_config.text_config.num_hidden_layers
-    if pp > n:
-        raise ValueError(f"parallel.pp={pp} exceeds the {n} decoder layers: every stage needs at least one")
-    per_layer, vit = _layer_costs(hf_config)
-    first_extra = vit / per_layer  # in layer units
-    # best[s][i]: minimal max cost splitting layers [0, i) into s stages; first stage pays first_extra
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]
-    cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = 0.0
-    for s in range(1, pp + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                cost = (i - j) + (first_extra if s == 1 else 0.0)
-                value = max(best[s - 1][j], cost)
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    bounds = [n]
-    for s in range(pp, 0, -1):
-        bounds.append(cut[s][bounds[-1]])
-    bounds = bounds[::-1]
-    return bounds[pp_rank], bounds[pp_rank + 1]
+    split = pipeline_layer_split(hf_config, pp, seq_len=tokens_per_microbatch, image_patches=tokens_per_microbatch)
+    return split[pp_rank]
 
 
 class _StageModule(nn.Module):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -95,13 +96,17 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_path = resolve_model_path(cfg, tokenizer)
+    if dims.rank == 0:  # `lingshu-fast export` rebuilds the model skeleton from this copy
+        (Path(cfg.run.dir) / "model_config").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(model_path) / "config.json", Path(cfg.run.dir) / "model_config" / "config.json")
     layer_range = {}
     if dims.pp > 1:
         from lingshu_fast.parallel.pipeline import stage_layer_range
         from lingshu_fast.model import load_hf_config
 
         layer_range = dict(zip(("layer_start", "layer_end"),
-                               stage_layer_range(load_hf_config(model_path), dims.pp, dims.pp_rank)))
+                               stage_layer_range(load_hf_config(model_path), dims.pp, dims.pp_rank,
+                                                 cfg.data.max_tokens_per_microbatch)))
     model = from_pretrained(model_path, dtype=dtype, device=device,
                             activation_checkpointing=cfg.model.activation_checkpointing,
                             attention_backend=cfg.model.attention, **layer_range)

@@ -1,0 +1,22 @@
+"""The README's main job, slimmed: `lingshu-fast demo` runs every stage on the embedded tiny model
+and data, prints the per-stage table and leaves an HF export that transformers loads and generates
+from. Pins the chaining of stages (each starts from the previous stage's export)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_all_stages(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "lingshu_fast.cli", "demo", "--out", str(out), "--max-steps", "3"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage  steps  final loss  tokens/s/GPU" in proc.stdout
+    assert "transformers loaded" in proc.stdout and "generated:" in proc.stdout
+    for stage in (1, 2, 3):
+        rows = [json.loads(x) for x in (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3] and all(r["stage"] == stage for r in rows)
+        assert (out / f"stage{stage}" / "hf" / "config.json").exists()
+    cfg2 = (out / "stage2" / "config.yaml").read_text()
+    assert str(out / "stage1" / "hf") in cfg2  # stage 2 started from stage 1's export
