@@ -1,0 +1,267 @@
+"""Batched autoregressive generation with a KV cache on our own Qwen2.5-VL (eval and RL rollouts).
+
+`generate(model, prompts, max_new_tokens=..., stop_token_ids=...)` -> one `GenerationOutput` per
+prompt (times `repeats`), in order.
+
+Design choices:
+- Images are encoded ONCE: every prompt's pixels go through the vision tower in one call (unless the
+  prompt brings `image_embeds`), and `repeats=G` (GRPO's group) reuses that prompt's encoding, and
+  its prefill, for all G samples: the prompt's K/V cache rows are copied G times, never recomputed.
+- Prefill is one packed varlen forward over the distinct prompts (cu_seqlens, no padding), run
+  through the decoder layers' own sub-modules so their K/V can be kept; `language.py` is untouched.
+- Decode feeds one token per unfinished sequence and attends over its cache with SDPA and a padding
+  mask ([B, heads, 1, L], GQA by `enable_gqa`). Caches are left-aligned per sequence; finished rows are
+  compacted away once a quarter of the rows are done (a copy per compaction, not per step).
+- M-RoPE while decoding: token i after the prompt sits at `max(prompt positions) + 1 + i` on all three
+  axes, as transformers' `mrope_position_deltas` give.
+- Tensor parallelism: each rank keeps the K/V of its own heads; the row-parallel o_proj/down_proj
+  all-reduce; logits are gathered over TP; the sampled tokens and their log-probs are broadcast from
+  the TP group's first rank, so every rank extends its cache with the very same token.
+- Sequence parallelism is switched off for the duration of the call (it splits the token dimension,
+  which a one-token decode step does not have); pipeline parallelism is not supported (error).
+- `logprobs` are log_softmax(logits / T) of each chosen token (T = 1 for greedy): the behaviour
+  policy's log-probs at temperature T, without the top-p renormalisation (as verl/TRL compute them).
+- The stop token, when produced, is part of `token_ids` (the RL loss must learn to stop).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lingshu_fast.model.attention import varlen_attention
+from lingshu_fast.model.ops import apply_rotary, swiglu
+
+
+@dataclass
+class PromptInput:
+    input_ids: torch.Tensor  # [T] long
+    position_ids: torch.Tensor  # [3, T] M-RoPE positions (lingshu_fast.data.rope.sample_position_ids)
+    pixel_values: Optional[torch.Tensor] = None  # [P, 1176]
+    image_grid_thw: Optional[torch.Tensor] = None  # [n, 3]
+    image_embeds: Optional[torch.Tensor] = None  # [n_image_tokens, H]: already encoded (skips the ViT)
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log_softmax(logits / T)[token] per token
+    finished: bool = False  # stopped on a stop token (False: ran into max_new_tokens)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _no_sequence_parallel(model):
+    """Decode steps hold one token per sequence: run the TP layers without sequence splitting."""
+    if not getattr(model, "sequence_parallel", False):
+        yield
+        return
+    linears = [m for layer in model.layers for m in (layer.qkv, layer.gate_up, layer.o_proj, layer.down_proj)]
+    model.sequence_parallel = False
+    for m in linears:
+        m.sequence_parallel = False
+    try:
+        yield
+    finally:
+        model.sequence_parallel = True
+        for m in linears:
+            m.sequence_parallel = True
+
+
+def _tp_group_info():
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return None, 0
+    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
+
+
+def _encode_all_images(model, prompts: Sequence[PromptInput], device) -> list[Optional[torch.Tensor]]:
+    """Per prompt image embeddings; the prompts that bring pixels share ONE vision-tower call."""
+    embeds: list[Optional[torch.Tensor]] = [p.image_embeds for p in prompts]
+    todo = [i for i, p in enumerate(prompts) if p.image_embeds is None and p.pixel_values is not None]
+    if not todo:
+        return embeds
+    for i in todo:
+        if prompts[i].image_grid_thw is None:
+            raise ValueError(f"prompt {i}: pixel_values given without image_grid_thw")
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    grids = [prompts[i].image_grid_thw.to(torch.long) for i in todo]
+    pixels = torch.cat([prompts[i].pixel_values for i in todo]).to(device=device, dtype=model.dtype)
+    encoded = model.encode_images(pixels, torch.cat(grids).to(device))
+    counts = [int(g.prod(-1).sum()) // merge for g in grids]
+    for i, part in zip(todo, encoded.split(counts)):
+        embeds[i] = part
+    return embeds
+
+
+def _attn_prefill(layer, x, cos, sin, cu_seqlens, max_seqlen):
+    """The decoder layer's forward (language.DecoderLayer), returning its rotated K and V too."""
+    d = layer.head_dim
+    qkv = layer.qkv(layer.input_layernorm(x))
+    tokens = qkv.shape[0]
+    q, k, v = qkv.split([layer.q_heads * d, layer.kv_heads * d, layer.kv_heads * d], dim=-1)
+    q, k = apply_rotary(q.view(tokens, layer.q_heads, d), k.view(tokens, layer.kv_heads, d), cos, sin)
+    v = v.reshape(tokens, layer.kv_heads, d)
+    attn = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=layer.attention_backend)
+    x = x + layer.o_proj(attn.reshape(tokens, -1))
+    return _mlp(layer, x), k, v
+
+
+def _mlp(layer, x):
+    gate, up = layer.gate_up(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
+    return x + layer.down_proj(swiglu(gate, up))
+
+
+def _attn_decode(layer, x, cos, sin, k_cache, v_cache, write_at, key_mask):
+    """One token per row: x [B, H]; caches [B, Hkv, L, D] updated in place at `write_at` [B]."""
+    d = layer.head_dim
+    rows = x.shape[0]
+    qkv = layer.qkv(layer.input_layernorm(x))
+    q, k, v = qkv.split([layer.q_heads * d, layer.kv_heads * d, layer.kv_heads * d], dim=-1)
+    q, k = apply_rotary(q.view(rows, layer.q_heads, d), k.view(rows, layer.kv_heads, d), cos, sin)
+    row_index = torch.arange(rows, device=x.device)
+    k_cache[row_index, :, write_at] = k
+    v_cache[row_index, :, write_at] = v.view(rows, layer.kv_heads, d)
+    span = key_mask.shape[-1]  # only the filled prefix of the cache is read
+    attn = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=key_mask[:, None, None, :],
+        enable_gqa=layer.q_heads != layer.kv_heads)  # [B, Hq, 1, D]
+    x = x + layer.o_proj(attn.reshape(rows, -1))
+    return _mlp(layer, x)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B], log-probs [B]) from full-vocabulary logits [B, V]."""
+    logits = logits.float()
+    if temperature <= 0.0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already cover top_p (the first always stays)
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
+             temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+             pad_token_id: Optional[int] = None, repeats: int = 1) -> list[GenerationOutput]:
+    """Generate for every prompt `repeats` times (outputs ordered prompt-major: p0 x repeats, p1 ...).
+
+    temperature 0 is greedy. `seed` seeds the sampling generator (same seed, same inputs, same
+    layout -> same samples); None draws from torch's global generator. `pad_token_id` is what
+    finished rows are fed until they are compacted away (default: the first stop id, else 0).
+    Every rank of a TP group must call this with the same prompts.
+    """
+    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
+        raise NotImplementedError("generation needs the whole model on one pipeline stage; "
+                                  "run evaluation/rollouts with parallel.pp=1 (tensor parallelism is fine)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not prompts:
+        return []
+    with _no_sequence_parallel(model):
+        return _generate(model, list(prompts), max_new_tokens, list(stop_token_ids), temperature, top_p, seed,
+                         pad_token_id, repeats)
+
+
+def _prefill(model, prompts, device):
+    """Packed forward over the distinct prompts -> (last-token logits [N, V], per-layer K/V [T, Hkv, D])."""
+    embeds = _encode_all_images(model, prompts, device)
+    ids = torch.cat([p.input_ids for p in prompts]).to(device)
+    with_images = [e for e in embeds if e is not None]
+    hidden = model.embed(ids, image_embeds=torch.cat(with_images) if with_images else None)
+    lengths = [int(p.input_ids.shape[0]) for p in prompts]
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    cos, sin = model.rope(torch.cat([p.position_ids for p in prompts], dim=1).to(device))
+    kv = []
+    for layer in model.layers:
+        hidden, k, v = _attn_prefill(layer, hidden, cos, sin, cu, max(lengths))
+        kv.append((k, v))
+    last = cu[1:].long() - 1
+    return model.logits(model.head(hidden[last])), kv, lengths
+
+
+def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed, pad_token_id, repeats):
+    device = next(model.parameters()).device
+    tp_group, tp_src = _tp_group_info()
+    generator = None
+    if seed is not None and temperature > 0.0:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    for i, p in enumerate(prompts):
+        if p.input_ids.dim() != 1 or p.position_ids.shape != (3, p.input_ids.shape[0]):
+            raise ValueError(f"prompt {i}: input_ids must be [T] and position_ids [3, T], got "
+                             f"{list(p.input_ids.shape)} and {list(p.position_ids.shape)}")
+    logits, kv, lengths = _prefill(model, prompts, device)
+
+    # one cache row per (prompt, repeat): the prompt's K/V copied, left-aligned, [B, Hkv, L, D]
+    n_rows = len(prompts) * repeats
+    prompt_len = torch.tensor(lengths, device=device).repeat_interleave(repeats)
+    capacity = max(lengths) + max_new_tokens
+    starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    caches = []
+    for k, v in kv:
+        kc = k.new_zeros(n_rows, k.shape[1], capacity, k.shape[2])
+        vc = torch.zeros_like(kc)
+        for i, length in enumerate(lengths):
+            rows = slice(i * repeats, (i + 1) * repeats)
+            kc[rows, :, :length] = k[starts[i]:starts[i + 1]].transpose(0, 1)
+            vc[rows, :, :length] = v[starts[i]:starts[i + 1]].transpose(0, 1)
+        caches.append([kc, vc])
+    next_pos = torch.tensor([int(p.position_ids.max()) + 1 for p in prompts], device=device).repeat_interleave(repeats)
+    logits = logits.repeat_interleave(repeats, dim=0)
+
+    outputs = [GenerationOutput() for _ in range(n_rows)]
+    row_seq = torch.arange(n_rows, device=device)  # cache row -> output index
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    fill = pad_token_id if pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+    for step in range(max_new_tokens):
+        tokens, logps = _sample(logits, temperature, top_p, generator)
+        if tp_group is not None:  # every TP rank must extend its cache with the same token
+            dist.broadcast(tokens, src=tp_src, group=tp_group)
+            dist.broadcast(logps, src=tp_src, group=tp_group)
+        tokens = torch.where(done, torch.full_like(tokens, fill), tokens)
+        for r, (seq, tok, lp, finished) in enumerate(zip(row_seq.tolist(), tokens.tolist(), logps.tolist(),
+                                                         done.tolist())):
+            if not finished:
+                outputs[seq].token_ids.append(tok)
+                outputs[seq].logprobs.append(lp)
+        if stop.numel():
+            newly = ~done & torch.isin(tokens, stop)
+            for seq in row_seq[newly].tolist():
+                outputs[seq].finished = True
+            done = done | newly
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        if int(done.sum()) * 4 >= done.numel():  # compact: drop finished rows from the cache
+            keep = (~done).nonzero().squeeze(-1)
+            caches = [[kc[keep], vc[keep]] for kc, vc in caches]
+            row_seq, tokens, prompt_len, next_pos, done = (t[keep] for t in (row_seq, tokens, prompt_len, next_pos, done))
+        write_at = prompt_len + step  # this token's slot in each row's cache
+        key_mask = torch.arange(int(write_at.max()) + 1, device=device)[None, :] <= write_at[:, None]
+        cos, sin = model.rope((next_pos + step).unsqueeze(0).expand(3, -1))
+        hidden = model.embed(tokens)
+        for layer, (kc, vc) in zip(model.layers, caches):
+            hidden = _attn_decode(layer, hidden, cos, sin, kc, vc, write_at, key_mask)
+        logits = model.logits(model.head(hidden))
+    return outputs
