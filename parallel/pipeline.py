@@ -100,10 +100,17 @@ class PipelineRunner:
         """Example tensors of each stage's inputs and outputs. Static metadata matters: in dynamic
         mode torch.distributed.pipelining first runs the stage on uninitialised buffers to infer
         its output, and our varlen attention rightly rejects garbage `cu_seqlens`."""
-        hidden = torch.zeros(self.tokens, model.config.text_config.hidden_size, dtype=model.dtype, device=self.device,
+        if model.sequence_parallel and self.tokens % model.tp:
+            raise ValueError(f"data.max_tokens_per_microbatch={self.tokens} must be a multiple of parallel.tp="
+                             f"{model.tp} under sequence parallelism")
+        local_tokens = self.tokens // model.tp if model.sequence_parallel else self.tokens
+        hidden = torch.zeros(local_tokens, model.config.text_config.hidden_size, dtype=model.dtype, device=self.device,
                              requires_grad=True)  # the metadata carries requires_grad: gradients flow back
         inputs = torch.zeros(1, 1, dtype=torch.int64, device=self.device) if model.pre_process else hidden
-        return {"input_args": (inputs,), "output_args": (hidden,)}
+        # the last stage gathers the sequence-parallel shards back to the full [T, H] for the loss
+        output = torch.zeros(self.tokens, hidden.shape[1], dtype=model.dtype, device=self.device,
+                             requires_grad=True) if model.post_process else hidden
+        return {"input_args": (inputs,), "output_args": (output,)}
 
     def next_forward_microbatch(self):
         mb = self.current[self._forwards]

@@ -37,11 +37,12 @@ def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def _train_layout(dims, run_dir, data):
+def _train_layout(dims, run_dir, data, sequence_parallel=False):
     from lingshu_fast.config import load_config
     from lingshu_fast.train.loop import train
 
-    cfg = load_config("tiny-sft", _overrides(run_dir, data, f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}"))
+    cfg = load_config("tiny-sft", _overrides(run_dir, data, f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}",
+                                             f"parallel.sequence_parallel={sequence_parallel}"))
     train(cfg, dims)
     return _losses(run_dir) if dims.rank == 0 else None
 
@@ -50,10 +51,11 @@ def test_loss_curve_is_layout_independent(tmp_path, demo_data):
     """Pins: the global batch and the loss normalisation do not depend on (tp, pp, dp)."""
     data = demo_data["instruct"]
     curves = {}
-    for tp, pp, world in [(1, 1, 1), (2, 1, 2), (1, 2, 2), (1, 1, 2)]:
-        run_dir = tmp_path / f"tp{tp}_pp{pp}_w{world}"
-        curves[(tp, pp, world)] = spawn(_train_layout, world, str(run_dir), str(data), tp=tp, pp=pp)[0]
-    base = curves[(1, 1, 1)]
+    for tp, pp, world, sp in [(1, 1, 1, False), (2, 1, 2, False), (1, 2, 2, False), (1, 1, 2, False),
+                              (2, 1, 2, True)]:
+        run_dir = tmp_path / f"tp{tp}_pp{pp}_w{world}_sp{int(sp)}"
+        curves[(tp, pp, world, sp)] = spawn(_train_layout, world, str(run_dir), str(data), sp, tp=tp, pp=pp)[0]
+    base = curves[(1, 1, 1, False)]
     assert len(base) == STEPS and base[-1] < base[0]
     for layout, losses in curves.items():
         assert len(losses) == STEPS, layout

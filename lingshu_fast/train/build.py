@@ -36,9 +36,17 @@ class LocalRunner:
 
     def __init__(self, model, tp_group, opts: LossOptions):
         self.model, self.tp_group, self.opts = model, tp_group, opts
+        # sequence parallelism splits the token axis over TP: pad each micro-batch to a multiple of tp
+        self.token_multiple = model.tp if getattr(model, "sequence_parallel", False) else 1
+
+    def _prepare(self, mb):
+        extra = -mb.num_tokens % self.token_multiple
+        if extra:
+            mb = mb.pad_to(mb.num_tokens + extra, int(mb.cu_seqlens.numel()))
+        return mb.to(self.model_device)
 
     def forward_backward(self, microbatches, *, global_label_tokens: int) -> float:
-        mbs = [mb.to(self.model_device) for mb in microbatches]
+        mbs = [self._prepare(mb) for mb in microbatches]
         return forward_backward(self.model, mbs, global_label_tokens=global_label_tokens,
                                 tp_group=self.tp_group, opts=self.opts)
 
@@ -109,7 +117,8 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
                                                  cfg.data.max_tokens_per_microbatch)))
     model = from_pretrained(model_path, dtype=dtype, device=device,
                             activation_checkpointing=cfg.model.activation_checkpointing,
-                            attention_backend=cfg.model.attention, **layer_range)
+                            attention_backend=cfg.model.attention,
+                            sequence_parallel=cfg.parallel.sequence_parallel, **layer_range)
     set_trainable(model, cfg.model.freeze)
     if not any(p.requires_grad for p in model.parameters()) and dims.pp == 1:
         raise ConfigError(f"model.freeze={cfg.model.freeze} freezes every parameter: nothing to train")
