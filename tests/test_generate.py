@@ -142,6 +142,24 @@ def test_repeats_share_one_image_encoding(tiny):
     assert not calls
 
 
+def test_generated_image_token_is_an_ordinary_token(tiny):
+    """Pins: a model that emits <|image_pad|> (a random or badly tuned policy can) keeps decoding;
+    the decode step embeds tokens without the prompt's image-slot check."""
+    _, folder, batch = tiny
+    model = M.from_pretrained(folder).eval()
+    image_id = model.config.image_token_id
+    original = model.logits
+
+    def favour_image_token(hidden):
+        logits = original(hidden)
+        logits[:, image_id] += 1e3
+        return logits
+
+    model.logits = favour_image_token
+    outs = generate(model, _prompts(batch)[2:], max_new_tokens=3)
+    assert all(o.token_ids == [image_id] * 3 for o in outs)
+
+
 def test_pipeline_stage_is_refused(tiny):
     """Pins: a partial (pipeline-stage) model fails with the layout to use, not deep in a layer."""
     _, folder, batch = tiny

@@ -260,7 +260,8 @@ def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed
         write_at = prompt_len + step  # this token's slot in each row's cache
         key_mask = torch.arange(int(write_at.max()) + 1, device=device)[None, :] <= write_at[:, None]
         cos, sin = model.rope((next_pos + step).unsqueeze(0).expand(3, -1))
-        hidden = model.embed(tokens)
+        # the bare embedding: a sampled <|image_pad|> id is just a token here, not an image slot
+        hidden = model.embed_tokens(tokens.unsqueeze(1)).squeeze(1)
         for layer, (kc, vc) in zip(model.layers, caches):
             hidden = _attn_decode(layer, hidden, cos, sin, kc, vc, write_at, key_mask)
         logits = model.logits(model.head(hidden))

@@ -1,0 +1,202 @@
+"""Evaluation: benchmark files -> greedy generation on our own model -> MedEvalKit-style scores.
+
+`evaluate(model, tokenizer, benchmarks, out_dir=...)` is what the trainer calls (every `eval.every`
+steps and at the end of a stage) and what `lingshu-fast eval RECIPE [key=value ...]` runs.
+
+- Prompts: `build_eval_messages` (MedEvalKit's wording) rendered by the training chat template
+  (`ChatTemplate.render_prompt`), images preprocessed exactly as in training (`data.min_pixels`,
+  `data.max_pixels`), M-RoPE ids from `data.rope`: the model sees what it was trained on.
+- Generation: `lingshu_fast.model.generate` (the RL rollout generator), greedy, stopping at
+  `<|im_end|>` / the tokenizer's eos / `<|endoftext|>`.
+- Layouts: TP ranks generate the same batch together; data-parallel ranks take every dp-th item
+  and the predictions are gathered, so the scores do not depend on the layout. Pipeline
+  parallelism is refused with a clear error (generation needs the whole model on one stage).
+- Output (global rank 0): `<tag>_report.json`, `<tag>_wrong.jsonl`, `<tag>_predictions.jsonl` (every
+  item with its prediction) under `out_dir`, and the table printed. Every rank returns the report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from lingshu_fast.eval.bench_format import (
+    BenchmarkError, build_eval_messages, format_table, load_benchmark, report, report_metrics, write_report,
+)
+from lingshu_fast.eval.scoring import score_predictions
+from lingshu_fast.model.generate import PromptInput, generate
+
+
+def eval_prompt(item: dict, template, hf_config, *, min_pixels: int, max_pixels: int,
+                reasoning: bool = False, system_prompt: Optional[str] = None) -> PromptInput:
+    """One benchmark item -> the generation prompt (ids, M-RoPE positions, pixels)."""
+    from lingshu_fast.data.images import preprocess
+    from lingshu_fast.data.rope import sample_position_ids
+
+    merge = hf_config.vision_config.spatial_merge_size
+    pixel_values = grid = None
+    counts: list[int] = []
+    if item.get("images"):
+        pixel_values, grid = preprocess(item["images"], min_pixels=min_pixels, max_pixels=max_pixels)
+        counts = (grid.prod(-1) // merge ** 2).tolist()
+    messages = build_eval_messages(item, reasoning=reasoning)
+    ids = template.render_prompt(messages, counts, system_prompt=system_prompt)
+    positions = sample_position_ids(ids, None if grid is None else grid.numpy(),
+                                    image_token_id=hf_config.image_token_id,
+                                    vision_start_token_id=hf_config.vision_start_token_id,
+                                    spatial_merge_size=merge)
+    return PromptInput(torch.from_numpy(ids), torch.from_numpy(positions), pixel_values, grid)
+
+
+def _check_tokenizer(template, hf_config) -> None:
+    """The tokenizer's image/vision ids must be the model's, or images land on the wrong tokens."""
+    mismatched = [f"{key}: tokenizer {template.ids[key]} vs model {getattr(hf_config, key)}"
+                  for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+                  if template.ids[key] != getattr(hf_config, key)]
+    if mismatched:
+        raise ValueError("tokenizer and model disagree on special token ids (" + "; ".join(mismatched)
+                         + "); use the tokenizer the model was trained with (data.tokenizer)")
+
+
+def _data_parallel():
+    """(dp rank, dp size, dp group) from Megatron's parallel state; (0, 1, None) when absent."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        return 0, 1, None
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
+
+
+def _generate_predictions(model, tokenizer, template, items, *, max_new_tokens, batch_size, min_pixels,
+                          max_pixels, reasoning, system_prompt) -> tuple[list[str], int]:
+    stop_ids = sorted({template.ids["im_end_id"], template.ids["eos_token_id"], template.ids["endoftext_id"]})
+    predictions: list[str] = []
+    new_tokens = 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        prompts = [eval_prompt(item, template, model.config, min_pixels=min_pixels, max_pixels=max_pixels,
+                               reasoning=reasoning, system_prompt=system_prompt) for item in chunk]
+        outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+                           pad_token_id=template.ids["pad_token_id"])
+        for out in outputs:
+            new_tokens += len(out.token_ids)
+            predictions.append(tokenizer.decode(out.token_ids, skip_special_tokens=True).strip())
+    return predictions, new_tokens
+
+
+def evaluate(model, tokenizer, benchmarks: Sequence[Union[str, Path]], *, out_dir: Union[str, Path],
+             max_new_tokens: int = 256, batch_size: int = 8, min_pixels: int = 3136,
+             max_pixels: int = 12845056, judge_url: Optional[str] = None, tag: str = "eval",
+             reasoning: bool = False, system_prompt: Optional[str] = None, image_root=None,
+             verbose: bool = True) -> dict:
+    """Greedy-generate an answer for every item of every benchmark file and score it.
+
+    Returns `bench_format.report(...)` plus `generation` = {items, new_tokens, seconds}; the same
+    dict on every rank. All ranks must call it (it is collective under TP/DP). `reasoning=True`
+    asks for <think>/<answer> output (RL-tuned models). Raises BenchmarkError on a bad file.
+    """
+    from lingshu_fast.data.template import ChatTemplate
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if not benchmarks:
+        raise ValueError("no benchmark files given (eval.benchmarks=[a.jsonl,b.jsonl])")
+    items = [item for path in benchmarks for item in load_benchmark(path, image_root=image_root)]
+    template = ChatTemplate(tokenizer)
+    _check_tokenizer(template, model.config)
+    dp_rank, dp_size, dp_group = _data_parallel()
+    mine = list(range(dp_rank, len(items), dp_size))
+    start_s = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        local, new_tokens = _generate_predictions(
+            model, tokenizer, template, [items[i] for i in mine], max_new_tokens=max_new_tokens,
+            batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels, reasoning=reasoning,
+            system_prompt=system_prompt)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start_s
+    predictions: list[Optional[str]] = [None] * len(items)
+    if dp_size > 1:
+        gathered: list = [None] * dp_size
+        dist.all_gather_object(gathered, (mine, local, new_tokens), group=dp_group)
+        new_tokens = 0
+        for indices, preds, tokens in gathered:
+            new_tokens += tokens
+            for i, pred in zip(indices, preds):
+                predictions[i] = pred
+    else:
+        predictions = list(local)
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    payload = [None]
+    if rank == 0:  # score once (an LLM judge is asked once per item), write, print
+        rows = score_predictions(items, predictions, judge_url=judge_url)
+        rep = report(rows)
+        rep["generation"] = {"items": len(items), "new_tokens": new_tokens, "seconds": seconds}
+        paths = write_report(rep, rows, out_dir, tag=tag)
+        with open(Path(out_dir) / f"{tag}_predictions.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        if verbose:
+            print(f"lingshu-fast eval [{tag}]: {len(items)} items, {new_tokens} tokens generated in "
+                  f"{seconds:.1f} s; report {paths['report']}\n{format_table(rep)}", flush=True)
+        payload = [rep]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def eval_metrics_rows(rep: dict, stage: int, step: int) -> list[dict]:
+    """The metrics.jsonl row(s) of one evaluation: [{stage, step, eval/<benchmark>/accuracy...,
+    eval/overall/accuracy}]; `step` is the training step it evaluated (so resume truncation
+    drops it together with that step's training row)."""
+    return [{"stage": stage, "step": step, **report_metrics(rep)}]
+
+
+def append_metrics_rows(run_dir: Union[str, Path], rows: Sequence[dict]) -> None:
+    """Append rows to run_dir/metrics.jsonl (call on global rank 0 only)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+def main(args) -> int:
+    """`lingshu-fast eval RECIPE [key=value ...]`: evaluate `model.init_from` (or `model.path`) on
+    `eval.benchmarks`; the report goes to `run.dir/eval`."""
+    from lingshu_fast.config import ConfigError, load_config
+    from lingshu_fast.data.tokenizer import load_tokenizer
+    from lingshu_fast.model import from_pretrained
+    from lingshu_fast.parallel.state import init_parallel
+    from lingshu_fast.train.build import pick_device, pick_dtype, resolve_model_path
+
+    cfg = load_config(args.recipe, args.overrides)
+    if not cfg.eval.benchmarks:
+        raise ConfigError("eval.benchmarks is empty: give one or more benchmark JSONL files "
+                          "(eval.benchmarks=[vqa_rad.jsonl,slake.jsonl])")
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: evaluation generates on one pipeline stage; "
+                          "run `lingshu-fast eval` with parallel.pp=1 (parallel.tp may be > 1)")
+    missing = [b for b in cfg.eval.benchmarks if not Path(b).is_file()]
+    if missing:
+        raise ConfigError(f"eval.benchmarks: file(s) not found: {missing}")
+    dims = init_parallel(cfg.parallel.tp, 1, cfg.parallel.backend)
+    device = pick_device(dims)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = from_pretrained(resolve_model_path(cfg, tokenizer), dtype=pick_dtype(cfg, device), device=device,
+                            attention_backend=cfg.model.attention)
+    try:
+        rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
+                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                       min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                       judge_url=cfg.eval.judge_url, system_prompt=cfg.data.system_prompt)
+    except BenchmarkError as err:
+        raise ConfigError(str(err)) from None
+    return 0 if rep["overall"]["total"] else 1
