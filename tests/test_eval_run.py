@@ -135,3 +135,23 @@ def test_main_is_the_cli_entry():
 
     with pytest.raises(Exception, match="not found"):
         main(argparse.Namespace(recipe="tiny-base", overrides=["eval.benchmarks=[/nonexistent/b.jsonl]"]))
+
+
+def test_scheduled_eval_follows_eval_every(setup):
+    """Pins the trainer hook: nothing between `eval.every` steps, metrics at multiples of it and
+    at the end of a stage, reports named by stage and step, no eval without benchmarks."""
+    from lingshu_fast.config import load_config
+    from lingshu_fast.eval.run import scheduled_eval
+    from lingshu_fast.model import from_pretrained
+
+    root, bench, folder, tokenizer = setup
+    model = from_pretrained(folder)
+    cfg = load_config("tiny-base", [f"run.dir={root / 'sched'}", f"eval.benchmarks=[{bench}]", "eval.every=4",
+                                    "eval.max_new_tokens=2", "eval.batch_size=32", "train.stage=2"])
+    assert scheduled_eval(cfg, model, tokenizer, step=3) is None
+    metrics = scheduled_eval(cfg, model, tokenizer, step=8)
+    assert set(metrics) == {"eval/eval/accuracy", "eval/overall/accuracy"}
+    assert (root / "sched" / "eval" / "stage2_step8_report.json").is_file()
+    assert scheduled_eval(cfg, model, tokenizer, step=9, final=True) is not None
+    cfg.eval.benchmarks = []
+    assert scheduled_eval(cfg, model, tokenizer, step=8, final=True) is None

@@ -168,6 +168,27 @@ def append_metrics_rows(run_dir: Union[str, Path], rows: Sequence[dict]) -> None
             f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
+def scheduled_eval(cfg, model, tokenizer, *, step: int, final: bool = False) -> Optional[dict]:
+    """The trainer's hook, called by every rank after a step: evaluates `eval.benchmarks` when
+    `final` (end of a stage) or when `eval.every` divides `step`; returns the flat metrics
+    {eval/<benchmark>/accuracy, eval/overall/accuracy} for that step's metrics row, else None.
+    Reports go to run.dir/eval/stage<S>_step<N>_*. Under parallel.pp > 1 it warns and returns None
+    (generation needs the whole model on one stage)."""
+    due = final or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
+    if not cfg.eval.benchmarks or not due:
+        return None
+    if getattr(model, "pre_process", True) is False or getattr(model, "post_process", True) is False:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print("lingshu-fast: eval skipped: evaluation needs parallel.pp=1; run `lingshu-fast eval` on "
+                  "the exported run.dir/hf instead", flush=True)
+        return None
+    rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
+                   max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                   min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, judge_url=cfg.eval.judge_url,
+                   tag=f"stage{cfg.train.stage}_step{step}", system_prompt=cfg.data.system_prompt)
+    return report_metrics(rep)
+
+
 def main(args) -> int:
     """`lingshu-fast eval RECIPE [key=value ...]`: evaluate `model.init_from` (or `model.path`) on
     `eval.benchmarks`; the report goes to `run.dir/eval`."""

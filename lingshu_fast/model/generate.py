@@ -256,7 +256,8 @@ def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed
         if int(done.sum()) * 4 >= done.numel():  # compact: drop finished rows from the cache
             keep = (~done).nonzero().squeeze(-1)
             caches = [[kc[keep], vc[keep]] for kc, vc in caches]
-            row_seq, tokens, prompt_len, next_pos, done = (t[keep] for t in (row_seq, tokens, prompt_len, next_pos, done))
+            row_seq, tokens, prompt_len, next_pos, done = (
+                t[keep] for t in (row_seq, tokens, prompt_len, next_pos, done))
         write_at = prompt_len + step  # this token's slot in each row's cache
         key_mask = torch.arange(int(write_at.max()) + 1, device=device)[None, :] <= write_at[:, None]
         cos, sin = model.rope((next_pos + step).unsqueeze(0).expand(3, -1))
