@@ -3,8 +3,9 @@
 It builds the tiny dataset (synthetic scans, real CT/MR DICOM slices from pydicom, captions,
 instructions, verifiable questions), then runs stage 1 (vision tower + merger on captions),
 stage 2 (all weights on varied captions), stage 3 (packed instruction tuning), each starting from
-the previous stage's Hugging Face export, prints a per-stage table and checks that transformers
-loads the final export and generates from it.
+the previous stage's Hugging Face export, evaluates the tiny held-out benchmark at the end of each
+stage, prints a per-stage table (steps, final loss, tokens/s/GPU, eval accuracy) and checks that
+transformers loads the final export and generates from it.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ STAGES = [
 ]
 
 
-def _run_stage(stage: int, recipe: str, data: Path, out: Path, init_from: Optional[Path],
+def _run_stage(stage: int, recipe: str, data: Path, bench: Path, out: Path, init_from: Optional[Path],
                extra: list[str]) -> dict:
     from lingshu_fast.train.loop import train
 
-    overrides = [f"run.dir={out / f'stage{stage}'}", f"data.train=[{data}]", *extra]
+    overrides = [f"run.dir={out / f'stage{stage}'}", f"data.train=[{data}]", f"eval.benchmarks=[{bench}]",
+                 "eval.max_new_tokens=8", *extra]
     if init_from is not None:
         overrides.append(f"model.init_from={init_from}")
     cfg = load_config(recipe, overrides)
@@ -61,15 +63,18 @@ def run_demo(out_dir: str = "runs/demo", extra_overrides: Optional[list[str]] = 
     try:
         for stage, recipe, data_key in STAGES:
             print(f"\n== stage {stage} ({recipe}) ==", flush=True)
-            summary = _run_stage(stage, recipe, paths[data_key], out, init_from, list(extra_overrides or []))
+            summary = _run_stage(stage, recipe, paths[data_key], paths["eval"], out, init_from,
+                                 list(extra_overrides or []))
             rows.append(summary)
             init_from = summary["hf"]
     finally:
         shutdown_parallel()
-    print("\nstage  steps  final loss  tokens/s/GPU  wall s")
+    print("\nstage  steps  final loss  tokens/s/GPU  eval acc  wall s")
     for r in rows:
+        acc = r.get("eval_accuracy")
+        acc_text = "-" if acc is None else f"{acc:.3f}"
         print(f"{r['stage']:>5}  {r['steps']:>5}  {r['loss']:>10.4f}  {r['tokens_per_s_per_gpu']:>12.1f}  "
-              f"{r['wall_s']:>6.1f}")
+              f"{acc_text:>8}  {r['wall_s']:>6.1f}")
     text = _check_export(rows[-1]["hf"])
     print(f"\ntransformers loaded {rows[-1]['hf']} and generated: {text!r}")
     return rows

@@ -36,8 +36,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, tp
     try:
         dims = init_parallel(tp=tp, pp=pp, backend="gloo")
         result = fn(dims, *args)
-        pickle.dumps(result)  # an unpicklable result fails here, with a traceback, not in the queue's thread
-        queue.put((rank, "ok", result))
+        # Plain pickle bytes, not torch's queue reductions: those share tensors through file descriptors
+        # that vanish when this process exits before the parent reads them. An unpicklable result
+        # also fails here, with a traceback, rather than in the queue's feeder thread.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -76,7 +78,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: int = 1, t
                                   f"{sorted(set(range(world_size)) - set(results))}")
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
     finally:

@@ -49,7 +49,13 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minut
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun")
+            # a single process needs a store too; a free port lets several runs share a machine
+            from lingshu_fast.parallel.spawn import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
         )

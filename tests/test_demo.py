@@ -12,11 +12,12 @@ def test_demo_runs_all_stages(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lingshu_fast.cli", "demo", "--out", str(out), "--max-steps", "3"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stage  steps  final loss  tokens/s/GPU" in proc.stdout
+    assert "stage  steps  final loss  tokens/s/GPU  eval acc" in proc.stdout
     assert "transformers loaded" in proc.stdout and "generated:" in proc.stdout
     for stage in (1, 2, 3):
         rows = [json.loads(x) for x in (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3] and all(r["stage"] == stage for r in rows)
+        assert 0.0 <= rows[-1]["eval/overall/accuracy"] <= 1.0  # end-of-stage eval in the last row
         assert (out / f"stage{stage}" / "hf" / "config.json").exists()
     cfg2 = (out / "stage2" / "config.yaml").read_text()
     assert str(out / "stage1" / "hf") in cfg2  # stage 2 started from stage 1's export

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from lingshu_fast.config import Config, ConfigError
+from lingshu_fast.eval.run import append_metrics_rows, scheduled_eval
 from lingshu_fast.parallel.data_parallel import allreduce_gradients, allreduce_scalar
 from lingshu_fast.parallel.state import ParallelDims, init_parallel
 from lingshu_fast.train import checkpoint as ckpt
@@ -114,6 +115,13 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                 if dims.rank == 0:
                     print(f"lingshu-fast: data exhausted after {step - 1} steps", flush=True)
                 step -= 1
+                if step > start:
+                    evaluated = scheduled_eval(cfg, state.model, state.tokenizer, step=step, final=True)
+                    if evaluated:
+                        writer.flush()
+                        if dims.rank == 0:
+                            append_metrics_rows(cfg.run.dir, [{"stage": cfg.train.stage, "step": step, **evaluated}])
+                        last["eval_accuracy"] = evaluated.get("eval/overall/accuracy")
                 break
             timer = StepTimer(state.device).start()
             state.optimizer.zero_grad(set_to_none=True)
@@ -143,9 +151,13 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                 mem_gb=mem_gb(state.device), skipped_samples=skipped, label_tokens=label_tokens,
                 skipped_steps=skips.total, step_time_s=dt_s, **{f"lr/{k}": v for k, v in lrs.items()},
             )
-            writer.log(**row)
+            evaluated = scheduled_eval(cfg, state.model, state.tokenizer, step=step,
+                                       final=step == cfg.train.max_steps)  # collective: every rank
+            writer.log(**row, **(evaluated or {}))
             last = {"stage": cfg.train.stage, "steps": step, "loss": loss,
                     "tokens_per_s_per_gpu": row["tokens_per_s_per_gpu"], "mfu": row["mfu"]}
+            if evaluated:
+                last["eval_accuracy"] = evaluated.get("eval/overall/accuracy")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
                 _save(state, cfg, dims, step, skips)
         if step > start:
