@@ -43,10 +43,10 @@ def forward_backward(model: torch.nn.Module, microbatches: Sequence[MicroBatch],
                      tp_group: Optional[dist.ProcessGroup], opts: LossOptions = LossOptions()) -> float:
     """Run forward+backward on each micro-batch; return this rank's share of the step loss."""
     denom = float(max(global_label_tokens, 1))
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float32)
     for mb in microbatches:
         out = model(**model_inputs(mb))
         loss = lm_loss_sum(out.hidden_states, model.lm_head_weight, mb.labels, tp_group, opts) / denom
         loss.backward()
-        total += float(loss.detach())
-    return total
+        total = total.to(loss.device) + loss.detach()  # one host sync per step, not per micro-batch
+    return float(total)
