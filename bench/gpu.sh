@@ -3,10 +3,14 @@
 # bench at the CUDA shapes, then bench/record.py and bench/plot.py. Commit the numbers afterwards:
 #   git add bench/history.jsonl bench/RESULTS.md bench/history.png && git commit -m "bench: <card> figures"
 #
-# Usage (from anywhere):  bash bench/gpu.sh [--out DIR] [--skip-tests] [-- extra pytest args for the bench]
+# Usage (from anywhere):  bash bench/gpu.sh [--out DIR] [--skip-tests] [--bench PATH]... [-- extra pytest args]
 #   --out DIR      also copy bench.json, history.jsonl, RESULTS.md, history.png and the logs into DIR
 #                  (on a lent device machine: --out "$OUT", then copy them into bench/ of your checkout)
 #   --skip-tests   run only the bench
+#   --bench PATH   run only these bench files (repeatable; default the whole bench/). The device tool
+#                  stops a command at 10 minutes: there, run the suite in parts, e.g.
+#                  `--bench bench/test_bench_e2e.py` then `--skip-tests --bench bench/test_bench_flce.py ...`;
+#                  each part is recorded (history.jsonl appends, RESULTS.md keeps the latest of each row)
 #
 # What runs:
 #  1. `pytest tests/ -m cuda` with TRITON_INTERPRET=0 LINGSHU_KERNELS=triton: the tests marked `cuda`
@@ -35,11 +39,12 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT_DIR="" RUN_TESTS=1 BENCH_ARGS=()
+OUT_DIR="" RUN_TESTS=1 BENCH_ARGS=() TARGETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR="$2"; shift 2 ;;
     --skip-tests) RUN_TESTS=0; shift ;;
+    --bench) TARGETS+=("$2"); shift 2 ;;
     --) shift; BENCH_ARGS=("$@"); break ;;
     *) echo "gpu.sh: unknown argument $1 (see the header of bench/gpu.sh)" >&2; exit 2 ;;
   esac
@@ -97,7 +102,8 @@ fi
 
 # -- 2. the whole bench ----------------------------------------------------------------------------
 JSON="$WORK/bench.json"
-TRITON_INTERPRET=0 LINGSHU_KERNELS=auto "$PY" -m pytest bench/ --benchmark -q -p no:cacheprovider \
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(bench/)
+TRITON_INTERPRET=0 LINGSHU_KERNELS=auto "$PY" -m pytest "${TARGETS[@]}" --benchmark -q -p no:cacheprovider \
   --benchmark-json "$JSON" "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/bench.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ]; then status=1; echo "gpu.sh: some benchmarks failed (rc $rc); recording the rest" >&2; fi

@@ -25,10 +25,12 @@ from typing import Iterable, Optional
 BENCH_DIR = Path(__file__).resolve().parent
 MACHINE_FIELDS = ("commit", "cpu_cores", "python", "torch", "device", "device_kind")
 # Figures shown in RESULTS.md, in this order, when a benchmark has them (all stay in history.jsonl).
-SHOWN = ("provider", "layout", "pass_", "resolved_backend", "dtype", "tokens_per_s_per_gpu", "mfu",
-         "achieved_tflops", "scaled_tokens_per_s_per_gpu", "scaled_mfu", "per_layer_ms", "packing_gain",
-         "padded_tokens_per_s_per_gpu", "slot_efficiency", "packing_efficiency", "speedup", "pair_efficiency",
-         "per_sample_us", "peak_mem_gb", "peak_mem_mb", "llm_layers", "tokens")
+SHOWN = ("shape", "provider", "layout", "pass_", "pass_name", "resolved_backend", "out_dtype",
+         "tokens_per_s_per_gpu", "mfu", "achieved_tflops", "scaled_tokens_per_s_per_gpu", "scaled_mfu",
+         "per_layer_ms", "packing_gain", "padded_tokens_per_s_per_gpu", "slot_efficiency", "packing_efficiency",
+         "padded_efficiency", "speedup", "pair_efficiency", "per_sample_us", "gb_per_s",
+         "fraction_of_copy_bandwidth", "peak_growth_mib", "peak_vs_materialised", "peak_mem_gb", "llm_layers",
+         "tokens")
 
 
 class RecordError(ValueError):

@@ -193,6 +193,11 @@ def seg_lengths(mb: MicroBatch) -> list[int]:
     return (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
 
 
+def host(grid):
+    """image_grid_thw on the CPU (the FLOP count's window layout runs there), or None."""
+    return None if grid is None else grid.cpu()
+
+
 class Trainer:
     """The model, its optimizer and one timed training step over a Workload."""
 
@@ -265,8 +270,9 @@ def run_rows(benchmark, trainer: Trainer, work: Workload) -> float:
     return float(benchmark.stats.stats.min)
 
 
-def release(*objs) -> None:
-    del objs
+def release() -> None:
+    """Free the last model's memory (callers `del` their references first): on CUDA two 7B-width
+    models with their optimizer states do not fit one card together."""
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -284,7 +290,8 @@ def test_bench_e2e_stage1(benchmark, bench_info, tmp_path, tokenizer):
     bench_info.update(op="e2e_stage1", layout="packed", frozen="llm", **shapes_info(config, work),
                       **figures(work, step_s), peak_mem_gb=round(mem_gb(DEVICE), 3))
     print(f"\nstage1 (LLM frozen): {bench_info['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, mfu {bench_info['mfu']}")
-    release(trainer)
+    del trainer
+    release()
 
 
 def _stage3_per_layer(tokenizer, work: Workload, step_s: float) -> dict:
@@ -294,13 +301,14 @@ def _stage3_per_layer(tokenizer, work: Workload, step_s: float) -> dict:
     trainer = Trainer(config_small, frozen=[])
     trainer.time_step(work)  # warm-up
     small_s = min(trainer.time_step(work) for _ in range(SETUP["rounds"]))
-    release(trainer)
+    del trainer
+    release()
     per_layer_s = max(step_s - small_s, 0.0) / (big - small)
     full = SETUP["full_depth"]
     scaled_s = step_s + (full - big) * per_layer_s
     lens = [seg_lengths(mb) for mb in work.microbatches]
     config_full = model_config(tokenizer, full)
-    full_flops = sum(training_flops(config_full, s, mb.image_grid_thw) for mb, s in zip(work.microbatches, lens))
+    full_flops = sum(training_flops(config_full, s, host(mb.image_grid_thw)) for mb, s in zip(work.microbatches, lens))
     peak = peak_flops_per_s(DEVICE)
     return dict(per_layer_ms=round(per_layer_s * 1e3, 3), shallow_step_s=round(small_s, 4), full_llm_layers=full,
                 scaled_step_s=round(scaled_s, 4), scaled_tokens_per_s_per_gpu=round(work.real_tokens / scaled_s, 1),
@@ -316,7 +324,8 @@ def test_bench_e2e_stage3(benchmark, bench_info, tokenizer, layouts, layout):
     step_s = run_rows(benchmark, trainer, work)
     bench_info.update(op="e2e_stage3", layout=layout, **shapes_info(config, work), **figures(work, step_s),
                       peak_mem_gb=round(mem_gb(DEVICE), 3))
-    release(trainer)
+    del trainer
+    release()
     if layout == "packed":
         bench_info.update(_stage3_per_layer(tokenizer, work, step_s))
     print(f"\nstage3[{layout}]: {bench_info['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, mfu {bench_info['mfu']}, "
@@ -346,7 +355,8 @@ def test_bench_e2e_stage3_packing_gain(benchmark, bench_info, tokenizer, layouts
                       packing_gain=round(gain, 3), packing_gain_target=1.4)
     print(f"\npacking gain: {gain:.2f}x ({packed['tokens_per_s_per_gpu']:,.0f} vs {padded['tokens_per_s_per_gpu']:,.0f} "
           f"tokens/s/GPU; slots {packed['slot_efficiency']:.1%} vs {padded['slot_efficiency']:.1%} real)")
-    release(trainer)
+    del trainer
+    release()
     assert gain > 0 and np.isfinite(gain)
 
 
@@ -407,7 +417,7 @@ def test_bench_e2e_rl(benchmark, bench_info, tokenizer, layouts):
     step_s = float(benchmark.stats.stats.min)
     flops = 0.0
     for r in rmbs:
-        lens, grid = seg_lengths(r.mb), r.prompt_grid_thw
+        lens, grid = seg_lengths(r.mb), host(r.prompt_grid_thw)
         flops += training_flops(config, lens, grid) + sum(forward_flops(config, lens, grid).values())
     tokens = sum(r.mb.num_tokens for r in rmbs)
     peak = peak_flops_per_s(DEVICE)
@@ -417,6 +427,8 @@ def test_bench_e2e_rl(benchmark, bench_info, tokenizer, layouts):
                       achieved_tflops=round(flops / step_s / 1e12, 4), sequences=len(seq_prompt), group=group,
                       response_tokens=sum(map(len, responses)), microbatches=len(rmbs), loss_agg=rl_cfg.loss_agg,
                       peak_mem_gb=round(mem_gb(DEVICE), 3))
+    bench_info["images"] = sum(int(r.prompt_grid_thw.shape[0]) for r in rmbs if r.prompt_grid_thw is not None)
     print(f"\nrl: {bench_info['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU over {len(seq_prompt)} sequences")
-    release(trainer)
+    del trainer
+    release()
 
