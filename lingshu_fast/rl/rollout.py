@@ -1,0 +1,210 @@
+"""RL prompts and rollouts: verifiable records -> prompts -> G sampled responses each -> rewards.
+
+`PromptDataset` reads RL records (formats.py with `require_assistant=False`): user turns plus the
+fields the verifiers read (`answer`, `task`, `options`, ...). A trailing assistant turn, if a record
+has one, is dropped from the prompt (it is a reference answer, not part of the question). Records
+without `answer` are skipped as bad_schema; prompts longer than data.max_length - rl.max_new_tokens
+as too_long (each counted, or one DataError under data.strict=true). Every prompt is rendered once
+at start-up (`ChatTemplate.render_prompt`); images are decoded when a rollout needs them.
+
+Order and sharding: the prompt stream is the concatenation of per-epoch seeded permutations of the
+data set. Rollout k takes global stream positions [k*R, (k+1)*R) (R = rl.rollout_batch) and DP rank
+r the contiguous slice r*R/dp ... (r+1)*R/dp of it, so rollout k asks the same prompts whatever
+the DP size. `state_dict()` is the global position: resuming (with any DP size dividing R) yields
+the very next prompts.
+
+`collect_rollout` runs `generate(..., repeats=G)`: each prompt's images are encoded once and its
+prefill shared by its G samples. The response keeps the `<|im_end|>` that ended it (the loss
+trains stopping). A response that produces a vision placeholder (`<|image_pad|>`, `<|vision_start|>`
+...) is cut before it: such a token cannot be embedded without an image, so training on it is
+impossible; the cut response counts as unfinished. Text for the verifiers is the response decoded
+without its stop token; `score_responses` gives rewards (a failing verifier scores 0, counted).
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from lingshu_fast.data import images as img
+from lingshu_fast.data.formats import DataError, SampleError, SkipLog, SkipReason, load_records
+from lingshu_fast.data.loader import MERGE_SIZE, image_grid, image_hw
+from lingshu_fast.data.rope import sample_position_ids
+from lingshu_fast.data.template import ChatTemplate, TemplateError
+from lingshu_fast.rl.step import PromptPart
+
+
+class PromptDataset:
+    """RL prompts for one data-parallel rank; see the module docstring."""
+
+    def __init__(self, sources: Sequence, tokenizer, data_cfg, *, max_new_tokens: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0):
+        self.cfg, self.dp_rank, self.dp_size, self.seed = data_cfg, dp_rank, dp_size, int(seed)
+        self.template = ChatTemplate(tokenizer, data_cfg.system_prompt)
+        self.token_ids = self.template.ids
+        self.skips = SkipLog(strict=data_cfg.strict)
+        self.samples, self.ids, self.grids = [], [], []
+        limit = data_cfg.max_length - max_new_tokens
+        for sample in load_records(sources, image_root=data_cfg.image_root, skips=self.skips, require_assistant=False):
+            try:
+                self._add(sample, limit)
+            except SampleError as err:
+                self.skips.add(sample.source, err)
+        self.skips.raise_if_strict()
+        if not self.samples:
+            raise DataError(f"no usable RL prompts in {list(map(str, sources))[:4]} "
+                            f"(skipped: { {k: v for k, v in self.skips.counts.items() if v} })")
+        lengths = np.asarray([len(x) for x in self.ids], dtype=np.int64)
+        self.fingerprint = zlib.crc32(lengths.tobytes()) ^ len(lengths)
+        self.position = 0  # global position in the prompt stream
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _add(self, sample, limit: int) -> None:
+        if "answer" not in sample.extra:
+            raise SampleError(SkipReason.BAD_SCHEMA, "an RL record needs an 'answer' for the verifiers")
+        messages = list(sample.messages)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages or messages[-1]["role"] != "user":
+            raise SampleError(SkipReason.BAD_SCHEMA, "an RL prompt must end with a user turn")
+        grids = [image_grid(*image_hw(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
+                 for p in sample.images]
+        try:
+            ids = self.template.render_prompt(messages, [t * h * w // MERGE_SIZE**2 for t, h, w in grids])
+        except TemplateError as err:
+            raise SampleError(SkipReason.BAD_SCHEMA, str(err)) from None
+        if len(ids) > limit:
+            raise SampleError(SkipReason.TOO_LONG, f"prompt of {len(ids)} tokens leaves no room for "
+                                                   f"rl.max_new_tokens under data.max_length={self.cfg.max_length}")
+        sample.messages = messages
+        self.samples.append(sample)
+        self.ids.append(ids.astype(np.int64))
+        self.grids.append(np.asarray(grids, dtype=np.int64).reshape(-1, 3))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            seed = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = np.random.Generator(np.random.PCG64(seed)).permutation(len(self.samples))
+        return self._perms[epoch]
+
+    def next_indices(self, global_count: int) -> list[int]:
+        """This rank's slice of the next `global_count` prompts of the stream (dataset indices)."""
+        if global_count % self.dp_size:
+            raise ValueError(f"{global_count} prompts do not split over {self.dp_size} data-parallel ranks")
+        per_rank = global_count // self.dp_size
+        lo = self.position + self.dp_rank * per_rank
+        n = len(self.samples)
+        out = [int(self._perm(p // n)[p % n]) for p in range(lo, lo + per_rank)]
+        self.position += global_count
+        return out
+
+    def prompt(self, index: int) -> PromptPart:
+        """The prompt's ids, M-RoPE positions and preprocessed images (decoded here)."""
+        sample, ids, grid = self.samples[index], self.ids[index], self.grids[index]
+        pixel_values = grid_thw = None
+        if sample.images:
+            try:
+                arrays = [img.load_image(p) for p in sample.images]
+            except img.ImageError as err:
+                raise DataError(f"{sample.source}: corrupt_image: {err}") from err
+            pixel_values, grid_thw = img.preprocess(arrays, min_pixels=self.cfg.min_pixels,
+                                                    max_pixels=self.cfg.max_pixels)
+            if not np.array_equal(grid_thw.numpy(), grid):
+                raise DataError(f"{sample.source}: image grids {grid_thw.tolist()} differ from the start-up scan "
+                                f"{grid.tolist()}: an image changed on disk?")
+            pixel_values, grid_thw = pixel_values.float(), grid_thw.to(torch.int64)
+        positions = sample_position_ids(ids, grid if len(grid) else None, image_token_id=self.token_ids["image_token_id"],
+                                        vision_start_token_id=self.token_ids["vision_start_token_id"],
+                                        spatial_merge_size=MERGE_SIZE)
+        return PromptPart(ids, np.ascontiguousarray(positions, dtype=np.int64), pixel_values, grid_thw)
+
+    def verifier_sample(self, index: int) -> dict:
+        """What the verifiers read: the record's extra fields (answer, task, options, ...)."""
+        return dict(self.samples[index].extra)
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "position": self.position, "seed": self.seed, "fingerprint": self.fingerprint,
+                "num_samples": len(self.samples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise DataError(f"unknown RL prompt-stream state version {state.get('version')!r}")
+        if state["seed"] != self.seed or state["fingerprint"] != self.fingerprint:
+            raise DataError(f"cannot resume the RL prompts: the checkpoint was made with seed={state['seed']} on "
+                            f"{state['num_samples']} prompts, this run has seed={self.seed} on {len(self.samples)} "
+                            f"(different data, tokenizer or data.* settings)")
+        self.position = int(state["position"])
+
+
+@dataclass
+class Rollout:
+    """One rank's rollout: B prompts x G responses, sequences group-major (seq s -> prompt s // G)."""
+    prompts: list[PromptPart]
+    seq_prompt: np.ndarray  # [B*G] the prompt (group) of each sequence
+    responses: list[list[int]]
+    finished: np.ndarray  # [B*G] bool
+    texts: list[str]
+    rewards: np.ndarray  # [B*G] float32
+    breakdown: dict[str, np.ndarray]
+    failures: int
+    generate_s: float
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+
+def _cut_at_vision_tokens(token_ids: list[int], vision_ids: set[int]) -> tuple[list[int], bool]:
+    for k, tok in enumerate(token_ids):
+        if tok in vision_ids:
+            return token_ids[:k], True
+    return token_ids, False
+
+
+def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cfg, tokenizer, *,
+                    seed: Optional[int]) -> Rollout:
+    """Sample rl.num_generations responses for each prompt of `indices` and score them."""
+    from lingshu_fast.model.generate import PromptInput, generate
+    from lingshu_fast.rl.rewards import score_responses
+
+    ids = dataset.token_ids
+    device = next(model.parameters()).device
+    prompts = [dataset.prompt(i) for i in indices]
+    inputs = [PromptInput(input_ids=torch.from_numpy(p.input_ids).to(device),
+                          position_ids=torch.from_numpy(p.position_ids).to(device),
+                          pixel_values=None if p.pixel_values is None else p.pixel_values.to(device),
+                          image_grid_thw=None if p.image_grid_thw is None else p.image_grid_thw.to(device))
+              for p in prompts]
+    g = rl_cfg.num_generations
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    outputs = generate(model, inputs, max_new_tokens=rl_cfg.max_new_tokens, temperature=rl_cfg.temperature,
+                       top_p=rl_cfg.top_p, stop_token_ids=[ids["im_end_id"]], seed=seed,
+                       pad_token_id=ids["pad_token_id"], repeats=g)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    generate_s = time.perf_counter() - start
+    model.train(was_training)
+    vision_ids = {ids["image_token_id"], ids["video_token_id"], ids["vision_start_token_id"], ids["vision_end_token_id"]}
+    responses, finished, texts = [], [], []
+    for out in outputs:
+        tokens, cut = _cut_at_vision_tokens(list(out.token_ids), vision_ids)
+        done = out.finished and not cut
+        responses.append(tokens)
+        finished.append(done)
+        body = tokens[:-1] if done and tokens and tokens[-1] == ids["im_end_id"] else tokens
+        texts.append(tokenizer.decode(body, skip_special_tokens=False))
+    samples = [dataset.verifier_sample(i) for i in indices for _ in range(g)]
+    rewards, breakdown, failures = score_responses(texts, samples, rl_cfg.rewards, timeout_s=rl_cfg.reward_timeout_s)
+    return Rollout(prompts=prompts, seq_prompt=np.repeat(np.arange(len(prompts)), g), responses=responses,
+                   finished=np.asarray(finished, dtype=bool), texts=texts, rewards=np.asarray(rewards, np.float32),
+                   breakdown=breakdown, failures=int(failures), generate_s=generate_s)

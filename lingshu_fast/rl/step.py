@@ -1,0 +1,200 @@
+"""The GRPO step: rollout sequences -> packed varlen micro-batches -> clipped policy loss + k3 KL.
+
+Packing (`pack_sequences`): each sequence is its prompt's ids followed by its response ids (the
+`<|im_end|>` that ended it included, so the policy learns to stop). Labels follow `MicroBatch`'s
+convention: already shifted, `labels[i]` = token i+1 for every position whose next token is a
+response token, -100 elsewhere (prompt, the last position). `loss_mask = labels != -100`,
+`seq_index` is the sequence's id in the rollout, `advantages` its GRPO advantage on every token.
+Response positions continue the prompt's M-RoPE ids as text: max(prompt ids) + 1, + 2, ... on all
+three axes (what transformers' get_rope_index gives for text after the last image).
+
+Image sharing: a micro-batch holds each of its prompts' images once; `forward_hidden` encodes them
+with ONE `encode_images` call and repeats the embeddings for every sequence of the group, so the
+vision tower runs once per prompt and micro-batch (its gradient is the sum over the group, as if
+each sequence had run it).
+
+Loss normalisation (independent of the DP layout and of how sequences fall into micro-batches):
+the step's loss is `loss_agg` over ALL sequences of the update on all data-parallel ranks. A
+micro-batch's `fused_linear_grpo_loss` is its local `loss_agg` mean; `forward_backward_rl`
+multiplies it by `local_count / global_count`, where count is masked tokens (token-mean) or
+sequences with masked tokens (seq-mean-*), and `global_count` is all-reduced over DP before the
+first forward. Sequences never straddle micro-batches, so the per-sequence means are exact, the
+sum over micro-batches and ranks is the global mean, and the DP all-reduce of gradients is a plain
+sum (as in stages 1-3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from lingshu_fast.data.batch import IGNORE_INDEX, MicroBatch
+from lingshu_fast.kernels import fused_linear_grpo_loss, token_logprobs
+
+MERGE_UNIT = 4  # Qwen2.5-VL's 2x2 patch merger: one LLM token per 4 patches
+
+
+@dataclass
+class PromptPart:
+    """What packing needs of one prompt (shared by its group)."""
+    input_ids: np.ndarray  # [P] int64
+    position_ids: np.ndarray  # [3, P] int64
+    pixel_values: Optional[torch.Tensor] = None  # [patches, 1176]
+    image_grid_thw: Optional[torch.Tensor] = None  # [n, 3]
+
+    @property
+    def num_image_tokens(self) -> int:
+        if self.image_grid_thw is None:
+            return 0
+        return int(self.image_grid_thw.prod(dim=1).sum()) // MERGE_UNIT
+
+
+@dataclass
+class RLMicroBatch:
+    mb: MicroBatch  # input_ids, shifted labels, position_ids, cu_seqlens (pixel_values unused)
+    loss_mask: torch.Tensor  # [T] bool
+    seq_index: torch.Tensor  # [T] int64, the sequence's id in the rollout
+    advantages: torch.Tensor  # [T] float32
+    prompt_pixel_values: Optional[torch.Tensor]  # each distinct prompt's images once, in prompt order
+    prompt_grid_thw: Optional[torch.Tensor]
+    prompt_image_tokens: list[int]  # LLM image tokens of each distinct prompt
+    seq_prompt: list[int]  # for each sequence, its prompt's position among the distinct prompts
+    old_logprobs: Optional[torch.Tensor] = None  # [T] fp32, set before the first update of a rollout
+    ref_logprobs: Optional[torch.Tensor] = None  # [T] fp32, from the frozen reference model
+
+    @property
+    def num_masked(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences with at least one trained token (what the seq-mean aggregations count)."""
+        return int(torch.unique(self.seq_index[self.loss_mask]).numel())
+
+    def to(self, device) -> "RLMicroBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return RLMicroBatch(self.mb.to(device), move(self.loss_mask), move(self.seq_index), move(self.advantages),
+                            move(self.prompt_pixel_values), move(self.prompt_grid_thw), self.prompt_image_tokens,
+                            self.seq_prompt, move(self.old_logprobs), move(self.ref_logprobs))
+
+
+def _one_sequence(prompt: PromptPart, response: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids [L], shifted labels [L], position_ids [3, L]) of prompt + response."""
+    response = np.asarray(response, dtype=np.int64)
+    ids = np.concatenate([prompt.input_ids.astype(np.int64), response])
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    p = len(prompt.input_ids)
+    labels[p - 1:len(ids) - 1] = response  # hidden state at i predicts token i+1
+    start = int(prompt.position_ids.max()) + 1 if p else 0
+    tail = np.broadcast_to(np.arange(start, start + len(response), dtype=np.int64), (3, len(response)))
+    return ids, labels, np.concatenate([prompt.position_ids.astype(np.int64), tail], axis=1)
+
+
+def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[int], float]]) -> RLMicroBatch:
+    """items: (sequence id, prompt id, response ids, advantage) in packing order."""
+    ids, labels, positions, seq_index, advantages, lengths = [], [], [], [], [], []
+    distinct: dict[int, int] = {}
+    seq_prompt = []
+    for seq_id, prompt_id, response, advantage in items:
+        x, y, pos = _one_sequence(prompts[prompt_id], response)
+        ids.append(x), labels.append(y), positions.append(pos), lengths.append(len(x))
+        seq_index.append(np.full(len(x), seq_id, dtype=np.int64))
+        advantages.append(np.full(len(x), advantage, dtype=np.float32))
+        seq_prompt.append(distinct.setdefault(prompt_id, len(distinct)))
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    labels_t = torch.from_numpy(np.concatenate(labels))
+    mb = MicroBatch(input_ids=torch.from_numpy(np.concatenate(ids)), labels=labels_t,
+                    position_ids=torch.from_numpy(np.ascontiguousarray(np.concatenate(positions, axis=1))),
+                    cu_seqlens=torch.from_numpy(cu), max_seqlen=int(max(lengths)),
+                    num_label_tokens=int((labels_t != IGNORE_INDEX).sum()), num_samples=len(items))
+    with_images = [prompts[p] for p in distinct if prompts[p].pixel_values is not None]
+    pixel_values = torch.cat([p.pixel_values for p in with_images]) if with_images else None
+    grids = torch.cat([p.image_grid_thw for p in with_images]) if with_images else None
+    return RLMicroBatch(mb=mb, loss_mask=labels_t != IGNORE_INDEX, seq_index=torch.from_numpy(np.concatenate(seq_index)),
+                        advantages=torch.from_numpy(np.concatenate(advantages)), prompt_pixel_values=pixel_values,
+                        prompt_grid_thw=grids, prompt_image_tokens=[prompts[p].num_image_tokens for p in distinct],
+                        seq_prompt=seq_prompt)
+
+
+def pack_sequences(prompts: Sequence[PromptPart], seq_prompt_ids: Sequence[int], responses: Sequence[Sequence[int]],
+                   advantages: Sequence[float], seq_ids: Sequence[int], max_tokens: int) -> list[RLMicroBatch]:
+    """Greedy in-order packing of the sequences `seq_ids` into micro-batches of at most `max_tokens`
+    tokens (a longer sequence gets a micro-batch of its own). Groups stay contiguous, so a group's
+    images are usually encoded once for the whole group."""
+    out, current, used = [], [], 0
+    for s in seq_ids:
+        length = len(prompts[seq_prompt_ids[s]].input_ids) + len(responses[s])
+        if current and used + length > max_tokens:
+            out.append(_build(prompts, current))
+            current, used = [], 0
+        current.append((int(s), int(seq_prompt_ids[s]), responses[s], float(advantages[s])))
+        used += length
+    if current:
+        out.append(_build(prompts, current))
+    return out
+
+
+def forward_hidden(model: torch.nn.Module, rmb: RLMicroBatch) -> torch.Tensor:
+    """Final hidden states [T, H]; each distinct prompt's images go through the ViT once."""
+    image_embeds = None
+    if rmb.prompt_pixel_values is not None:
+        encoded = model.encode_images(rmb.prompt_pixel_values, rmb.prompt_grid_thw)
+        per_prompt = encoded.split([n for n in rmb.prompt_image_tokens if n > 0])
+        slot = {}  # distinct-prompt position -> its chunk in per_prompt
+        for k, n in enumerate(rmb.prompt_image_tokens):
+            if n > 0:
+                slot[k] = len(slot)
+        image_embeds = torch.cat([per_prompt[slot[p]] for p in rmb.seq_prompt if p in slot])
+    mb = rmb.mb
+    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                image_embeds=image_embeds, max_seqlen=mb.max_seqlen)
+    return out.hidden_states
+
+
+def _tp(tp_group):
+    import torch.distributed as dist
+
+    return tp_group if tp_group is not None and dist.is_initialized() and dist.get_world_size(tp_group) > 1 else None
+
+
+@torch.no_grad()
+def sequence_logprobs(model: torch.nn.Module, rmb: RLMicroBatch, *, temperature: float, tp_group=None) -> torch.Tensor:
+    """log pi(label | prefix) per token [T] fp32 (0 where not trained), without logits: old-policy
+    log-probs (the policy before a rollout's first update) and the reference model's."""
+    hidden = forward_hidden(model, rmb)
+    labels = torch.where(rmb.loss_mask, rmb.mb.labels, torch.full_like(rmb.mb.labels, IGNORE_INDEX))
+    return token_logprobs(hidden, model.lm_head_weight, labels, temperature=temperature, tp_group=_tp(tp_group))
+
+
+def norm_count(rmb: RLMicroBatch, loss_agg: str) -> int:
+    """This micro-batch's share of the global denominator (see the module docstring)."""
+    return rmb.num_masked if loss_agg == "token-mean" else rmb.num_seqs
+
+
+def forward_backward_rl(model: torch.nn.Module, rmbs: Sequence[RLMicroBatch], *, global_count: int, rl_cfg,
+                        tp_group=None) -> dict[str, float]:
+    """Forward + backward of this rank's micro-batches of one update. Returns this rank's SUMS:
+    `loss` (its share of the global loss), and `kl`, `clip_frac` multiplied by masked tokens, and
+    `masked_tokens`, for the caller to all-reduce and divide."""
+    denom = float(max(global_count, 1))
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "masked_tokens": 0.0}
+    for rmb in rmbs:
+        count = norm_count(rmb, rl_cfg.loss_agg)
+        if count == 0:
+            continue  # nothing trained here (e.g. every response cut to nothing): no forward needed
+        hidden = forward_hidden(model, rmb)
+        loss, stats = fused_linear_grpo_loss(
+            hidden, model.lm_head_weight, rmb.mb.labels, rmb.advantages, rmb.loss_mask, rmb.seq_index,
+            old_logprobs=rmb.old_logprobs, ref_logprobs=rmb.ref_logprobs, beta=rl_cfg.beta,
+            clip_low=rl_cfg.clip_low, clip_high=rl_cfg.clip_high, temperature=rl_cfg.temperature,
+            loss_agg=rl_cfg.loss_agg, tp_group=_tp(tp_group))
+        scaled = loss * (count / denom)
+        scaled.backward()
+        n = rmb.num_masked
+        totals["loss"] += float(scaled.detach())
+        totals["kl"] += float(stats["kl"]) * n
+        totals["clip_frac"] += float(stats["clip_frac"]) * n
+        totals["masked_tokens"] += n
+    return totals
