@@ -55,7 +55,7 @@ def plot(rows: list[dict], out: Path, machines: Optional[list[str]] = None) -> P
     machines = machines or sorted({r["machine"] for r in rows})
     if not machines:
         raise RecordError("no benchmark rows to plot: run bench/record.py on a --benchmark-json file first")
-    fig, axes = plt.subplots(len(machines), 2, figsize=(16, 5 * len(machines)), squeeze=False)
+    fig, axes = plt.subplots(len(machines), 2, figsize=(22, 6 * len(machines)), squeeze=False)
     for (ax_tp, ax_t), machine in zip(axes, machines):
         commits, throughput, times = series(rows, machine)
         x = {c: i for i, c in enumerate(commits)}
@@ -66,8 +66,8 @@ def plot(rows: list[dict], out: Path, machines: Optional[list[str]] = None) -> P
             ax.set_xticks(range(len(commits)), commits, rotation=45, ha="right")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if data:
-                ax.legend(fontsize=6, loc="best")
+            if data:  # beside the axes: a kernel panel has dozens of rows
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax_tp.set_title(f"{machine}: end-to-end throughput")
         ax_t.set_title(f"{machine}: kernel and data-path times")
         ax_t.set_yscale("log")

@@ -30,7 +30,7 @@ from lingshu_fast.model.attention import resolve_backend, varlen_attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SETUP = {
     "cpu": dict(mu=4.6, sigma=0.9, max_len=1024, budget=2048, heads=4, kv_heads=2, head_dim=64,
-                dtype=torch.float32, rounds=5),
+                dtype=torch.float32, rounds=10),
     "cuda": dict(mu=6.5, sigma=1.0, max_len=8192, budget=16384, heads=28, kv_heads=4, head_dim=128,
                  dtype=torch.bfloat16, rounds=20),
 }[DEVICE]
