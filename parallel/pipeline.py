@@ -5,12 +5,20 @@ and the embeddings, the last the final norm and the LM head. `stage_layer_range`
 stages by the model's FLOP estimate (`lingshu_fast.model.flops.pipeline_layer_split`), in which the
 first stage pays for the ViT on a representative image load and the last for the LM head.
 
+Interleaved 1F1B (`parallel.pp_schedule=interleaved`, `parallel.virtual_stages=V`). The layers are
+split into pp*V stages; rank r holds the V chunks s = c*pp + r (c = 0..V-1), each its own
+`Qwen25VLModel`, gathered in a `ModelChunks` module that the loop, the checkpoints and the export
+treat as the rank's model. Stage 0 (chunk 0 of rank 0) holds the ViT and embeddings, stage pp*V-1
+(chunk V-1 of the last rank) the norm and LM head, so Megatron's embedding group (first and last PP
+rank) still pairs the two copies of a tied embedding.
+
 Shapes. The schedules' receive buffers have fixed shapes, so every micro-batch is padded to the
 token budget (`data.max_tokens_per_microbatch`) with the tail as its own segment (labels -100),
 and `cu_seqlens` to a fixed number of slots (`MicroBatch.pad_to`). Only `hidden [T, H]` crosses a
 stage boundary: every rank of a pipeline loads the same micro-batches (same DP rank), and the
-single-stage schedules (GPipe, 1F1B) run each stage's forwards in micro-batch order, so a stage
-reads the positions and segment boundaries of its k-th forward from its own copy. (Passing the
+schedules (GPipe, 1F1B, interleaved) run each stage's forwards in micro-batch order, so a stage
+(a chunk, with several per rank) reads the positions and segment boundaries of its k-th forward from
+its own copy. (Passing the
 integer tensors through the schedule deadlocks 1F1B on gloo: their gradient sends and receives do
 not pair up.)
 
@@ -38,13 +46,94 @@ import torch.nn as nn
 SEGMENT_SLOTS_PER_TOKENS = 8  # a packed sample is at least 8 tokens (chat template overhead)
 
 
-def stage_layer_range(hf_config, pp: int, pp_rank: int, tokens_per_microbatch: int) -> tuple[int, int]:
-    """Decoder layers of pipeline stage `pp_rank`, for micro-batches of `tokens_per_microbatch` tokens of
+def check_schedule(parallel) -> int:
+    """The number of chunks per rank (`parallel.virtual_stages`), checked against the schedule."""
+    from lingshu_fast.config import ConfigError
+
+    v, schedule = parallel.virtual_stages, parallel.pp_schedule
+    if v < 1:
+        raise ConfigError(f"parallel.virtual_stages={v} must be >= 1")
+    if schedule == "interleaved" and v < 2:
+        raise ConfigError("parallel.pp_schedule=interleaved needs parallel.virtual_stages >= 2 (chunks per rank)")
+    if schedule != "interleaved" and v > 1:
+        raise ConfigError(f"parallel.virtual_stages={v} needs parallel.pp_schedule=interleaved "
+                          f"({schedule} runs one stage per rank)")
+    return v
+
+
+def stage_layer_ranges(hf_config, pp: int, pp_rank: int, tokens_per_microbatch: int,
+                       virtual_stages: int = 1) -> list[tuple[int, int]]:
+    """Decoder layers [start, end) of each chunk of pipeline rank `pp_rank` (chunk c is stage
+    c*pp + pp_rank of pp*virtual_stages), for micro-batches of `tokens_per_microbatch` tokens of
     which a quarter are image tokens (4 ViT patches each): a typical multimodal mix."""
+    from lingshu_fast.config import ConfigError
     from lingshu_fast.model.flops import pipeline_layer_split
 
-    split = pipeline_layer_split(hf_config, pp, seq_len=tokens_per_microbatch, image_patches=tokens_per_microbatch)
-    return split[pp_rank]
+    stages, layers = pp * virtual_stages, hf_config.text_config.num_hidden_layers
+    if stages > layers:
+        raise ConfigError(f"parallel.pp={pp} x parallel.virtual_stages={virtual_stages} = {stages} pipeline stages "
+                          f"but the model has {layers} decoder layers (one at least per stage)")
+    split = pipeline_layer_split(hf_config, stages, seq_len=tokens_per_microbatch,
+                                 image_patches=tokens_per_microbatch)
+    return [split[chunk * pp + pp_rank] for chunk in range(virtual_stages)]
+
+
+def rank_layer_kwargs(hf_config, dims, cfg) -> list[dict]:
+    """`layer_start`/`layer_end` keyword sets of this rank's model chunks ([{}]: the whole model)."""
+    if dims.pp == 1:
+        return [{}]
+    ranges = stage_layer_ranges(hf_config, dims.pp, dims.pp_rank, cfg.data.max_tokens_per_microbatch,
+                                check_schedule(cfg.parallel))
+    return [{"layer_start": start, "layer_end": end} for start, end in ranges]
+
+
+def rank_model(chunks: list) -> nn.Module:
+    """The rank's model: the one chunk itself, or several in a `ModelChunks`."""
+    return chunks[0] if len(chunks) == 1 else ModelChunks(chunks)
+
+
+class ModelChunks(nn.Module):
+    """A rank's virtual pipeline stages under the interleaved schedule (chunk c = stage c*pp+pp_rank).
+
+    state_dict / parameters are nn.ModuleList's (`chunks.<c>.<name>`): checkpoints resume on the
+    same layout. `param_groups` / `set_trainable` apply the model's grouping to each chunk."""
+
+    def __init__(self, chunks: list):
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+        first = chunks[0]
+        self.config, self.dtype, self.tp, self.tied = first.config, first.dtype, first.tp, first.tied
+        self.sequence_parallel = first.sequence_parallel
+
+    @property
+    def pre_process(self) -> bool:
+        return self.chunks[0].pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.chunks[-1].post_process
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.chunks[-1].lm_head_weight
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        from lingshu_fast.model import param_groups
+
+        merged: dict[str, list[nn.Parameter]] = {}
+        for chunk in self.chunks:
+            for group, params in param_groups(chunk).items():
+                merged.setdefault(group, []).extend(params)
+        return merged
+
+    def set_trainable(self, groups_frozen: list[str]) -> None:
+        from lingshu_fast.model import set_trainable
+
+        for chunk in self.chunks:
+            set_trainable(chunk, groups_frozen)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("ModelChunks runs only through PipelineRunner (its chunks are pipeline stages)")
 
 
 class _StageModule(nn.Module):
@@ -52,12 +141,12 @@ class _StageModule(nn.Module):
     a micro-batch index, the others the previous stage's hidden states; every stage reads the
     micro-batch's positions and boundaries from the runner."""
 
-    def __init__(self, model, runner: "PipelineRunner"):
+    def __init__(self, model, runner: "PipelineRunner", chunk: int):
         super().__init__()
-        self.model, self.runner = model, runner
+        self.model, self.runner, self.chunk = model, runner, chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mb = self.runner.next_forward_microbatch()
+        mb = self.runner.next_forward_microbatch(self.chunk)
         if self.model.pre_process:
             out = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
                              pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, max_seqlen=mb.max_seqlen)
@@ -70,10 +159,14 @@ class _StageModule(nn.Module):
 class PipelineRunner:
     def __init__(self, model, dims, cfg, opts):
         from megatron.core import parallel_state as ps
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
 
-        if cfg.parallel.pp_schedule == "interleaved" or cfg.parallel.virtual_stages > 1:
-            raise ValueError("parallel.pp_schedule=interleaved is not available yet; use 1f1b or gpipe")
+        n_chunks = check_schedule(cfg.parallel)
+        self.chunks = list(model.chunks) if isinstance(model, ModelChunks) else [model]
+        if len(self.chunks) != n_chunks:
+            raise ValueError(f"the model has {len(self.chunks)} chunks but parallel.virtual_stages={n_chunks}")
+        self.first, self.last = self.chunks[0], self.chunks[-1]
         self.model, self.dims, self.opts = model, dims, opts
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
@@ -82,19 +175,28 @@ class PipelineRunner:
         self.per_rank = cfg.train.global_microbatches // dims.dp
         self.device = next(model.parameters()).device
         self.current: list = []
-        self._forwards = 0
+        self._forwards = [0] * n_chunks
         self._denominator = 1.0
         self.tied = bool(model.config.tie_word_embeddings)
-        if self.tied and model.post_process and not model.pre_process:
-            model.lm_head.weight.shared = True
-        stage = PipelineStage(_StageModule(model, self), dims.pp_rank, dims.pp, self.device, group=self.pp_group,
-                              **self._static_shapes(model))
-        schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[cfg.parallel.pp_schedule]
-        if self.per_rank < dims.pp and schedule_cls is Schedule1F1B:
+        if self.tied and self.last.post_process and not self.last.pre_process:
+            self.last.lm_head.weight.shared = True
+        stages = [PipelineStage(_StageModule(chunk, self, c), c * dims.pp + dims.pp_rank, dims.pp * n_chunks,
+                                self.device, group=self.pp_group, **self._static_shapes(chunk))
+                  for c, chunk in enumerate(self.chunks)]
+        schedule = cfg.parallel.pp_schedule
+        if self.per_rank < dims.pp and schedule == "1f1b":
             raise ValueError(f"1F1B needs at least parallel.pp={dims.pp} micro-batches per DP rank and step; "
                              f"train.global_microbatches={cfg.train.global_microbatches} gives {self.per_rank}")
         # every stage gets the loss function: the schedule runs backward only where one is given
-        self.schedule = schedule_cls(stage, self.per_rank, loss_fn=self._loss, scale_grads=False)
+        if schedule == "interleaved":
+            rounds = max(1, self.per_rank // dims.pp)
+            if self.per_rank % rounds:  # torch's flexible interleaved schedule runs whole rounds
+                raise ValueError(f"interleaved 1F1B needs the micro-batches per DP rank ({self.per_rank}) to be a "
+                                 f"multiple of {rounds} (= their number // parallel.pp={dims.pp})")
+            self.schedule = ScheduleInterleaved1F1B(stages, self.per_rank, loss_fn=self._loss, scale_grads=False)
+        else:
+            schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
+            self.schedule = schedule_cls(stages[0], self.per_rank, loss_fn=self._loss, scale_grads=False)
 
     def _static_shapes(self, model) -> dict:
         """Example tensors of each stage's inputs and outputs. Static metadata matters: in dynamic
@@ -112,36 +214,37 @@ class PipelineRunner:
                              requires_grad=True) if model.post_process else hidden
         return {"input_args": (inputs,), "output_args": (output,)}
 
-    def next_forward_microbatch(self):
-        mb = self.current[self._forwards]
-        self._forwards += 1
+    def next_forward_microbatch(self, chunk: int):
+        mb = self.current[self._forwards[chunk]]
+        self._forwards[chunk] += 1
         return mb
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from lingshu_fast.train.step import lm_loss_sum
 
-        return lm_loss_sum(hidden, self.model.lm_head_weight, labels.reshape(-1), self.tp_group,
+        return lm_loss_sum(hidden, self.last.lm_head_weight, labels.reshape(-1), self.tp_group,
                            self.opts) / self._denominator
 
     def forward_backward(self, microbatches: Sequence, *, global_label_tokens: int) -> float:
         self._denominator = float(max(global_label_tokens, 1))
         self.current = [mb.pad_to(self.tokens, self.slots).to(self.device) for mb in microbatches]
-        self._forwards = 0
+        self._forwards = [0] * len(self.chunks)
         n = len(self.current)
         losses: list = []
-        args = (torch.arange(n, device=self.device).reshape(n, 1),) if self.model.pre_process else ()
-        target = torch.stack([mb.labels for mb in self.current]) if self.model.post_process else None
+        args = (torch.arange(n, device=self.device).reshape(n, 1),) if self.first.pre_process else ()
+        target = torch.stack([mb.labels for mb in self.current]) if self.last.post_process else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         self._sync_tied_embeddings()
         self.current = []
-        return float(sum(float(x.detach()) for x in losses)) if self.model.post_process else 0.0
+        return float(sum(float(x.detach()) for x in losses)) if self.last.post_process else 0.0
 
     def _sync_tied_embeddings(self) -> None:
         from megatron.core import parallel_state as ps
 
         if not self.tied or self.dims.pp == 1 or not ps.is_rank_in_embedding_group():
             return
-        weight = self.model.embed_tokens.weight if self.model.pre_process else self.model.lm_head.weight
+        # the embedding lives on chunk 0 of the first rank, the head's copy on the last chunk of the last
+        weight = self.first.embed_tokens.weight if self.first.pre_process else self.last.lm_head.weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=ps.get_embedding_group())

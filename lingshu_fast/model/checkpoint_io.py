@@ -273,8 +273,9 @@ def _finalize(tmp: str, path: str, config, dtype) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_pretrained(model: Qwen25VLModel, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
-    """Write the whole model (all TP shards and PP stages) as an HF folder at `path`. Call on every rank."""
+def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+    """Write the whole model (all TP shards and PP stages) as an HF folder at `path`. Call on every rank.
+    `model` is a Qwen25VLModel or a rank's pipeline chunks (`.chunks`, each a Qwen25VLModel)."""
     from megatron.core import parallel_state as ps
 
     tp, tp_rank, group = _tp_info()
@@ -286,10 +287,12 @@ def save_pretrained(model: Qwen25VLModel, path: str, *, max_shard_bytes: int = 5
     if dist.is_initialized():
         dist.barrier()
     if ps.get_data_parallel_rank() == 0:
-        tensors = full_hf_state_dict(model)
-        if tp_rank == 0:
-            stage = ps.get_pipeline_model_parallel_rank()
-            _write_shards(tensors, tmp, f"stage{stage:03d}", max_shard_bytes)
+        stage = ps.get_pipeline_model_parallel_rank()
+        # several chunks per rank under the interleaved pipeline schedule: one file prefix per chunk
+        for chunk in getattr(model, "chunks", [model]):
+            tensors = full_hf_state_dict(chunk)
+            if tp_rank == 0:
+                _write_shards(tensors, tmp, f"stage{stage:03d}-layer{chunk.layer_start:04d}", max_shard_bytes)
     if dist.is_initialized():
         dist.barrier()
     if world_rank == 0:

@@ -107,22 +107,24 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     if dims.rank == 0:  # `lingshu-fast export` rebuilds the model skeleton from this copy
         (Path(cfg.run.dir) / "model_config").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(model_path) / "config.json", Path(cfg.run.dir) / "model_config" / "config.json")
-    layer_range = {}
-    if dims.pp > 1:
-        from lingshu_fast.parallel.pipeline import stage_layer_range
-        from lingshu_fast.model import load_hf_config
+    from lingshu_fast.model import load_hf_config
+    from lingshu_fast.parallel.pipeline import ModelChunks, rank_layer_kwargs, rank_model
 
-        layer_range = dict(zip(("layer_start", "layer_end"),
-                               stage_layer_range(load_hf_config(model_path), dims.pp, dims.pp_rank,
-                                                 cfg.data.max_tokens_per_microbatch)))
-    model = from_pretrained(model_path, dtype=dtype, device=device,
-                            activation_checkpointing=cfg.model.activation_checkpointing,
-                            attention_backend=cfg.model.attention,
-                            sequence_parallel=cfg.parallel.sequence_parallel, **layer_range)
-    set_trainable(model, cfg.model.freeze)
+    # one model per pipeline chunk of this rank (several under the interleaved schedule)
+    model = rank_model([from_pretrained(model_path, dtype=dtype, device=device,
+                                        activation_checkpointing=cfg.model.activation_checkpointing,
+                                        attention_backend=cfg.model.attention,
+                                        sequence_parallel=cfg.parallel.sequence_parallel, **layers)
+                        for layers in rank_layer_kwargs(load_hf_config(model_path), dims, cfg)])
+    if isinstance(model, ModelChunks):
+        model.set_trainable(cfg.model.freeze)
+        groups = model.param_groups()
+    else:
+        set_trainable(model, cfg.model.freeze)
+        groups = param_groups(model)
     if not any(p.requires_grad for p in model.parameters()) and dims.pp == 1:
         raise ConfigError(f"model.freeze={cfg.model.freeze} freezes every parameter: nothing to train")
-    optimizer = build_optimizer(param_groups(model), cfg.optim, dp_group=ps.get_data_parallel_group())
+    optimizer = build_optimizer(groups, cfg.optim, dp_group=ps.get_data_parallel_group())
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           seed=cfg.run.seed)

@@ -27,7 +27,7 @@ def _run_dir_of(checkpoint: Path) -> Path:
 def export_checkpoint(checkpoint: str, hf_dir: str) -> Path:
     from lingshu_fast.data.tokenizer import load_tokenizer
     from lingshu_fast.model import build_model, load_hf_config, save_pretrained
-    from lingshu_fast.parallel.pipeline import stage_layer_range
+    from lingshu_fast.parallel.pipeline import rank_layer_kwargs, rank_model
     from lingshu_fast.parallel.state import init_parallel, shutdown_parallel
     from lingshu_fast.train import checkpoint as ckpt
 
@@ -50,11 +50,7 @@ def export_checkpoint(checkpoint: str, hf_dir: str) -> Path:
     dims = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
     try:
         hf_config = load_hf_config(str(run_dir / "model_config"))
-        layers = {}
-        if dims.pp > 1:
-            start, end = stage_layer_range(hf_config, dims.pp, dims.pp_rank, cfg.data.max_tokens_per_microbatch)
-            layers = {"layer_start": start, "layer_end": end}
-        model = build_model(hf_config, **layers)
+        model = rank_model([build_model(hf_config, **layers) for layers in rank_layer_kwargs(hf_config, dims, cfg)])
         saved = ckpt.load_checkpoint(path, dims.rank, world=dims.world)
         model.load_state_dict(saved["model_state"])
         save_pretrained(model, hf_dir)
