@@ -105,8 +105,7 @@ def test_padded_matches_varlen_on_real_tokens():
 def test_bench_attention(benchmark, bench_info, provider, pass_):
     lengths = draw_lengths()
     inp = make_inputs(lengths, provider)
-    # fwd: inputs that do not require grad, as activations in a no-grad forward are. (Leaf inputs
-    # with requires_grad=True under no_grad send CPU SDPA down a path ~30x slower: not the model's case.)
+    # fwd: inputs that do not require grad, as activations in a no-grad forward are
     frozen = {**inp, **{name: inp[name].detach() for name in ("q", "k", "v")}}
 
     def run():
