@@ -83,11 +83,12 @@ def build_rl_state(cfg: Config, dims: ParallelDims):
         (Path(cfg.run.dir) / "model_config").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(model_path) / "config.json", Path(cfg.run.dir) / "model_config" / "config.json")
     load = dict(dtype=dtype, device=device, attention_backend=cfg.model.attention)
-    model = from_pretrained(model_path, activation_checkpointing=cfg.model.activation_checkpointing, **load)
+    model = from_pretrained(model_path, activation_checkpointing=cfg.model.activation_checkpointing,
+                            sequence_parallel=cfg.parallel.sequence_parallel, **load)
     set_trainable(model, cfg.model.freeze)
     ref_model = None
     if cfg.rl.beta != 0.0:
-        ref_model = from_pretrained(model_path, **load).eval()
+        ref_model = from_pretrained(model_path, sequence_parallel=cfg.parallel.sequence_parallel, **load).eval()
         ref_model.requires_grad_(False)
     optimizer = build_optimizer(param_groups(model), cfg.optim, dp_group=ps.get_data_parallel_group())
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -131,7 +132,7 @@ def _rollout_stats(ro: Rollout, dp_group, generate_s: float) -> dict:
     return stats
 
 
-def _plan_updates(ro: Rollout, cfg: Config) -> tuple[list[list], int]:
+def _plan_updates(ro: Rollout, cfg: Config, *, token_multiple: int = 1, pad_token_id: int = 0) -> tuple[list[list], int]:
     """Advantages, optional equal-group filtering, and the packed micro-batches of each update."""
     g = cfg.rl.num_generations
     groups = torch.from_numpy(ro.seq_prompt)
@@ -147,7 +148,8 @@ def _plan_updates(ro: Rollout, cfg: Config) -> tuple[list[list], int]:
     for u in range(cfg.rl.updates_per_rollout):
         seq_ids = [s for k in range(u * per_update, (u + 1) * per_update) if keep[k] for s in range(k * g, (k + 1) * g)]
         updates.append(pack_sequences(ro.prompts, ro.seq_prompt, ro.responses, advantages, seq_ids,
-                                      cfg.data.max_tokens_per_microbatch))
+                                      cfg.data.max_tokens_per_microbatch, token_multiple=token_multiple,
+                                      pad_token_id=pad_token_id))
     return updates, int((~keep).sum())
 
 
@@ -169,6 +171,7 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                            start_step=start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
     params = [p for p in model.parameters() if p.requires_grad]
     upr = rl.updates_per_rollout
+    token_multiple = model.tp if getattr(model, "sequence_parallel", False) else 1
     summary = {"stage": cfg.train.stage, "steps": start, "loss": float("nan"), "tokens_per_s_per_gpu": 0.0,
                "mfu": None, "reward_start": None, "reward_end": None}
     step, rollout_index = start, math.ceil(start / upr)
@@ -180,7 +183,8 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                                  seed=_rollout_seed(cfg.run.seed, rollout_index, dims.dp_rank))
             rollout_index += 1
             ro_stats = _rollout_stats(ro, dp_group, ro.generate_s)
-            updates, filtered = _plan_updates(ro, cfg)
+            updates, filtered = _plan_updates(ro, cfg, token_multiple=token_multiple,
+                                              pad_token_id=state.loader.token_ids["pad_token_id"])
             ro_stats["filtered_groups"] = int(allreduce_scalar(filtered, dp_group))
             prep = StepTimer(state.device).start()
             for rmbs in updates:  # log-probs of the rollout policy and the reference, before any update

@@ -92,7 +92,8 @@ def _one_sequence(prompt: PromptPart, response: Sequence[int]) -> tuple[np.ndarr
     return ids, labels, np.concatenate([prompt.position_ids.astype(np.int64), tail], axis=1)
 
 
-def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[int], float]]) -> RLMicroBatch:
+def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[int], float]], token_multiple: int,
+           pad_token_id: int) -> RLMicroBatch:
     """items: (sequence id, prompt id, response ids, advantage) in packing order."""
     ids, labels, positions, seq_index, advantages, lengths = [], [], [], [], [], []
     distinct: dict[int, int] = {}
@@ -103,6 +104,11 @@ def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[i
         seq_index.append(np.full(len(x), seq_id, dtype=np.int64))
         advantages.append(np.full(len(x), advantage, dtype=np.float32))
         seq_prompt.append(distinct.setdefault(prompt_id, len(distinct)))
+    pad = -sum(lengths) % token_multiple
+    if pad:  # sequence parallelism splits tokens over TP ranks: a pad segment with nothing trained
+        ids.append(np.full(pad, pad_token_id, dtype=np.int64)), labels.append(np.full(pad, IGNORE_INDEX))
+        positions.append(np.broadcast_to(np.arange(pad, dtype=np.int64), (3, pad))), lengths.append(pad)
+        seq_index.append(np.full(pad, -1, dtype=np.int64)), advantages.append(np.zeros(pad, dtype=np.float32))
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     labels_t = torch.from_numpy(np.concatenate(labels))
     mb = MicroBatch(input_ids=torch.from_numpy(np.concatenate(ids)), labels=labels_t,
@@ -119,20 +125,22 @@ def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[i
 
 
 def pack_sequences(prompts: Sequence[PromptPart], seq_prompt_ids: Sequence[int], responses: Sequence[Sequence[int]],
-                   advantages: Sequence[float], seq_ids: Sequence[int], max_tokens: int) -> list[RLMicroBatch]:
+                   advantages: Sequence[float], seq_ids: Sequence[int], max_tokens: int, *, token_multiple: int = 1,
+                   pad_token_id: int = 0) -> list[RLMicroBatch]:
     """Greedy in-order packing of the sequences `seq_ids` into micro-batches of at most `max_tokens`
     tokens (a longer sequence gets a micro-batch of its own). Groups stay contiguous, so a group's
-    images are usually encoded once for the whole group."""
+    images are usually encoded once for the whole group. `token_multiple` (TP size under sequence
+    parallelism) pads each micro-batch with an untrained segment (seq_index -1) to a multiple."""
     out, current, used = [], [], 0
     for s in seq_ids:
         length = len(prompts[seq_prompt_ids[s]].input_ids) + len(responses[s])
         if current and used + length > max_tokens:
-            out.append(_build(prompts, current))
+            out.append(_build(prompts, current, token_multiple, pad_token_id))
             current, used = [], 0
         current.append((int(s), int(seq_prompt_ids[s]), responses[s], float(advantages[s])))
         used += length
     if current:
-        out.append(_build(prompts, current))
+        out.append(_build(prompts, current, token_multiple, pad_token_id))
     return out
 
 
