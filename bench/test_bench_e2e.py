@@ -353,7 +353,8 @@ def test_bench_e2e_stage3_packing_gain(benchmark, bench_info, tokenizer, layouts
                       padded_tokens_per_s_per_gpu=padded["tokens_per_s_per_gpu"], padded_mfu=padded["mfu"],
                       padded_slot_efficiency=padded["slot_efficiency"], padded_microbatches=padded["microbatches"],
                       packing_gain=round(gain, 3), packing_gain_target=1.4)
-    print(f"\npacking gain: {gain:.2f}x ({packed['tokens_per_s_per_gpu']:,.0f} vs {padded['tokens_per_s_per_gpu']:,.0f} "
+    print(f"\npacking gain: {gain:.2f}x ({packed['tokens_per_s_per_gpu']:,.0f} vs "
+          f"{padded['tokens_per_s_per_gpu']:,.0f} "
           f"tokens/s/GPU; slots {packed['slot_efficiency']:.1%} vs {padded['slot_efficiency']:.1%} real)")
     del trainer
     release()

@@ -103,3 +103,43 @@ def test_plot_series_orders_commits_and_splits_throughput_from_times(tmp_path):
     assert times == {"test_bench_flce[lingshu-fwd]": {"zzz": pytest.approx(4.0), "aaa": pytest.approx(1.0)}}
     out = plot.plot(rows, tmp_path / "h.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _single(n_tokens: int, sample_id: int, with_image: bool):
+    import torch
+
+    from lingshu_fast.data.batch import MicroBatch
+
+    labels = torch.arange(n_tokens) + 100
+    labels[-1] = -100  # shifted labels end each sample with -100
+    mb = MicroBatch(input_ids=torch.arange(n_tokens) + 10, labels=labels,
+                    position_ids=torch.arange(n_tokens).expand(3, n_tokens).clone(),
+                    cu_seqlens=torch.tensor([0, n_tokens], dtype=torch.int32), max_seqlen=n_tokens,
+                    num_label_tokens=n_tokens - 1, sample_ids=[sample_id], num_samples=1)
+    if with_image:
+        mb.pixel_values, mb.image_grid_thw = torch.full((16, 1176), float(sample_id)), torch.tensor([[1, 4, 4]])
+    return mb
+
+
+def test_padded_baseline_groups_within_budget_and_pads_inside_segments():
+    """Pins the e2e bench's padded baseline (bench/test_bench_e2e.py docstring): consecutive samples
+    grouped while count x longest <= budget; each sample padded at its end inside its own segment
+    with labels -100 (so padding adds compute but no loss terms); real tokens, labels and images kept."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH / "test_bench_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    sys.modules["bench_e2e"] = e2e
+    spec.loader.exec_module(e2e)
+    lengths = [10, 30, 20, 50, 5, 5]
+    singles = [_single(n, i, with_image=i % 2 == 0) for i, n in enumerate(lengths)]
+    batches = e2e.padded_batches(singles, budget=64, pad_id=0)
+    # [10, 30] -> 2x30=60; +20 stays 3x30=90 > 64 -> new; [20] +50 -> 100 > 64 -> new; [50]; [5, 5]
+    assert [mb.sample_ids for mb in batches] == [[0, 1], [2], [3], [4, 5]]
+    first = batches[0]
+    assert first.cu_seqlens.tolist() == [0, 30, 60] and first.max_seqlen == 30 and first.num_tokens == 60
+    assert torch.equal(first.input_ids[:10], singles[0].input_ids) and (first.input_ids[10:30] == 0).all()
+    assert (first.labels[9:30] == -100).all() and first.num_label_tokens == 9 + 29
+    assert int((first.labels != -100).sum()) == first.num_label_tokens
+    assert first.pixel_values.shape == (16, 1176) and first.vit_cu_seqlens.tolist() == [0, 16]
+    assert sum(mb.num_tokens for mb in batches) == 60 + 20 + 50 + 10
