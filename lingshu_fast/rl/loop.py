@@ -14,6 +14,11 @@ dynamic sampling without the re-sampling: they carry no advantage, only dilute t
 
 The loss of an update is rl.loss_agg over all its sequences on all DP ranks (see step.py), so
 it does not depend on the DP layout. Sampling seeds derive from (run.seed, rollout, DP rank).
+Metrics: reward_* / accuracy / format_rate / response_len are the rollout's (repeated on each of
+its updates); `tokens_per_s_per_gpu` and `mfu` cover the update (forward+backward, plus its share
+of the old/reference log-prob passes), not generation, which `rollout_tokens_per_s` reports
+(generated tokens over all ranks / the slowest rank's generation time). The prompt stream cycles
+epochs without end (as stages 1-3's loader): train.max_steps decides the length.
 
 Resume and checkpoints reuse stages 1-3's (`train.loop._resume/_save`: model, optimizer, schedule,
 RNG, prompt position), taken only between rollouts: a checkpoint due (checkpoint.every) in the
