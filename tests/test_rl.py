@@ -188,7 +188,8 @@ def test_group_shares_image_encodings(tmp_path, demo_data):
     from lingshu_fast.train.tiny import ensure_tiny_model
 
     cfg = load_config("tiny-rl", [f"data.train=[{demo_data['rl']}]", "rl.rewards=[space_start:1.0]",
-                                  "rl.num_generations=4", "rl.max_new_tokens=3", "data.max_tokens_per_microbatch=4096"])
+                                  "rl.num_generations=4", "rl.max_new_tokens=3", "data.max_tokens_per_microbatch=4096",
+                                  "rl.rollout_batch=4", "rl.updates_per_rollout=2"])
     tokenizer = load_tokenizer("tiny")
     model = M.from_pretrained(str(ensure_tiny_model(tmp_path / "tiny", tokenizer)))
     prompts = PromptDataset(cfg.data.train, tokenizer, cfg.data, max_new_tokens=cfg.rl.max_new_tokens, seed=3)
@@ -212,7 +213,8 @@ def _rl_cfg(run_dir, data, *extra):
     from lingshu_fast.config import load_config
 
     return load_config("tiny-rl", [f"run.dir={run_dir}", f"data.train=[{data}]", "run.progress=false",
-                                   "rl.rewards=[space_start:1.0]", "optim.lr=3.0e-2",
+                                   "rl.rewards=[space_start:1.0]", "optim.lr=3.0e-2", "rl.rollout_batch=4",
+                                   "rl.num_generations=4", "rl.temperature=1.0", "rl.updates_per_rollout=1",
                                    "data.max_tokens_per_microbatch=4096", *extra])
 
 
