@@ -166,6 +166,33 @@ def test_sequence_logprobs_equal_full_logits():
     assert int(rmb.loss_mask.sum()) == 6
 
 
+def test_plan_updates_advantages_and_equal_group_filter():
+    """Pins: GRPO advantages per group of G consecutive responses, each update taking its own chunk of
+    groups, and rl.filter_equal_groups dropping exactly the groups whose rewards are all equal
+    (their sequences never reach a micro-batch)."""
+    from lingshu_fast.config import load_config
+    from lingshu_fast.rl.loop import _plan_updates
+    from lingshu_fast.rl.rollout import Rollout
+
+    prompt = PromptPart(np.arange(5, 9, dtype=np.int64), np.broadcast_to(np.arange(4), (3, 4)).copy())
+    rewards = np.asarray([1, 0, 1, 1, 1, 1,   0, 0, 0, 1, 0, 0], dtype=np.float32)  # groups of 3
+    ro = Rollout(prompts=[prompt] * 4, seq_prompt=np.repeat(np.arange(4), 3), responses=[[10, 11]] * 12,
+                 finished=np.zeros(12, bool), texts=[""] * 12, rewards=rewards, breakdown={}, failures=0,
+                 generate_s=0.0)
+    for flag, kept_seqs in [(False, [list(range(6)), list(range(6, 12))]), (True, [[0, 1, 2], [9, 10, 11]])]:
+        cfg = load_config("tiny-rl", ["rl.num_generations=3", "rl.updates_per_rollout=2",
+                                      f"rl.filter_equal_groups={str(flag).lower()}"])
+        updates, filtered = _plan_updates(ro, cfg)
+        assert filtered == (2 if flag else 0)
+        for rmbs, seqs in zip(updates, kept_seqs):
+            got = sorted(set(torch.cat([r.seq_index[r.loss_mask] for r in rmbs]).tolist()))
+            assert got == seqs
+        adv = {int(s): float(a) for r in updates[0]
+               for s, a in zip(r.seq_index[r.loss_mask], r.advantages[r.loss_mask])}
+        # group 0 = (1, 0, 1): mean 2/3, unbiased std 0.577 -> (+0.577, -1.155, +0.577)
+        assert adv[0] == pytest.approx(0.57735, abs=1e-4) and adv[1] == pytest.approx(-1.1547, abs=1e-4)
+
+
 # ------------------------------------------------------------------ image sharing
 
 def _count_images(model, log):

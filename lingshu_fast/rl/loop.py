@@ -132,12 +132,14 @@ def _rollout_stats(ro: Rollout, dp_group, generate_s: float) -> dict:
     tokens = allreduce_scalar(ro.response_tokens, dp_group)
     slowest_s = allreduce_scalar(generate_s, dp_group, op=dist.ReduceOp.MAX)
     stats.update(response_len=tokens / max(n, 1), rollout_tokens_per_s=tokens / max(slowest_s, 1e-9),
-                 rollout_time_s=slowest_s, finished_rate=allreduce_scalar(float(ro.finished.sum()), dp_group) / max(n, 1),
+                 rollout_time_s=slowest_s,
+                 finished_rate=allreduce_scalar(float(ro.finished.sum()), dp_group) / max(n, 1),
                  reward_failures=int(allreduce_scalar(ro.failures, dp_group)))
     return stats
 
 
-def _plan_updates(ro: Rollout, cfg: Config, *, token_multiple: int = 1, pad_token_id: int = 0) -> tuple[list[list], int]:
+def _plan_updates(ro: Rollout, cfg: Config, *, token_multiple: int = 1,
+                  pad_token_id: int = 0) -> tuple[list[list], int]:
     """Advantages, optional equal-group filtering, and the packed micro-batches of each update."""
     g = cfg.rl.num_generations
     groups = torch.from_numpy(ro.seq_prompt)
@@ -196,7 +198,8 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                 for rmb in rmbs:
                     moved = rmb.to(state.device)
                     if upr > 1:
-                        rmb.old_logprobs = sequence_logprobs(model, moved, temperature=rl.temperature, tp_group=tp_group)
+                        rmb.old_logprobs = sequence_logprobs(model, moved, temperature=rl.temperature,
+                                                             tp_group=tp_group)
                     if ref_model is not None:
                         rmb.ref_logprobs = sequence_logprobs(ref_model, moved, temperature=rl.temperature,
                                                              tp_group=tp_group)

@@ -121,7 +121,8 @@ class PromptDataset:
                 raise DataError(f"{sample.source}: image grids {grid_thw.tolist()} differ from the start-up scan "
                                 f"{grid.tolist()}: an image changed on disk?")
             pixel_values, grid_thw = pixel_values.float(), grid_thw.to(torch.int64)
-        positions = sample_position_ids(ids, grid if len(grid) else None, image_token_id=self.token_ids["image_token_id"],
+        positions = sample_position_ids(ids, grid if len(grid) else None,
+                                        image_token_id=self.token_ids["image_token_id"],
                                         vision_start_token_id=self.token_ids["vision_start_token_id"],
                                         spatial_merge_size=MERGE_SIZE)
         return PromptPart(ids, np.ascontiguousarray(positions, dtype=np.int64), pixel_values, grid_thw)
@@ -194,7 +195,7 @@ def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cf
         torch.cuda.synchronize(device)
     generate_s = time.perf_counter() - start
     model.train(was_training)
-    vision_ids = {ids["image_token_id"], ids["video_token_id"], ids["vision_start_token_id"], ids["vision_end_token_id"]}
+    vision_ids = {ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     responses, finished, texts = [], [], []
     for out in outputs:
         tokens, cut = _cut_at_vision_tokens(list(out.token_ids), vision_ids)

@@ -118,7 +118,8 @@ def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[i
     with_images = [prompts[p] for p in distinct if prompts[p].pixel_values is not None]
     pixel_values = torch.cat([p.pixel_values for p in with_images]) if with_images else None
     grids = torch.cat([p.image_grid_thw for p in with_images]) if with_images else None
-    return RLMicroBatch(mb=mb, loss_mask=labels_t != IGNORE_INDEX, seq_index=torch.from_numpy(np.concatenate(seq_index)),
+    return RLMicroBatch(mb=mb, loss_mask=labels_t != IGNORE_INDEX,
+                        seq_index=torch.from_numpy(np.concatenate(seq_index)),
                         advantages=torch.from_numpy(np.concatenate(advantages)), prompt_pixel_values=pixel_values,
                         prompt_grid_thw=grids, prompt_image_tokens=[prompts[p].num_image_tokens for p in distinct],
                         seq_prompt=seq_prompt)
