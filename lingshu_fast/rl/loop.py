@@ -63,6 +63,9 @@ def _check_layout(cfg: Config, dims: ParallelDims) -> int:
         raise ConfigError(f"rl.rollout_batch={rl.rollout_batch} prompts must divide into data-parallel size "
                           f"{dims.dp} x rl.updates_per_rollout={rl.updates_per_rollout}; pick a multiple of "
                           f"{dims.dp * rl.updates_per_rollout}")
+    if rl.backend != "native":
+        raise ConfigError(f"rl.backend={rl.backend!r} is not implemented yet: rollouts run on our own generator "
+                          "(rl.backend=native)")
     if rl.temperature <= 0:
         raise ConfigError(f"rl.temperature must be > 0 for GRPO sampling, got {rl.temperature}")
     parse_reward_spec(rl.rewards)  # a typo fails before the models load
