@@ -27,6 +27,7 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
             in_features, out_features, config=config, init_method=_no_init, bias=bias, gather_output=False,
             skip_weight_param_allocation=skip_weight, tp_group=_tp_group(),
         )
+        _mark_sharded(self.weight, dim=0)
 
     sequence_parallel = False  # set by the model: input arrives as this rank's slice of the sequence
 
@@ -63,6 +64,7 @@ class RowLinear(tensor_parallel.RowParallelLinear):
             in_features, out_features, config=config, init_method=_no_init, bias=bias, input_is_parallel=True,
             skip_bias_add=False, tp_group=_tp_group(),
         )
+        _mark_sharded(self.weight, dim=1)
 
     sequence_parallel = False  # set by the model: output leaves as this rank's slice of the sequence
 
@@ -77,6 +79,7 @@ class RowLinear(tensor_parallel.RowParallelLinear):
 class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, *, config):
         super().__init__(vocab_size, hidden_size, init_method=_no_init, config=config, tp_group=_tp_group())
+        _mark_sharded(self.weight, dim=0)
 
 
 class ReplicatedLinear(torch.nn.Linear):
@@ -103,6 +106,14 @@ def _tp_group():
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_group()
+
+
+def _mark_sharded(weight, dim: int) -> None:
+    """Megatron's TP attributes (`tensor_model_parallel`, `partition_dim`, `partition_stride`), which
+    its layers set only when they initialise weights themselves (we pass perform_initialization=False).
+    The gradient-norm rule counts a parameter on every TP rank only when it carries them."""
+    if weight is not None:
+        tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def _no_init(weight: torch.Tensor) -> None:
