@@ -128,10 +128,11 @@ def test_stage1_freezing_keeps_llm_weights_bit_identical(tmp_path, demo_data):
     assert any(not before[k].equal(after[k]) for k in merger)
 
     # `lingshu-fast export` of the final checkpoint writes the same weights as the stage's own export
-    cmd, env = _cli("export", str(run_dir / "checkpoints" / "step_000002"), str(tmp_path / "exported"))
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    exported = tensors(tmp_path / "exported")
-    assert exported.keys() == after.keys() and all(exported[k].equal(after[k]) for k in after)
+    for source in (run_dir / "checkpoints" / "step_000002", run_dir):  # a checkpoint, or a run's newest
+        cmd, env = _cli("export", str(source), str(tmp_path / "exported"))
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+        exported = tensors(tmp_path / "exported")
+        assert exported.keys() == after.keys() and all(exported[k].equal(after[k]) for k in after)
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -32,8 +32,9 @@ def export_checkpoint(checkpoint: str, hf_dir: str) -> Path:
     from lingshu_fast.train import checkpoint as ckpt
 
     path = Path(checkpoint)
-    if path.name == "checkpoints" or (path / "latest").exists():  # a run's checkpoints folder or run dir
-        latest = ckpt.find_latest(path.parent if path.name == "checkpoints" else path)
+    run_of = path.parent if path.name == "checkpoints" else path if (path / "checkpoints").is_dir() else None
+    if run_of is not None:  # a run folder or its checkpoints folder: take the newest complete checkpoint
+        latest = ckpt.find_latest(run_of)
         if latest is None:
             raise ConfigError(f"no complete checkpoint under {path}")
         path = latest
