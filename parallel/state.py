@@ -49,13 +49,14 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minut
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world > 1:
-                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun")
-            # a single process needs a store too; a free port lets several runs share a machine
+        if "WORLD_SIZE" not in os.environ:
+            # Not launched by torchrun: a single process still needs a store. Take a free port, and
+            # ignore an inherited MASTER_PORT (a parent process may be listening on it).
             from lingshu_fast.parallel.spawn import free_port
 
             os.environ["MASTER_PORT"] = str(free_port())
+        elif "MASTER_PORT" not in os.environ:
+            raise RuntimeError("WORLD_SIZE is set but MASTER_PORT is not: launch with torchrun")
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
         )

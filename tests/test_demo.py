@@ -4,7 +4,6 @@ from. Pins the chaining of stages (each starts from the previous stage's export)
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 
 def test_demo_runs_all_stages(tmp_path):

@@ -67,6 +67,12 @@ def test_loss_curve_is_layout_independent(tmp_path, demo_data):
             assert abs(a - b) <= 1e-4 * abs(a), (layout, base_norms, norms)
 
 
+def _run_ok(cmd, env, timeout_s):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def _cli(*args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return [sys.executable, "-m", "lingshu_fast.cli", *args], env
@@ -80,7 +86,7 @@ def test_sigkill_and_resume_gives_the_same_losses(tmp_path, demo_data):
     common = [f"data.train=[{data}]", f"train.max_steps={steps}", "run.progress=false", "checkpoint.every=2"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     cmd, env = _cli("train", "tiny-sft", f"run.dir={ref_dir}", *common)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    _run_ok(cmd, env, 600)
 
     cmd, env = _cli("train", "tiny-sft", f"run.dir={run_dir}", *common)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -93,7 +99,7 @@ def test_sigkill_and_resume_gives_the_same_losses(tmp_path, demo_data):
     assert proc.poll() is None, "the run finished before it could be killed; lower the poll interval"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    _run_ok(cmd, env, 600)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["loss"] for r in rows] == pytest.approx(_losses(ref_dir), rel=1e-6)
@@ -104,7 +110,7 @@ def test_stage1_freezing_keeps_llm_weights_bit_identical(tmp_path, demo_data):
     run_dir = tmp_path / "s1"
     cmd, env = _cli("train", "tiny-stage1", f"run.dir={run_dir}", f"data.train=[{demo_data['captions']}]",
                     "train.max_steps=2", "run.progress=false", "checkpoint.every=0")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    _run_ok(cmd, env, 600)
 
     def tensors(folder):
         out = {}
@@ -130,7 +136,7 @@ def test_stage1_freezing_keeps_llm_weights_bit_identical(tmp_path, demo_data):
     # `lingshu-fast export` of the final checkpoint writes the same weights as the stage's own export
     for source in (run_dir / "checkpoints" / "step_000002", run_dir):  # a checkpoint, or a run's newest
         cmd, env = _cli("export", str(source), str(tmp_path / "exported"))
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+        _run_ok(cmd, env, 300)
         exported = tensors(tmp_path / "exported")
         assert exported.keys() == after.keys() and all(exported[k].equal(after[k]) for k in after)
 

@@ -13,21 +13,12 @@ import os
 import pytest
 import yaml
 
-from lingshu_fast.parallel.spawn import free_port, spawn
+from lingshu_fast.parallel.spawn import spawn
 
 EVAL_KW = dict(max_new_tokens=5, min_pixels=3136, max_pixels=12544)
 
 
-@pytest.fixture(autouse=True)
-def _world_of_one():
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        os.environ.pop("WORLD_SIZE", None)
-        os.environ["MASTER_PORT"] = str(free_port())
-        from lingshu_fast.parallel.state import init_parallel
-
-        init_parallel(1, 1, backend="gloo")
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ both run the same fp32 maths, and a flipped argmax would need two logits within 
 other, which the fixed seeds here do not produce. Log-probs are compared with a packed full
 forward at 1e-4 (summation order of a cached vs a packed attention, observed ~1e-6).
 """
-import os
 
 import pytest
 import torch
@@ -13,22 +12,13 @@ import torch
 import lingshu_fast.model as M
 from lingshu_fast.model.generate import GenerationOutput, PromptInput, generate
 from lingshu_fast.model.testing import DEFAULT_LAYOUT, packed_batch
-from lingshu_fast.parallel.spawn import free_port, spawn
+from lingshu_fast.parallel.spawn import spawn
 
 # two images, one image, text only, and a short text-only prompt: four different lengths
 LAYOUT = DEFAULT_LAYOUT + (([], 4),)
 
 
-@pytest.fixture(autouse=True)
-def _world_of_one():
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        os.environ.pop("WORLD_SIZE", None)
-        os.environ["MASTER_PORT"] = str(free_port())
-        from lingshu_fast.parallel.state import init_parallel
-
-        init_parallel(1, 1, backend="gloo")
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.fixture(scope="module")

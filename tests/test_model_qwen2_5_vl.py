@@ -15,20 +15,9 @@ import lingshu_fast.model as M
 from lingshu_fast.model.checkpoint_io import full_hf_state_dict
 from lingshu_fast.model.shard_specs import hf_tensor_shapes
 from lingshu_fast.model.testing import hf_logits_per_sample, model_inputs, packed_batch
-from lingshu_fast.parallel.spawn import free_port
 
 
-@pytest.fixture(autouse=True)
-def _world_of_one():
-    """Megatron's layers need parallel_state: a world-size-1 gloo group, on a port of our own."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        os.environ.pop("WORLD_SIZE", None)
-        os.environ["MASTER_PORT"] = str(free_port())
-        from lingshu_fast.parallel.state import init_parallel
-
-        init_parallel(1, 1, backend="gloo")
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 def _hf_checkpoint(tmp_path, tied=False, seed=0):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import lingshu_fast.model as M
 from lingshu_fast.model.checkpoint_io import full_hf_state_dict
 from lingshu_fast.model.testing import DEFAULT_LAYOUT, model_inputs, packed_batch
-from lingshu_fast.parallel.spawn import free_port, spawn
+from lingshu_fast.parallel.spawn import spawn
 
 
 def _forward_backward(model, batch):
@@ -50,17 +50,6 @@ def _tp2_worker(dims, hf_folder, odd_folder, batch, out_folder):
     return ((logits, hidden, grads), sp_results, odd_results) if dims.tp_rank == 0 else None
 
 
-def _single_process_world():
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        os.environ.pop("WORLD_SIZE", None)
-        os.environ["MASTER_PORT"] = str(free_port())
-        from lingshu_fast.parallel.state import init_parallel
-
-        init_parallel(1, 1, backend="gloo")
-
-
 def _read_export(folder):
     tensors = {}
     for name in os.listdir(folder):
@@ -70,7 +59,7 @@ def _read_export(folder):
 
 
 @pytest.mark.dist
-def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path):
+def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path, request):
     """Pins: per-rank q/kv head slices of the fused qkv (GQA), [gate; up] shards, the ViT's
     3-part qkv, row-parallel biases added once, vocab-sharded embedding/head, gathered logits,
     un-sharding on save, and a random init that does not depend on the TP layout."""
@@ -92,7 +81,7 @@ def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path):
 
     (tp2, sp2, odd2), _ = spawn(_tp2_worker, 2, hf_folder, odd_folder, batch, str(tmp_path), tp=2)
 
-    _single_process_world()
+    request.getfixturevalue("world_of_one")  # after the spawn: the in-process world comes second
     logits1, hidden1, grads1 = _forward_backward(M.from_pretrained(hf_folder), batch)
     odd1 = _forward_backward(M.from_pretrained(odd_folder), batch)
     for (logits2, hidden2, grads2), (logits1, hidden1, grads1) in ((tp2, (logits1, hidden1, grads1)),

@@ -8,7 +8,6 @@ about 35% of the tiny vocabulary, so groups disagree from the first rollout), on
 prompts and images, through the real rollout/score/update path.
 """
 import json
-import os
 import types
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 import lingshu_fast.model as M
 from lingshu_fast.data.rope import sample_position_ids
-from lingshu_fast.parallel.spawn import free_port, spawn
+from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.rl.rewards import register_reward, registered_rewards
 from lingshu_fast.rl.step import PromptPart, forward_backward_rl, norm_count, pack_sequences, sequence_logprobs
 
@@ -32,16 +31,7 @@ if "space_start" not in registered_rewards():
     register_reward("space_start", inline=True)(space_start_reward)
 
 
-@pytest.fixture(autouse=True)
-def _world_of_one():
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        os.environ.pop("WORLD_SIZE", None)
-        os.environ["MASTER_PORT"] = str(free_port())
-        from lingshu_fast.parallel.state import init_parallel
-
-        init_parallel(1, 1, backend="gloo")
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.fixture(scope="module")

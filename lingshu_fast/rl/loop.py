@@ -29,14 +29,11 @@ parallelism is not supported in stage 4 (a ConfigError): the generator needs the
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from lingshu_fast.config import Config, ConfigError
 from lingshu_fast.kernels import grpo_advantages
@@ -45,8 +42,8 @@ from lingshu_fast.parallel.state import ParallelDims, init_parallel
 from lingshu_fast.rl.rewards import parse_reward_spec
 from lingshu_fast.rl.rollout import PromptDataset, Rollout, collect_rollout
 from lingshu_fast.rl.step import forward_backward_rl, norm_count, pack_sequences, sequence_logprobs
-from lingshu_fast.train.build import TrainState, pick_device, pick_dtype, resolve_model_path, seed_everything
-from lingshu_fast.train.loop import _groups, _resume, _save
+from lingshu_fast.train.build import TrainState, hf_exporter, prepare_run
+from lingshu_fast.train.loop import parallel_groups, resume_run, save_run, start_run_dir
 from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, all_finite, mem_gb, mfu, peak_flops_per_s
 from lingshu_fast.train.optim import clip_grad_norm, current_lrs
 
@@ -76,20 +73,12 @@ def build_rl_state(cfg: Config, dims: ParallelDims):
     """(TrainState with the prompt stream as its loader, frozen reference model or None)."""
     from megatron.core import parallel_state as ps
 
-    from lingshu_fast.data.tokenizer import load_tokenizer
-    from lingshu_fast.model import from_pretrained, param_groups, save_pretrained, set_trainable, training_flops
+    from lingshu_fast.model import from_pretrained, param_groups, set_trainable, training_flops
     from lingshu_fast.train.optim import build_optimizer, build_scheduler
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more RL JSONL files (records with 'answer')")
-    device = pick_device(dims)
-    dtype = pick_dtype(cfg, device)
-    seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model_path = resolve_model_path(cfg, tokenizer)
-    if dims.rank == 0:  # `lingshu-fast export` rebuilds the model skeleton from this copy
-        (Path(cfg.run.dir) / "model_config").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(model_path) / "config.json", Path(cfg.run.dir) / "model_config" / "config.json")
+    device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
     load = dict(dtype=dtype, device=device, attention_backend=cfg.model.attention)
     model = from_pretrained(model_path, activation_checkpointing=cfg.model.activation_checkpointing,
                             sequence_parallel=cfg.parallel.sequence_parallel, **load)
@@ -108,13 +97,9 @@ def build_rl_state(cfg: Config, dims: ParallelDims):
         seq_lens = (rmb.mb.cu_seqlens[1:] - rmb.mb.cu_seqlens[:-1]).tolist()
         return training_flops(hf_config, [s for s in seq_lens if s > 0], rmb.prompt_grid_thw)
 
-    def export(folder: Path) -> None:
-        save_pretrained(model, str(folder))
-        if dims.rank == 0:
-            tokenizer.save_pretrained(str(folder))
-
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=prompts, runner=None,
-                       device=device, tokenizer=tokenizer, flops_of=flops_of, export=export)
+                       device=device, tokenizer=tokenizer, flops_of=flops_of,
+                       export=hf_exporter(model, tokenizer, dims))
     return state, ref_model
 
 
@@ -167,15 +152,12 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
     """Run (or resume) stage 4; returns a summary for the demo (reward_start/reward_end included)."""
     dims = dims or init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
     per_rank = _check_layout(cfg, dims)
-    run_dir = Path(cfg.run.dir)
-    if dims.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tp_group, dp_group, _ = _groups()
+    run_dir = start_run_dir(cfg, dims)
+    tp_group, dp_group, _ = parallel_groups()
     state, ref_model = build_rl_state(cfg, dims)
     model, rl = state.model, cfg.rl
     skips = SkipTracker(cfg.train.max_consecutive_skips)
-    start = _resume(state, cfg, dims, skips)
+    start = resume_run(state, cfg, dims, skips)
     peak = peak_flops_per_s(state.device)
     writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
                            start_step=start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
@@ -247,9 +229,9 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
                     save_due = True
             if save_due:
-                _save(state, cfg, dims, step, skips)
+                save_run(state, cfg, dims, step, skips)
         if step > start:
-            _save(state, cfg, dims, step, skips)
+            save_run(state, cfg, dims, step, skips)
         state.export(run_dir / "hf")
     finally:
         writer.close()

@@ -89,24 +89,44 @@ def resolve_model_path(cfg: Config, tokenizer) -> str:
     return cfg.model.path
 
 
-def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
-    from megatron.core import parallel_state as ps
-
-    from lingshu_fast.data.loader import PackedLoader
+def prepare_run(cfg: Config, dims: ParallelDims) -> tuple[torch.device, torch.dtype, Any, str]:
+    """What every stage starts with: (device, dtype, tokenizer, model path), RNGs seeded, and the
+    model's config.json copied into the run folder (`lingshu-fast export` rebuilds the skeleton from it)."""
     from lingshu_fast.data.tokenizer import load_tokenizer
-    from lingshu_fast.model import from_pretrained, param_groups, save_pretrained, set_trainable, training_flops
-    from lingshu_fast.train.optim import build_optimizer, build_scheduler
 
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
     device = pick_device(dims)
     dtype = pick_dtype(cfg, device)
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_path = resolve_model_path(cfg, tokenizer)
-    if dims.rank == 0:  # `lingshu-fast export` rebuilds the model skeleton from this copy
+    if dims.rank == 0:
         (Path(cfg.run.dir) / "model_config").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(model_path) / "config.json", Path(cfg.run.dir) / "model_config" / "config.json")
+    return device, dtype, tokenizer, model_path
+
+
+def hf_exporter(model, tokenizer, dims: ParallelDims) -> Callable[[Path], None]:
+    """The end-of-stage export: the HF folder (collective over all ranks) with the tokenizer beside it."""
+    from lingshu_fast.model import save_pretrained
+
+    def export(folder: Path) -> None:
+        save_pretrained(model, str(folder))
+        if dims.rank == 0:
+            tokenizer.save_pretrained(str(folder))
+
+    return export
+
+
+def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
+    from megatron.core import parallel_state as ps
+
+    from lingshu_fast.data.loader import PackedLoader
+    from lingshu_fast.model import from_pretrained, param_groups, set_trainable, training_flops
+    from lingshu_fast.train.optim import build_optimizer, build_scheduler
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
+    device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
     from lingshu_fast.model import load_hf_config
     from lingshu_fast.parallel.pipeline import ModelChunks, rank_layer_kwargs, rank_model
 
@@ -142,10 +162,6 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
         seq_lens = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
         return training_flops(hf_config, [s for s in seq_lens if s > 0], mb.image_grid_thw)
 
-    def export(folder: Path) -> None:
-        save_pretrained(model, str(folder))
-        if dims.rank == 0:
-            tokenizer.save_pretrained(str(folder))
-
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, runner=runner,
-                      device=device, tokenizer=tokenizer, flops_of=flops_of, export=export)
+                      device=device, tokenizer=tokenizer, flops_of=flops_of,
+                      export=hf_exporter(model, tokenizer, dims))

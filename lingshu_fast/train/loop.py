@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 import yaml
 
@@ -32,7 +31,7 @@ from lingshu_fast.train.optim import clip_grad_norm, current_lrs, load_optimizer
 logger = logging.getLogger(__name__)
 
 
-def _groups():
+def parallel_groups():
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()
@@ -48,7 +47,7 @@ def _step_microbatches(state: TrainState, per_rank: int) -> list:
     return mbs
 
 
-def _resume(state: TrainState, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> int:
+def resume_run(state: TrainState, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> int:
     if not cfg.checkpoint.resume:
         return 0
     path = ckpt.find_latest(cfg.run.dir)
@@ -67,7 +66,7 @@ def _resume(state: TrainState, cfg: Config, dims: ParallelDims, skips: SkipTrack
     return step
 
 
-def _save(state: TrainState, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker) -> None:
+def save_run(state: TrainState, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker) -> None:
     ckpt.save_checkpoint(
         cfg.run.dir, step,
         model_state=state.model.state_dict(),
@@ -79,6 +78,15 @@ def _save(state: TrainState, cfg: Config, dims: ParallelDims, step: int, skips: 
                "skips": skips.state_dict()},
         rank=dims.rank, world=dims.world, keep=cfg.checkpoint.keep,
     )
+
+
+def start_run_dir(cfg: Config, dims: ParallelDims) -> Path:
+    """The run folder, with the resolved config beside the checkpoints (rank 0 writes)."""
+    run_dir = Path(cfg.run.dir)
+    if dims.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
 
 
 def _check_batch_layout(cfg: Config, dims: ParallelDims) -> int:
@@ -93,14 +101,11 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
     """Run (or resume) one stage; returns a summary for the demo's table."""
     dims = dims or init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
     per_rank = _check_batch_layout(cfg, dims)
-    run_dir = Path(cfg.run.dir)
-    if dims.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tp_group, dp_group, pp_group = _groups()
+    run_dir = start_run_dir(cfg, dims)
+    tp_group, dp_group, pp_group = parallel_groups()
     state = build_state(cfg, dims)
     skips = SkipTracker(cfg.train.max_consecutive_skips)
-    start = _resume(state, cfg, dims, skips)
+    start = resume_run(state, cfg, dims, skips)
     peak = peak_flops_per_s(state.device)
     writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
                            start_step=start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
@@ -159,9 +164,9 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
             if evaluated:
                 last["eval_accuracy"] = evaluated.get("eval/overall/accuracy")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
-                _save(state, cfg, dims, step, skips)
+                save_run(state, cfg, dims, step, skips)
         if step > start:
-            _save(state, cfg, dims, step, skips)
+            save_run(state, cfg, dims, step, skips)
         state.export(run_dir / "hf")
     finally:
         writer.close()
