@@ -37,12 +37,13 @@ def _losses(run_dir, key: str = "loss") -> list[float]:
     return [r[key] for r in rows]
 
 
-def _train_layout(dims, run_dir, data, sequence_parallel=False):
+def _train_layout(dims, run_dir, data, sequence_parallel=False, zero1=False):
     from lingshu_fast.config import load_config
     from lingshu_fast.train.loop import train
 
     cfg = load_config("tiny-sft", _overrides(run_dir, data, f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}",
-                                             f"parallel.sequence_parallel={sequence_parallel}"))
+                                             f"parallel.sequence_parallel={sequence_parallel}",
+                                             f"optim.zero1={zero1}"))
     train(cfg, dims)
     return (_losses(run_dir), _losses(run_dir, "grad_norm")) if dims.rank == 0 else None
 
@@ -51,11 +52,13 @@ def test_loss_curve_is_layout_independent(tmp_path, demo_data):
     """Pins: the global batch and the loss normalisation do not depend on (tp, pp, dp)."""
     data = demo_data["instruct"]
     curves = {}
-    for tp, pp, world, sp in [(1, 1, 1, False), (2, 1, 2, False), (1, 2, 2, False), (1, 1, 2, False),
-                              (2, 1, 2, True)]:
-        run_dir = tmp_path / f"tp{tp}_pp{pp}_w{world}_sp{int(sp)}"
-        curves[(tp, pp, world, sp)] = spawn(_train_layout, world, str(run_dir), str(data), sp, tp=tp, pp=pp)[0]
-    base, base_norms = curves[(1, 1, 1, False)]
+    # (tp, pp, world, sequence parallel, ZeRO-1)
+    for tp, pp, world, sp, zero1 in [(1, 1, 1, False, False), (2, 1, 2, False, False), (1, 2, 2, False, False),
+                                     (1, 1, 2, False, False), (2, 1, 2, True, False), (1, 1, 2, False, True)]:
+        run_dir = tmp_path / f"tp{tp}_pp{pp}_w{world}_sp{int(sp)}_z{int(zero1)}"
+        curves[(tp, pp, world, sp, zero1)] = spawn(_train_layout, world, str(run_dir), str(data), sp, zero1,
+                                                   tp=tp, pp=pp)[0]
+    base, base_norms = curves[(1, 1, 1, False, False)]
     assert len(base) == STEPS and base[-1] < base[0]
     for layout, (losses, norms) in curves.items():
         assert len(losses) == STEPS, layout
