@@ -1,0 +1,36 @@
+"""Packaging: `kernels/` and `parallel/` are reachable only as lingshu_fast.kernels / .parallel.
+
+Pins DESIGN.md's rule: a top-level `kernels` would collide with the PyPI package transformers
+probes for, and a second copy of every kernel module would be imported. Run in a fresh process
+from a neutral folder, as a user's script would be."""
+import subprocess
+import sys
+
+
+def _python(code: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_kernels_and_parallel_are_not_top_level(tmp_path):
+    code = (
+        "import importlib.util, sys\n"
+        "import lingshu_fast.kernels, lingshu_fast.parallel\n"
+        "import transformers\n"
+        "from transformers import Qwen2_5_VLForConditionalGeneration\n"
+        "assert importlib.util.find_spec('parallel') is None, 'top-level parallel found'\n"
+        "import pathlib\n"
+        "ours = str(pathlib.Path(lingshu_fast.kernels.__file__).parent)\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is None or not str(spec.origin).startswith(ours), spec.origin\n"
+        "assert not any(m == 'kernels' or m.startswith('kernels.') for m in sys.modules), 'kernels imported'\n"
+        "print(lingshu_fast.kernels.fused_linear_cross_entropy.__module__)\n"
+    )
+    proc = _python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "lingshu_fast.kernels.fused_linear_cross_entropy"
+
+
+def test_console_script_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lingshu_fast.cli", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "train" in proc.stdout and "demo" in proc.stdout
