@@ -91,6 +91,23 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The [BLOCK_N, BLOCK_V] fp32 logits tile hidden[rows] @ weight[cols].T, masked rows/cols as 0;
+    the forward's online LSE and the backward's recompute share it (inlined by the compiler)."""
+    x = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
+                    mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
+        w_t = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
+                      mask=col_ok[None, :] & (ks[:, None] < H), other=0.0)
+        x = _dot(h, w_t, x, DOT_PRECISION, UPCAST)
+    return x
+
+
+@triton.jit
 def _flce_fwd_kernel(h_ptr, w_ptr, labels_ptr, lse_part_ptr, tgt_part_ptr, sumx_part_ptr,
                      N, H, V, vocab_start, tiles_per_split, stride_hn, stride_wv,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -109,14 +126,8 @@ def _flce_fwd_kernel(h_ptr, w_ptr, labels_ptr, lse_part_ptr, tgt_part_ptr, sumx_
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        x = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
-                        mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
-            w_t = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
-                          mask=col_ok[None, :] & (ks[:, None] < H), other=0.0)
-            x = _dot(h, w_t, x, DOT_PRECISION, UPCAST)
+        x = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
         x = tl.where(col_ok[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))  # finite: each tile has a valid column
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
@@ -149,14 +160,8 @@ def _flce_bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, gh_ptr, gw_ptr,
     if tl.max(tl.abs(g), 0) > 0:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         local_label = tl.load(labels_ptr + rows, mask=row_ok, other=0) - vocab_start
-        x = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
-                        mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
-            w_t = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
-                          mask=col_ok[None, :] & (ks[:, None] < H), other=0.0)
-            x = _dot(h, w_t, x, DOT_PRECISION, UPCAST)
+        x = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
         p = tl.where(col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
         d = p * (1.0 + z2 * lse)[:, None]
         d -= tl.where(col_ok[None, :] & (cols[None, :] == local_label[:, None]), target_coef, 0.0)
