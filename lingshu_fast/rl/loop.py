@@ -43,7 +43,8 @@ from lingshu_fast.rl.rewards import parse_reward_spec
 from lingshu_fast.rl.rollout import PromptDataset, Rollout, collect_rollout
 from lingshu_fast.rl.step import forward_backward_rl, norm_count, pack_sequences, sequence_logprobs
 from lingshu_fast.train.build import TrainState, hf_exporter, prepare_run
-from lingshu_fast.train.loop import parallel_groups, resume_run, save_run, start_run_dir
+from lingshu_fast.train.loop import (checkpoint_due, finish_stage, parallel_groups, resume_run, save_run,
+                                     start_run_dir)
 from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, all_finite, mem_gb, mfu, peak_flops_per_s
 from lingshu_fast.train.optim import clip_grad_norm, current_lrs
 
@@ -226,13 +227,10 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                     summary["reward_start"] = ro_stats["reward_mean"]
                 summary.update(steps=step, loss=row["loss"], tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"],
                                mfu=row["mfu"], reward_end=ro_stats["reward_mean"])
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
-                    save_due = True
+                save_due = save_due or checkpoint_due(cfg, step)
             if save_due:
                 save_run(state, cfg, dims, step, skips)
-        if step > start:
-            save_run(state, cfg, dims, step, skips)
-        state.export(run_dir / "hf")
+        finish_stage(state, cfg, dims, step, start, skips, run_dir)
     finally:
         writer.close()
     return summary

@@ -80,6 +80,19 @@ def save_run(state: TrainState, cfg: Config, dims: ParallelDims, step: int, skip
     )
 
 
+def checkpoint_due(cfg: Config, step: int) -> bool:
+    """A periodic checkpoint after `step` (the last step is saved by `finish_stage`)."""
+    return bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps
+
+
+def finish_stage(state: TrainState, cfg: Config, dims: ParallelDims, step: int, start: int,
+                 skips: SkipTracker, run_dir: Path) -> None:
+    """The final checkpoint (when this run made steps) and the HF export the next stage starts from."""
+    if step > start:
+        save_run(state, cfg, dims, step, skips)
+    state.export(run_dir / "hf")
+
+
 def start_run_dir(cfg: Config, dims: ParallelDims) -> Path:
     """The run folder, with the resolved config beside the checkpoints (rank 0 writes)."""
     run_dir = Path(cfg.run.dir)
@@ -163,11 +176,9 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                     "tokens_per_s_per_gpu": row["tokens_per_s_per_gpu"], "mfu": row["mfu"]}
             if evaluated:
                 last["eval_accuracy"] = evaluated.get("eval/overall/accuracy")
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
+            if checkpoint_due(cfg, step):
                 save_run(state, cfg, dims, step, skips)
-        if step > start:
-            save_run(state, cfg, dims, step, skips)
-        state.export(run_dir / "hf")
+        finish_stage(state, cfg, dims, step, start, skips, run_dir)
     finally:
         writer.close()
     return last
