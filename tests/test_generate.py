@@ -150,12 +150,52 @@ def test_generated_image_token_is_an_ordinary_token(tiny):
     assert all(o.token_ids == [image_id] * 3 for o in outs)
 
 
-def test_pipeline_stage_is_refused(tiny):
-    """Pins: a partial (pipeline-stage) model fails with the layout to use, not deep in a layer."""
-    _, folder, batch = tiny
-    stage = M.from_pretrained(folder, layer_end=2)
-    with pytest.raises(NotImplementedError, match="pp=1"):
-        generate(stage, _prompts(batch), max_new_tokens=2)
+def _pipeline_worker(dims, folder, prompts, stop_ids):
+    """tp=2 x pp=2 (sequence parallel on) first; then, in the same processes, pp=2 with two
+    interleaved chunks per rank (dp=2): stages 0..3 of one layer each."""
+    from lingshu_fast.parallel.pipeline import ModelChunks
+    from lingshu_fast.parallel.state import init_parallel
+
+    def run(model):
+        greedy = generate(model, prompts, max_new_tokens=8, stop_token_ids=stop_ids)
+        sampled = generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=11, repeats=2)
+        return greedy, sampled
+
+    half = [(0, 2), (2, 4)][dims.pp_rank]
+    results = [run(M.from_pretrained(folder, layer_start=half[0], layer_end=half[1], sequence_parallel=True).eval())]
+    dims = init_parallel(1, 2)
+    chunks = [M.from_pretrained(folder, layer_start=s, layer_end=s + 1).eval() for s in (dims.pp_rank, 2 + dims.pp_rank)]
+    results.append(run(ModelChunks(chunks)))
+    return results
+
+
+@pytest.mark.dist
+def test_pipeline_equals_single_stage(tiny, tmp_path):
+    """Pins: generation through pipeline stages (point-to-point relay of the prefill and of every
+    decode step, per-stage K/V caches, images encoded on the first stage only, tokens sampled on
+    the last stage and broadcast so every stage's caches and row compaction follow), under TP x PP
+    with sequence parallelism and under interleaved chunks (a rank visited twice per step). Every
+    rank returns the same outputs as the whole model in one process. Partial sums differ in order
+    only through TP: log-probs agree to 1e-5, tokens exactly."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    _, _, batch = tiny
+    torch.manual_seed(1)
+    folder = str(tmp_path / "hf4")
+    Qwen2_5_VLForConditionalGeneration(M.tiny_hf_config(num_hidden_layers=4)).eval().save_pretrained(folder)
+    prompts = _prompts(batch)
+    model = M.from_pretrained(folder).eval()
+    # stop on the second greedy token of prompt 1: a row finishes early and the caches get compacted
+    stop_ids = [generate(model, prompts, max_new_tokens=2)[1].token_ids[1]]
+    greedy = generate(model, prompts, max_new_tokens=8, stop_token_ids=stop_ids)
+    assert greedy[1].finished and len(greedy[1].token_ids) == 2
+    sampled = generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=11, repeats=2)
+    for layout in zip(*spawn(_pipeline_worker, 4, folder, prompts, stop_ids, tp=2, pp=2)):
+        for g, s in layout:
+            assert [(o.token_ids, o.finished) for o in g] == [(o.token_ids, o.finished) for o in greedy]
+            assert [(o.token_ids, o.finished) for o in s] == [(o.token_ids, o.finished) for o in sampled]
+            for a, b in zip(s, sampled):
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
 def _tp2_worker(dims, folder, prompts):

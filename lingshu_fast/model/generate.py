@@ -18,14 +18,18 @@ Design choices:
   all-reduce; logits are gathered over TP; the sampled tokens and their log-probs are broadcast from
   the TP group's first rank, so every rank extends its cache with the very same token.
 - Sequence parallelism is switched off for the duration of the call (it splits the token dimension,
-  which a one-token decode step does not have); pipeline parallelism is not supported (error).
+  which a one-token decode step does not have).
+- Pipeline parallelism (`parallel/relay.py`): the prefill and every decode step go through the
+  stages one after the other by point-to-point send/recv; each stage keeps the K/V of its own
+  layers, the first stage alone encodes the images and embeds, the last samples and broadcasts the
+  tokens and log-probs over the pipeline group so every stage extends (and compacts) its caches
+  alike. Every rank returns the same outputs. Interleaved chunks (`ModelChunks`) work the same way.
 - `logprobs` are log_softmax(logits / T) of each chosen token (T = 1 for greedy): the behaviour
   policy's log-probs at temperature T, without the top-p renormalisation (as verl/TRL compute them).
 - The stop token, when produced, is part of `token_ids` (the RL loss must learn to stop).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -35,6 +39,8 @@ import torch.nn.functional as F
 
 from lingshu_fast.model.attention import varlen_attention
 from lingshu_fast.model.ops import apply_rotary, swiglu
+from lingshu_fast.parallel.relay import (broadcast_from_last_stage, last_stage_holder, model_chunks, relay,
+                                         without_sequence_parallel)
 
 
 @dataclass
@@ -54,24 +60,6 @@ class GenerationOutput:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _no_sequence_parallel(model):
-    """Decode steps hold one token per sequence: run the TP layers without sequence splitting."""
-    if not getattr(model, "sequence_parallel", False):
-        yield
-        return
-    linears = [m for layer in model.layers for m in (layer.qkv, layer.gate_up, layer.o_proj, layer.down_proj)]
-    model.sequence_parallel = False
-    for m in linears:
-        m.sequence_parallel = False
-    try:
-        yield
-    finally:
-        model.sequence_parallel = True
-        for m in linears:
-            m.sequence_parallel = True
 
 
 def _tp_group_info():
@@ -168,9 +156,6 @@ def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop
     finished rows are fed until they are compacted away (default: the first stop id, else 0).
     Every rank of a TP group must call this with the same prompts.
     """
-    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
-        raise NotImplementedError("generation needs the whole model on one pipeline stage; "
-                                  "run evaluation/rollouts with parallel.pp=1 (tensor parallelism is fine)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if repeats < 1:
@@ -179,30 +164,57 @@ def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompts:
         return []
-    with _no_sequence_parallel(model):
+    with without_sequence_parallel(model):
         return _generate(model, list(prompts), max_new_tokens, list(stop_token_ids), temperature, top_p, seed,
                          pad_token_id, repeats)
 
 
-def _prefill(model, prompts, device):
-    """Packed forward over the distinct prompts -> (last-token logits [N, V], per-layer K/V [T, Hkv, D])."""
-    embeds = _encode_all_images(model, prompts, device)
+def _prefill(model, prompts, device, hidden_size: int):
+    """One packed forward over the distinct prompts, stage by stage under pipeline parallelism.
+    Returns (last-token logits [N, V] on the last stage's ranks, else None; per local chunk, its
+    layers' K/V [T, Hkv, D]; prompt lengths)."""
     ids = torch.cat([p.input_ids for p in prompts]).to(device)
-    with_images = [e for e in embeds if e is not None]
-    hidden = model.embed(ids, image_embeds=torch.cat(with_images) if with_images else None)
     lengths = [int(p.input_ids.shape[0]) for p in prompts]
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
-    cos, sin = model.rope(torch.cat([p.position_ids for p in prompts], dim=1).to(device))
-    kv = []
-    for layer in model.layers:
-        hidden, k, v = _attn_prefill(layer, hidden, cos, sin, cu, max(lengths))
-        kv.append((k, v))
-    last = cu[1:].long() - 1
-    return model.logits(model.head(hidden[last])), kv, lengths
+    positions = torch.cat([p.position_ids for p in prompts], dim=1).to(device)
+    kv: dict[int, list] = {}
+
+    def run_chunk(chunk, hidden):
+        if chunk.pre_process:  # the vision tower and the embeddings live on the first stage only
+            embeds = [e for e in _encode_all_images(chunk, prompts, device) if e is not None]
+            hidden = chunk.embed(ids, image_embeds=torch.cat(embeds) if embeds else None)
+        cos, sin = chunk.rope(positions)
+        kv[id(chunk)] = []
+        for layer in chunk.layers:
+            hidden, k, v = _attn_prefill(layer, hidden, cos, sin, cu, max(lengths))
+            kv[id(chunk)].append((k, v))
+        if chunk.post_process:
+            return chunk.logits(chunk.head(hidden[cu[1:].long() - 1]))
+        return hidden
+
+    logits = relay(model, run_chunk, (int(cu[-1]), hidden_size), model.dtype)
+    return logits, [kv[id(chunk)] for chunk in model_chunks(model)], lengths
+
+
+def _row_caches(kv, lengths, repeats, capacity, device):
+    """One cache row per (prompt, repeat): the prompt's K/V copied, left-aligned, [B, Hkv, L, D]."""
+    starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    caches = []
+    for k, v in kv:
+        kc = k.new_zeros(len(lengths) * repeats, k.shape[1], capacity, k.shape[2])
+        vc = torch.zeros_like(kc)
+        for i, length in enumerate(lengths):
+            rows = slice(i * repeats, (i + 1) * repeats)
+            kc[rows, :, :length] = k[starts[i]:starts[i + 1]].transpose(0, 1)
+            vc[rows, :, :length] = v[starts[i]:starts[i + 1]].transpose(0, 1)
+        caches.append([kc, vc])
+    return caches
 
 
 def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed, pad_token_id, repeats):
     device = next(model.parameters()).device
+    hidden_size = model.config.text_config.hidden_size
+    samples_here = last_stage_holder(model)  # the LM head's stage samples; the others receive the tokens
     tp_group, tp_src = _tp_group_info()
     generator = None
     if seed is not None and temperature > 0.0:
@@ -211,24 +223,15 @@ def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed
         if p.input_ids.dim() != 1 or p.position_ids.shape != (3, p.input_ids.shape[0]):
             raise ValueError(f"prompt {i}: input_ids must be [T] and position_ids [3, T], got "
                              f"{list(p.input_ids.shape)} and {list(p.position_ids.shape)}")
-    logits, kv, lengths = _prefill(model, prompts, device)
+    logits, kv, lengths = _prefill(model, prompts, device, hidden_size)
 
-    # one cache row per (prompt, repeat): the prompt's K/V copied, left-aligned, [B, Hkv, L, D]
     n_rows = len(prompts) * repeats
     prompt_len = torch.tensor(lengths, device=device).repeat_interleave(repeats)
     capacity = max(lengths) + max_new_tokens
-    starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
-    caches = []
-    for k, v in kv:
-        kc = k.new_zeros(n_rows, k.shape[1], capacity, k.shape[2])
-        vc = torch.zeros_like(kc)
-        for i, length in enumerate(lengths):
-            rows = slice(i * repeats, (i + 1) * repeats)
-            kc[rows, :, :length] = k[starts[i]:starts[i + 1]].transpose(0, 1)
-            vc[rows, :, :length] = v[starts[i]:starts[i + 1]].transpose(0, 1)
-        caches.append([kc, vc])
+    caches = [_row_caches(chunk_kv, lengths, repeats, capacity, device) for chunk_kv in kv]
     next_pos = torch.tensor([int(p.position_ids.max()) + 1 for p in prompts], device=device).repeat_interleave(repeats)
-    logits = logits.repeat_interleave(repeats, dim=0)
+    if samples_here:
+        logits = logits.repeat_interleave(repeats, dim=0)
 
     outputs = [GenerationOutput() for _ in range(n_rows)]
     row_seq = torch.arange(n_rows, device=device)  # cache row -> output index
@@ -236,13 +239,17 @@ def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     fill = pad_token_id if pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
     for step in range(max_new_tokens):
-        tokens, logps = _sample(logits, temperature, top_p, generator)
-        if tp_group is not None:  # every TP rank must extend its cache with the same token
-            dist.broadcast(tokens, src=tp_src, group=tp_group)
-            dist.broadcast(logps, src=tp_src, group=tp_group)
+        if samples_here:
+            tokens, logps = _sample(logits, temperature, top_p, generator)
+            if tp_group is not None:  # every TP rank must extend its cache with the same token
+                dist.broadcast(tokens, src=tp_src, group=tp_group)
+                dist.broadcast(logps, src=tp_src, group=tp_group)
+        else:
+            tokens = torch.empty(row_seq.shape[0], dtype=torch.long, device=device)
+            logps = torch.empty(row_seq.shape[0], dtype=torch.float32, device=device)
+        broadcast_from_last_stage(tokens), broadcast_from_last_stage(logps)  # every stage's caches follow
         tokens = torch.where(done, torch.full_like(tokens, fill), tokens)
-        for r, (seq, tok, lp, finished) in enumerate(zip(row_seq.tolist(), tokens.tolist(), logps.tolist(),
-                                                         done.tolist())):
+        for seq, tok, lp, finished in zip(row_seq.tolist(), tokens.tolist(), logps.tolist(), done.tolist()):
             if not finished:
                 outputs[seq].token_ids.append(tok)
                 outputs[seq].logprobs.append(lp)
@@ -255,15 +262,25 @@ def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed
             break
         if int(done.sum()) * 4 >= done.numel():  # compact: drop finished rows from the cache
             keep = (~done).nonzero().squeeze(-1)
-            caches = [[kc[keep], vc[keep]] for kc, vc in caches]
+            caches = [[[kc[keep], vc[keep]] for kc, vc in chunk_caches] for chunk_caches in caches]
             row_seq, tokens, prompt_len, next_pos, done = (
                 t[keep] for t in (row_seq, tokens, prompt_len, next_pos, done))
-        write_at = prompt_len + step  # this token's slot in each row's cache
-        key_mask = torch.arange(int(write_at.max()) + 1, device=device)[None, :] <= write_at[:, None]
-        cos, sin = model.rope((next_pos + step).unsqueeze(0).expand(3, -1))
-        # the bare embedding: a sampled <|image_pad|> id is just a token here, not an image slot
-        hidden = model.embed_tokens(tokens.unsqueeze(1)).squeeze(1)
-        for layer, (kc, vc) in zip(model.layers, caches):
-            hidden = _attn_decode(layer, hidden, cos, sin, kc, vc, write_at, key_mask)
-        logits = model.logits(model.head(hidden))
+        logits = _decode_step(model, caches, tokens, prompt_len + step, next_pos + step, hidden_size)
     return outputs
+
+
+def _decode_step(model, caches, tokens, write_at, positions, hidden_size: int):
+    """Feed one token per row through every stage; the last stage's logits [B, V] (None elsewhere).
+    `write_at` [B] is each row's cache slot for this token, `positions` [B] its M-RoPE position."""
+    key_mask = torch.arange(int(write_at.max()) + 1, device=tokens.device)[None, :] <= write_at[:, None]
+    slot = {id(chunk): i for i, chunk in enumerate(model_chunks(model))}
+
+    def run_chunk(chunk, hidden):
+        if chunk.pre_process:  # the bare embedding: a sampled <|image_pad|> id is just a token here
+            hidden = chunk.embed_tokens(tokens.unsqueeze(1)).squeeze(1)
+        cos, sin = chunk.rope(positions.unsqueeze(0).expand(3, -1))
+        for layer, (kc, vc) in zip(chunk.layers, caches[slot[id(chunk)]]):
+            hidden = _attn_decode(layer, hidden, cos, sin, kc, vc, write_at, key_mask)
+        return chunk.logits(chunk.head(hidden)) if chunk.post_process else hidden
+
+    return relay(model, run_chunk, (int(tokens.shape[0]), hidden_size), model.dtype)
