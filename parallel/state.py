@@ -40,7 +40,9 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minut
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world % (tp * pp) != 0:
-        raise ValueError(
+        from lingshu_fast.config import ConfigError  # a ValueError: the CLI prints it as one line
+
+        raise ConfigError(
             f"world size {world} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}; "
             f"choose tp and pp whose product divides {world}"
         )

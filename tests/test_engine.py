@@ -194,17 +194,23 @@ def _train_with(dims, run_dir, data, *extra):
 def test_interleaved_pipeline_matches_single_process(tmp_path, demo_data):
     """Pins: the interleaved 1F1B schedule (pp=2, 2 chunks per rank: stages 0,2 on rank 0 and 1,3 on
     rank 1) gives the single-process loss curve (each chunk reads its own k-th micro-batch; the tied
-    embedding's gradient meets the head copy's on the right chunks), and its HF export holds every
+    embedding's gradient meets the head copy's on the right chunks), the end-of-stage evaluation
+    generates through the chunks the predictions of the single process, and its HF export holds every
     chunk's weights (transformers loads it with nothing missing). Tolerance as above (fp32, 1e-4)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model_dir = _four_layer_tied_model(tmp_path / "tiny4")
     data = str(demo_data["instruct"])
-    base = spawn(_train_with, 1, str(tmp_path / "base"), data, f"model.path={model_dir}")[0]
-    inter = spawn(_train_with, 2, str(tmp_path / "inter"), data, f"model.path={model_dir}",
+    evals = [f"eval.benchmarks=[{demo_data['eval']}]", "eval.max_new_tokens=3", "eval.batch_size=64"]
+    base = spawn(_train_with, 1, str(tmp_path / "base"), data, f"model.path={model_dir}", *evals)[0]
+    inter = spawn(_train_with, 2, str(tmp_path / "inter"), data, f"model.path={model_dir}", *evals,
                   "parallel.pp_schedule=interleaved", "parallel.virtual_stages=2", pp=2)[0]
     assert len(base) == STEPS and base[-1] < base[0]
     assert len(inter) == STEPS and all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(base, inter)), (base, inter)
+    # the end-of-stage eval generates through the pipeline's chunks: the same greedy predictions
+    preds = [[json.loads(line)["prediction"] for line in open(run / "eval" / f"stage3_step{STEPS}_predictions.jsonl")]
+             for run in (tmp_path / "base", tmp_path / "inter")]
+    assert preds[0] == preds[1] and len(preds[0]) > 0
 
     hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "inter" / "hf"),
                                                                   output_loading_info=True)

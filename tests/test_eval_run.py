@@ -67,7 +67,7 @@ def test_evaluate_report_files_and_batch_size_invariance(setup):
                    "eval/overall/accuracy": rep["overall"]["accuracy"]}
 
 
-def _layouts_worker(dims, bench, folder, out_dir):
+def _layouts_worker(dims, bench, folder, out_dir, recipe):
     from lingshu_fast.data.tokenizer import load_tokenizer
     from lingshu_fast.eval.run import evaluate
     from lingshu_fast.model import from_pretrained
@@ -80,13 +80,18 @@ def _layouts_worker(dims, bench, folder, out_dir):
     assert dims.dp == 2
     dp_rep = evaluate(from_pretrained(folder), tokenizer, [bench], out_dir=out_dir, batch_size=16, tag="dp2",
                       verbose=False, **EVAL_KW)
+    from lingshu_fast.eval.run import main
+
+    # the CLI entry under pp=2 (same two processes, now two pipeline stages), writing run.dir/eval
+    assert main(argparse.Namespace(recipe=recipe, overrides=["parallel.pp=2", "parallel.pp_schedule=gpipe"])) == 0
     return tp_rep["overall"], dp_rep["overall"]
 
 
 @pytest.mark.dist
 def test_tp2_and_dp2_predictions_equal_tp1(setup):
     """Pins: TP ranks generate together (same tokens on both ranks), DP ranks split the items and
-    gather the predictions back in order, and every rank returns rank 0's report."""
+    gather the predictions back in order, pipeline stages (the CLI at parallel.pp=2) relay each
+    step, and every rank returns rank 0's report."""
     from lingshu_fast.eval.run import evaluate
     from lingshu_fast.model import from_pretrained
 
@@ -94,16 +99,23 @@ def test_tp2_and_dp2_predictions_equal_tp1(setup):
     out = root / "layouts"
     evaluate(from_pretrained(folder), tokenizer, [bench], out_dir=out, batch_size=16, tag="tp1", verbose=False,
              **EVAL_KW)
-    ranks = spawn(_layouts_worker, 2, bench, str(folder), str(out), tp=2)
+    recipe = root / "pp2.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "inherit": "tiny-base", "run": {"dir": str(root / "pp2_run")}, "model": {"init_from": folder},
+        "data": {"min_pixels": EVAL_KW["min_pixels"], "max_pixels": EVAL_KW["max_pixels"]},
+        "eval": {"benchmarks": [bench], "max_new_tokens": EVAL_KW["max_new_tokens"], "batch_size": 16}}))
+    ranks = spawn(_layouts_worker, 2, bench, str(folder), str(out), str(recipe), tp=2)
     reference = _predictions(out, "tp1")
     assert _predictions(out, "tp2") == reference
     assert _predictions(out, "dp2") == reference
+    assert _predictions(root / "pp2_run" / "eval", "eval") == reference
     assert ranks[0] == ranks[1]
 
 
 def test_cli_main_runs_a_recipe_and_rejects_bad_layouts(setup, capsys):
     """Pins: `lingshu-fast eval RECIPE` loads model.init_from and eval.benchmarks and writes
-    run.dir/eval; empty benchmarks and pp>1 are one-line config errors (exit 2), not tracebacks."""
+    run.dir/eval; empty benchmarks and a layout the world cannot hold are one-line config errors
+    (exit 2), not tracebacks."""
     from lingshu_fast.cli import main as cli_main
 
     root, bench, folder, _ = setup
@@ -116,8 +128,8 @@ def test_cli_main_runs_a_recipe_and_rejects_bad_layouts(setup, capsys):
     assert "overall (micro)" in capsys.readouterr().out
     assert cli_main(["eval", str(recipe), "eval.benchmarks=[]"]) == 2
     assert "eval.benchmarks is empty" in capsys.readouterr().err
-    assert cli_main(["eval", str(recipe), "parallel.pp=2"]) == 2
-    assert "parallel.pp=1" in capsys.readouterr().err
+    assert cli_main(["eval", str(recipe), "parallel.pp=2"]) == 2  # one process cannot hold two stages
+    assert "not divisible by parallel.tp * parallel.pp" in capsys.readouterr().err
 
 
 def test_main_is_the_cli_entry():

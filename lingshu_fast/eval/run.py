@@ -8,9 +8,9 @@ steps and at the end of a stage) and what `lingshu-fast eval RECIPE [key=value .
   `data.max_pixels`), M-RoPE ids from `data.rope`: the model sees what it was trained on.
 - Generation: `lingshu_fast.model.generate` (the RL rollout generator), greedy, stopping at
   `<|im_end|>` / the tokenizer's eos / `<|endoftext|>`.
-- Layouts: TP ranks generate the same batch together; data-parallel ranks take every dp-th item
-  and the predictions are gathered, so the scores do not depend on the layout. Pipeline
-  parallelism is refused with a clear error (generation needs the whole model on one stage).
+- Layouts: TP ranks generate the same batch together; pipeline stages relay each step to the next
+  (`parallel/relay.py`), interleaved chunks included; data-parallel ranks take every dp-th item
+  and the predictions are gathered, so the scores do not depend on the layout.
 - Output (global rank 0): `<tag>_report.json`, `<tag>_wrong.jsonl`, `<tag>_predictions.jsonl` (every
   item with its prediction) under `out_dir`, and the table printed. Every rank returns the report.
 """
@@ -172,15 +172,10 @@ def scheduled_eval(cfg, model, tokenizer, *, step: int, final: bool = False) -> 
     """The trainer's hook, called by every rank after a step: evaluates `eval.benchmarks` when
     `final` (end of a stage) or when `eval.every` divides `step`; returns the flat metrics
     {eval/<benchmark>/accuracy, eval/overall/accuracy} for that step's metrics row, else None.
-    Reports go to run.dir/eval/stage<S>_step<N>_*. Under parallel.pp > 1 it warns and returns None
-    (generation needs the whole model on one stage)."""
+    Reports go to run.dir/eval/stage<S>_step<N>_*. `model` is the rank's training model (a
+    pipeline stage or its interleaved chunks under parallel.pp > 1)."""
     due = final or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
     if not cfg.eval.benchmarks or not due:
-        return None
-    if getattr(model, "pre_process", True) is False or getattr(model, "post_process", True) is False:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print("lingshu-fast: eval skipped: evaluation needs parallel.pp=1; run `lingshu-fast eval` on "
-                  "the exported run.dir/hf instead", flush=True)
         return None
     rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
                    max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
@@ -194,7 +189,8 @@ def main(args) -> int:
     `eval.benchmarks`; the report goes to `run.dir/eval`."""
     from lingshu_fast.config import ConfigError, load_config
     from lingshu_fast.data.tokenizer import load_tokenizer
-    from lingshu_fast.model import from_pretrained
+    from lingshu_fast.model import from_pretrained, load_hf_config
+    from lingshu_fast.parallel.pipeline import rank_layer_kwargs, rank_model
     from lingshu_fast.parallel.state import init_parallel
     from lingshu_fast.train.build import pick_device, pick_dtype, resolve_model_path
 
@@ -202,17 +198,17 @@ def main(args) -> int:
     if not cfg.eval.benchmarks:
         raise ConfigError("eval.benchmarks is empty: give one or more benchmark JSONL files "
                           "(eval.benchmarks=[vqa_rad.jsonl,slake.jsonl])")
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: evaluation generates on one pipeline stage; "
-                          "run `lingshu-fast eval` with parallel.pp=1 (parallel.tp may be > 1)")
     missing = [b for b in cfg.eval.benchmarks if not Path(b).is_file()]
     if missing:
         raise ConfigError(f"eval.benchmarks: file(s) not found: {missing}")
-    dims = init_parallel(cfg.parallel.tp, 1, cfg.parallel.backend)
+    dims = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
     device = pick_device(dims)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model = from_pretrained(resolve_model_path(cfg, tokenizer), dtype=pick_dtype(cfg, device), device=device,
-                            attention_backend=cfg.model.attention)
+    path = resolve_model_path(cfg, tokenizer)
+    # this rank's pipeline stage(s), split as training splits them (the whole model at pp=1)
+    model = rank_model([from_pretrained(path, dtype=pick_dtype(cfg, device), device=device,
+                                        attention_backend=cfg.model.attention, **layers)
+                        for layers in rank_layer_kwargs(load_hf_config(path), dims, cfg)])
     try:
         rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
