@@ -62,6 +62,10 @@ class DataConfig:
     strict: bool = False
     system_prompt: Optional[str] = None
     num_workers: int = 0
+    # how images travel to the device: "uint8" ships the resized bytes and normalises + patchifies
+    # them there (image_pack kernel; 8x fewer bytes than float32 patches), "float32" packs on the
+    # host; "auto": uint8 when CUDA is available
+    image_transfer: Literal["auto", "uint8", "float32"] = "auto"
 
 
 @dataclass

@@ -232,3 +232,31 @@ def test_demo_dataset_deterministic_small_and_valid(tmp_path, demo, tok):
     for line in demo["eval"].read_text().splitlines():
         rec = json.loads(line)
         assert rec["answer"] in "ABCD"[: len(rec["options"])] and all((demo["eval"].parent / p).is_file() for p in rec["images"])
+
+
+def test_uint8_image_transfer_packs_on_the_device_to_the_same_pixels(demo, tok, monkeypatch):
+    """Pins data.image_transfer=uint8: the loader ships the resized bytes (1 byte per value, 1/8 of
+    the float32 patches' bytes), `to(device)` packs them into exactly the pixel values of the
+    host path (reference and Triton-interpreted kernels alike: both are exact byte -> table maps),
+    pad_to keeps the bytes, and `auto` on a host without CUDA packs on the host."""
+    host = PackedLoader([str(demo["instruct"])], tok, _cfg(demo, image_transfer="float32"), seed=5, epochs=1)
+    ship = PackedLoader([str(demo["instruct"])], tok, _cfg(demo, image_transfer="uint8"), seed=5, epochs=1)
+    auto = PackedLoader([str(demo["instruct"])], tok, _cfg(demo), seed=5, epochs=1)
+    assert not auto._ship_uint8 or torch.cuda.is_available()
+    with_images = 0
+    for a, b in zip(host, ship):
+        if a.pixel_values is None:
+            assert b.image_uint8 is None and b.pixel_values is None
+            continue
+        with_images, last = with_images + 1, b
+        assert b.pixel_values is None and b.image_uint8.dtype == torch.uint8
+        assert b.image_uint8.numel() * 8 == a.pixel_values.numel() * a.pixel_values.element_size()
+        for kernels in ("torch", "triton"):
+            monkeypatch.setenv("LINGSHU_KERNELS", kernels)
+            moved = b.pad_to(b.num_tokens + 3, int(b.cu_seqlens.numel()) + 1).to("cpu")
+            assert moved.image_uint8 is None and torch.equal(moved.pixel_values, a.pixel_values)
+            assert torch.equal(moved.image_grid_thw, a.image_grid_thw)
+    assert with_images > 0
+    bad = dataclasses.replace(last, image_grid_thw=last.image_grid_thw + 1)
+    with pytest.raises(ValueError, match="differ from the batch's image_grid_thw"):
+        bad.to("cpu")

@@ -12,6 +12,11 @@ Conventions (the trainer relies on them):
 - `pixel_values [P, 1176]` and `image_grid_thw [n, 3]` hold every image of every sample in token
   order; `vit_cu_seqlens [n+1]` (int32) are the cumulative patches per image (t*h*w), the ViT's
   per-image attention boundaries.
+- Or, with `data.image_transfer=uint8`, the images are still bytes: `image_uint8 [sum h*w*3]` (the
+  smart-resized images, HWC, concatenated) with `image_sizes [n, 2]`, and `pixel_values` is None.
+  `to(device)` moves the bytes and packs them there (`kernels.image_pack.pack_images`: Triton on
+  CUDA), so only uint8 crosses the host-to-device link: 1 byte per pixel and channel instead of the
+  8 of float32 patches (two temporal copies of 4 bytes). What the model sees is identical.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ class MicroBatch:
     pixel_values: Optional[torch.Tensor] = None  # [P, 1176] float32
     image_grid_thw: Optional[torch.Tensor] = None  # [n, 3] int64
     vit_cu_seqlens: Optional[torch.Tensor] = None  # [n+1] int32
+    image_uint8: Optional[torch.Tensor] = None  # [sum h*w*3] uint8, resized images not yet packed
+    image_sizes: Optional[torch.Tensor] = None  # [n, 2] int64 (h, w) of each resized image
     num_label_tokens: int = 0
     sample_ids: list[int] = field(default_factory=list)  # dataset indices, in segment order
     num_samples: int = 0  # real samples (pad segments from pad_to are not counted)
@@ -52,7 +59,20 @@ class MicroBatch:
         return dataclasses.replace(self, **changes)
 
     def to(self, device, non_blocking: bool = True) -> "MicroBatch":
-        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+        """The batch on `device`, images packed there if they came as bytes (see the docstring)."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking)).pack_pixels()
+
+    def pack_pixels(self) -> "MicroBatch":
+        """`image_uint8` -> `pixel_values` (float32) on the bytes' device; a no-op without bytes."""
+        if self.image_uint8 is None:
+            return self
+        from lingshu_fast.kernels.image_pack import pack_images
+
+        pixel_values, grid = pack_images(self.image_uint8, self.image_sizes, out_dtype=torch.float32)
+        if self.image_grid_thw is not None and not torch.equal(grid.cpu(), self.image_grid_thw.cpu()):
+            raise ValueError(f"packed image grids {grid.tolist()} differ from the batch's image_grid_thw "
+                             f"{self.image_grid_thw.tolist()}")
+        return dataclasses.replace(self, pixel_values=pixel_values, image_uint8=None, image_sizes=None)
 
     def pin_memory(self) -> "MicroBatch":
         if not torch.cuda.is_available():  # pinning needs a CUDA driver; a no-op on CPU-only hosts

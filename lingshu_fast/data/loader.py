@@ -14,7 +14,9 @@ Each epoch e is planned from the cached lengths alone: `plan_packing(lengths, bu
 floor(bins/dp) each, so ranks stay in lockstep and, with the trainer taking global_microbatches/dp
 micro-batches per rank per step, step k always consumes global bins [k*G, (k+1)*G) whatever dp is.
 
-Images are decoded and preprocessed only when a micro-batch is built. An image that fails to decode
+Images are decoded and resized only when a micro-batch is built; they are normalised and patchified
+there too (`pixel_values`), or, under `data.image_transfer=uint8` (auto: on CUDA), left as bytes
+that `MicroBatch.to(device)` packs on the device (batch.py). An image that fails to decode
 then (corrupt data the header read could not see) drops its sample from the micro-batch, counted as
 corrupt_image in `skipped_runtime` (a DataError under strict). A micro-batch never disappears, so the
 ranks stay in lockstep; if all its samples fail it becomes one pad token with no labels.
@@ -92,6 +94,8 @@ class PackedLoader:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
         self.cfg, self.dp_rank, self.dp_size, self.seed, self.epochs = cfg, dp_rank, dp_size, seed, epochs
+        # images as bytes, packed on the device by MicroBatch.to (data.image_transfer)
+        self._ship_uint8 = cfg.image_transfer == "uint8" or (cfg.image_transfer == "auto" and torch.cuda.is_available())
         self.template = ChatTemplate(tokenizer, cfg.system_prompt)
         self.token_ids = self.template.ids
         self.limit = min(cfg.max_length, cfg.max_tokens_per_microbatch) if cfg.pack else cfg.max_length
@@ -285,15 +289,21 @@ class PackedLoader:
             cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max()),
             num_label_tokens=int((labels != IGNORE_INDEX).sum()), sample_ids=kept, num_samples=len(kept))
         if loaded:
-            pixel_values, grid_thw = img.preprocess(loaded, min_pixels=self.cfg.min_pixels,
-                                                    max_pixels=self.cfg.max_pixels)
+            resized = img.resize_images(loaded, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
+            flat_uint8, sizes = img.concat_uint8(resized)
+            grid_thw = torch.cat([torch.ones(len(resized), 1, dtype=torch.int64), sizes // img.PATCH_SIZE], dim=1)
             expected = np.concatenate(grids)
             if not np.array_equal(grid_thw.numpy(), expected):  # header size != decoded size
                 raise DataError(f"image grids {grid_thw.tolist()} differ from the start-up scan {expected.tolist()} "
                                 f"for samples {[self.samples[i].source for i in kept]}: an image changed on disk?")
             patches = grid_thw.prod(dim=1)
-            batch.pixel_values = pixel_values.float()
-            batch.image_grid_thw = grid_thw.to(torch.int64)
+            if self._ship_uint8:  # packed on the device by MicroBatch.to
+                batch.image_uint8, batch.image_sizes = flat_uint8, sizes
+            else:
+                from lingshu_fast.kernels.image_pack import pack_images
+
+                batch.pixel_values = pack_images(flat_uint8, sizes, out_dtype=torch.float32)[0]
+            batch.image_grid_thw = grid_thw
             batch.vit_cu_seqlens = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).to(torch.int32)
         return batch, failed
 
