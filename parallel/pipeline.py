@@ -26,9 +26,11 @@ Stage metadata is static (from these fixed shapes), never inferred by a trial fo
 
 Inputs of the first stage. Images differ in size from one micro-batch to the next, so they do not
 go through the schedule's input splitting: the first stage receives only the micro-batch's index
-and reads that micro-batch (ids, positions, pixels) from the runner. The last stage's loss gets the
-padded labels as the schedule's target and returns `sum CE / global_label_tokens`, as the
-non-pipelined step does, with `scale_grads=False`.
+and runs the caller's `first_forward(chunk, index)` (stages 1-3: ids, positions, pixels; stage 4:
+each prompt's images encoded once and shared by its group). The schedule's target is the index
+too: the last stage's `loss_of(hidden, index)` reads that micro-batch's labels (stages 1-3:
+`sum CE / global_label_tokens`, as the non-pipelined step) or its advantages, mask and log-probs
+(stage 4's GRPO loss), with `scale_grads=False`.
 
 Tied embeddings (PP > 1). The last stage keeps its own copy of the embedding as LM head; their
 gradients are summed over Megatron-Core's embedding group after the backward so both copies take
@@ -37,7 +39,7 @@ once.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -138,65 +140,111 @@ class ModelChunks(nn.Module):
 
 class _StageModule(nn.Module):
     """Adapts the model slice to the schedule's positional tensor interface: the first stage takes
-    a micro-batch index, the others the previous stage's hidden states; every stage reads the
-    micro-batch's positions and boundaries from the runner."""
+    a micro-batch index and runs the runner's `first_forward`, the others the previous stage's
+    hidden states; every stage reads the micro-batch's positions and boundaries from the runner."""
 
     def __init__(self, model, runner: "PipelineRunner", chunk: int):
         super().__init__()
         self.model, self.runner, self.chunk = model, runner, chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mb = self.runner.next_forward_microbatch(self.chunk)
+        k = self.runner.next_forward_index(self.chunk)
         if self.model.pre_process:
-            out = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
-                             pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, max_seqlen=mb.max_seqlen)
-        else:
-            out = self.model(hidden_states=x, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
-                             max_seqlen=mb.max_seqlen)
-        return out.hidden_states
+            return self.runner.first_forward(self.model, k)
+        mb = self.runner.current[k]
+        return self.model(hidden_states=x, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                          max_seqlen=mb.max_seqlen).hidden_states
+
+
+MAX_CACHED_SCHEDULES = 4  # RL updates vary their micro-batch count; each schedule keeps its own buffers
 
 
 class PipelineRunner:
-    def __init__(self, model, dims, cfg, opts):
+    """Runs micro-batches of the static shape through torch's pipeline schedule.
+
+    `forward_backward` is stages 1-3's step (cross-entropy over the labels). `run` is the general
+    form stage 4 uses: a first-stage forward and a per-micro-batch loss given by the caller.
+
+    The schedules fix their micro-batch count when built. Stages 1-3 always run
+    `train.global_microbatches / dp` per step (one schedule, checked here). With
+    `variable_microbatches=True` (stage 4: packing decides the count of each update) a schedule
+    is built per count on first use and kept (fresh `PipelineStage`s each: a stage's buffers are
+    sized for one count), and `microbatch_count(n)` rounds n up to a count the schedule accepts;
+    the caller fills the difference with empty micro-batches (nothing trained). Padding every
+    update to one fixed count instead would run the pipeline on empty micro-batches whenever an
+    update packs into fewer than the worst case (one sequence per micro-batch)."""
+
+    def __init__(self, model, dims, cfg, opts=None, *, variable_microbatches: bool = False):
         from megatron.core import parallel_state as ps
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                                  ScheduleInterleaved1F1B)
+
+        from lingshu_fast.train.step import LossOptions
 
         n_chunks = check_schedule(cfg.parallel)
         self.chunks = list(model.chunks) if isinstance(model, ModelChunks) else [model]
         if len(self.chunks) != n_chunks:
             raise ValueError(f"the model has {len(self.chunks)} chunks but parallel.virtual_stages={n_chunks}")
         self.first, self.last = self.chunks[0], self.chunks[-1]
-        self.model, self.dims, self.opts = model, dims, opts
+        self.model, self.dims, self.opts = model, dims, opts if opts is not None else LossOptions()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.tokens = cfg.data.max_tokens_per_microbatch
         self.slots = self.tokens // SEGMENT_SLOTS_PER_TOKENS + 2
-        self.per_rank = cfg.train.global_microbatches // dims.dp
+        self.schedule_name = cfg.parallel.pp_schedule
         self.device = next(model.parameters()).device
         self.current: list = []
+        self.first_forward = None  # (first chunk, micro-batch index) -> hidden states, set by `run`
+        self._loss_of = None  # (last stage's hidden, micro-batch index) -> loss, set by `run`
         self._forwards = [0] * n_chunks
-        self._denominator = 1.0
+        self._schedules: dict = {}
         self.tied = bool(model.config.tie_word_embeddings)
         if self.tied and self.last.post_process and not self.last.pre_process:
             self.last.lm_head.weight.shared = True
-        stages = [PipelineStage(_StageModule(chunk, self, c), c * dims.pp + dims.pp_rank, dims.pp * n_chunks,
-                                self.device, group=self.pp_group, **self._static_shapes(chunk))
-                  for c, chunk in enumerate(self.chunks)]
-        schedule = cfg.parallel.pp_schedule
-        if self.per_rank < dims.pp and schedule == "1f1b":
-            raise ValueError(f"1F1B needs at least parallel.pp={dims.pp} micro-batches per DP rank and step; "
-                             f"train.global_microbatches={cfg.train.global_microbatches} gives {self.per_rank}")
-        # every stage gets the loss function: the schedule runs backward only where one is given
-        if schedule == "interleaved":
-            rounds = max(1, self.per_rank // dims.pp)
-            if self.per_rank % rounds:  # torch's flexible interleaved schedule runs whole rounds
+        for chunk in self.chunks:
+            self._static_shapes(chunk)  # a budget that sequence parallelism cannot split fails here
+        self.per_rank = None
+        if not variable_microbatches:
+            self.per_rank = cfg.train.global_microbatches // dims.dp
+            if self.per_rank < dims.pp and self.schedule_name == "1f1b":
+                raise ValueError(f"1F1B needs at least parallel.pp={dims.pp} micro-batches per DP rank and step; "
+                                 f"train.global_microbatches={cfg.train.global_microbatches} gives {self.per_rank}")
+            if self.schedule_name == "interleaved" and self.microbatch_count(self.per_rank) != self.per_rank:
+                rounds = max(1, self.per_rank // dims.pp)  # torch's flexible interleaved schedule runs whole rounds
                 raise ValueError(f"interleaved 1F1B needs the micro-batches per DP rank ({self.per_rank}) to be a "
                                  f"multiple of {rounds} (= their number // parallel.pp={dims.pp})")
-            self.schedule = ScheduleInterleaved1F1B(stages, self.per_rank, loss_fn=self._loss, scale_grads=False)
+            self._schedule(self.per_rank)
+
+    def microbatch_count(self, n: int) -> int:
+        """The smallest micro-batch count >= n that the schedule runs: 1F1B needs one per stage at
+        least, interleaved 1F1B whole rounds (a multiple of max(1, count // pp))."""
+        n, pp = max(n, 1), self.dims.pp
+        if self.schedule_name == "1f1b":
+            return max(n, pp)
+        if self.schedule_name == "interleaved":
+            while n % max(1, n // pp):
+                n += 1
+        return n
+
+    def _schedule(self, n: int):
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
+
+        if n in self._schedules:
+            self._schedules[n] = self._schedules.pop(n)  # most recently used last
+            return self._schedules[n]
+        if len(self._schedules) >= MAX_CACHED_SCHEDULES:
+            self._schedules.pop(next(iter(self._schedules)))
+        dims = self.dims
+        stages = [PipelineStage(_StageModule(chunk, self, c), c * dims.pp + dims.pp_rank, dims.pp * len(self.chunks),
+                                self.device, group=self.pp_group, **self._static_shapes(chunk))
+                  for c, chunk in enumerate(self.chunks)]
+        # every stage gets the loss function: the schedule runs backward only where one is given
+        if self.schedule_name == "interleaved":
+            schedule = ScheduleInterleaved1F1B(stages, n, loss_fn=self._loss, scale_grads=False)
         else:
-            schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
-            self.schedule = schedule_cls(stages[0], self.per_rank, loss_fn=self._loss, scale_grads=False)
+            schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[self.schedule_name]
+            schedule = schedule_cls(stages[0], n, loss_fn=self._loss, scale_grads=False)
+        self._schedules[n] = schedule
+        return schedule
 
     def _static_shapes(self, model) -> dict:
         """Example tensors of each stage's inputs and outputs. Static metadata matters: in dynamic
@@ -214,28 +262,62 @@ class PipelineRunner:
                              requires_grad=True) if model.post_process else hidden
         return {"input_args": (inputs,), "output_args": (output,)}
 
-    def next_forward_microbatch(self, chunk: int):
-        mb = self.current[self._forwards[chunk]]
+    def next_forward_index(self, chunk: int) -> int:
+        k = self._forwards[chunk]
         self._forwards[chunk] += 1
-        return mb
+        return k
 
-    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from lingshu_fast.train.step import lm_loss_sum
+    def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss_of(hidden, int(target.reshape(-1)[0]))  # the target is the micro-batch's index
 
-        return lm_loss_sum(hidden, self.last.lm_head_weight, labels.reshape(-1), self.tp_group,
-                           self.opts) / self._denominator
-
-    def forward_backward(self, microbatches: Sequence, *, global_label_tokens: int) -> float:
-        self._denominator = float(max(global_label_tokens, 1))
-        self.current = [mb.pad_to(self.tokens, self.slots).to(self.device) for mb in microbatches]
+    def run(self, microbatches: Sequence, first_forward: Callable, loss_of: Callable) -> list[torch.Tensor]:
+        """Forward and backward of `microbatches` (MicroBatch already padded to the static shape, on
+        the device; their count one the schedule runs). `first_forward(chunk, k)`: stage 0's output
+        for micro-batch k; `loss_of(hidden, k)`: the loss of micro-batch k from the last stage's
+        final hidden states (what its backward starts from). Returns the losses on the last stage,
+        [] elsewhere. Tied-embedding gradients are synced afterwards."""
+        n = len(microbatches)
+        for mb in microbatches:
+            if mb.num_tokens != self.tokens or mb.cu_seqlens.numel() != self.slots + 1:
+                raise ValueError(f"pipeline micro-batches must be padded to {self.tokens} tokens and "
+                                 f"{self.slots} segments (MicroBatch.pad_to); got {mb.num_tokens} tokens, "
+                                 f"{mb.cu_seqlens.numel() - 1} segments")
+        schedule = self._schedule(n)
+        self.current, self.first_forward, self._loss_of = list(microbatches), first_forward, loss_of
         self._forwards = [0] * len(self.chunks)
-        n = len(self.current)
         losses: list = []
         args = (torch.arange(n, device=self.device).reshape(n, 1),) if self.first.pre_process else ()
-        target = torch.stack([mb.labels for mb in self.current]) if self.last.post_process else None
-        self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        target = torch.arange(n).reshape(n, 1) if self.last.post_process else None
+        try:
+            schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        finally:
+            self.current, self.first_forward, self._loss_of = [], None, None
         self._sync_tied_embeddings()
-        self.current = []
+        return losses if self.last.post_process else []
+
+    def pad(self, mb, pad_token_id: int = 0):
+        """`mb` padded to the pipeline's static shape, with a clear error when it cannot fit."""
+        if mb.num_tokens > self.tokens:
+            raise ValueError(f"a micro-batch of {mb.num_tokens} tokens does not fit the pipeline's static shape of "
+                             f"data.max_tokens_per_microbatch={self.tokens} tokens: under parallel.pp > 1 every "
+                             f"packed sequence must fit the budget (raise data.max_tokens_per_microbatch or lower "
+                             f"data.max_length)")
+        return mb.pad_to(self.tokens, self.slots, pad_token_id=pad_token_id)
+
+    def forward_backward(self, microbatches: Sequence, *, global_label_tokens: int) -> float:
+        from lingshu_fast.train.step import lm_loss_sum, model_inputs
+
+        denominator = float(max(global_label_tokens, 1))
+        padded = [self.pad(mb).to(self.device) for mb in microbatches]
+
+        def first_forward(chunk, k: int) -> torch.Tensor:
+            return chunk(**model_inputs(padded[k])).hidden_states
+
+        def loss_of(hidden: torch.Tensor, k: int) -> torch.Tensor:
+            return lm_loss_sum(hidden, self.last.lm_head_weight, padded[k].labels, self.tp_group,
+                               self.opts) / denominator
+
+        losses = self.run(padded, first_forward, loss_of)
         return float(sum(float(x.detach()) for x in losses)) if self.last.post_process else 0.0
 
     def _sync_tied_embeddings(self) -> None:

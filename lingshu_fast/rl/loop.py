@@ -23,8 +23,13 @@ epochs without end (as stages 1-3's loader): train.max_steps decides the length.
 Resume and checkpoints reuse stages 1-3's (`train.loop._resume/_save`: model, optimizer, schedule,
 RNG, prompt position), taken only between rollouts: a checkpoint due (checkpoint.every) in the
 middle of a rollout is written after its last update. A run whose max_steps ends inside a rollout
-drops that rollout's remaining updates (a later, longer run starts a fresh rollout). Pipeline
-parallelism is not supported in stage 4 (a ConfigError): the generator needs the whole model.
+drops that rollout's remaining updates (a later, longer run starts a fresh rollout).
+
+Layouts: TP, PP and DP as stages 1-3 (the same per-chunk model, checkpoints and schedules). Under
+parallel.pp > 1 the generator and the old/reference log-prob passes run stage by stage
+(`parallel.relay`; every rank of a pipeline gets the same rollout), and the updates go through
+the pipeline schedule (`rl.pipeline_step`): micro-batches padded to data.max_tokens_per_microbatch,
+so a prompt + response (data.max_length) must fit that budget.
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ from lingshu_fast.parallel.state import ParallelDims, init_parallel
 from lingshu_fast.rl.rewards import parse_reward_spec
 from lingshu_fast.rl.rollout import PromptDataset, Rollout, collect_rollout
 from lingshu_fast.rl.step import forward_backward_rl, norm_count, pack_sequences, sequence_logprobs
-from lingshu_fast.train.build import TrainState, hf_exporter, prepare_run
+from lingshu_fast.rl.pipeline_step import pipeline_forward_backward_rl
+from lingshu_fast.train.build import TrainState, build_rank_model, build_trainable, hf_exporter, prepare_run
 from lingshu_fast.train.loop import (checkpoint_due, finish_stage, parallel_groups, resume_run, save_run,
                                      start_run_dir)
 from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, all_finite, mem_gb, mfu, peak_flops_per_s
@@ -52,9 +58,11 @@ from lingshu_fast.train.optim import clip_grad_norm, current_lrs
 def _check_layout(cfg: Config, dims: ParallelDims) -> int:
     """Prompts per rank per rollout."""
     rl = cfg.rl
-    if dims.pp > 1:
-        raise ConfigError("parallel.pp > 1 is not supported in stage 4 (RL): rollouts need the whole model on "
-                          "one stage; use tensor and data parallelism (parallel.tp)")
+    if dims.pp > 1 and cfg.data.max_length > cfg.data.max_tokens_per_microbatch:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} (prompt + response) exceeds "
+                          f"data.max_tokens_per_microbatch={cfg.data.max_tokens_per_microbatch}: under "
+                          f"parallel.pp > 1 every sequence must fit the pipeline's fixed micro-batch; lower the "
+                          f"first or raise the second")
     if rl.updates_per_rollout < 1:
         raise ConfigError(f"rl.updates_per_rollout must be >= 1, got {rl.updates_per_rollout}")
     if rl.rollout_batch % (dims.dp * rl.updates_per_rollout):
@@ -72,24 +80,18 @@ def _check_layout(cfg: Config, dims: ParallelDims) -> int:
 
 def build_rl_state(cfg: Config, dims: ParallelDims):
     """(TrainState with the prompt stream as its loader, frozen reference model or None)."""
-    from megatron.core import parallel_state as ps
-
-    from lingshu_fast.model import from_pretrained, param_groups, set_trainable, training_flops
-    from lingshu_fast.train.optim import build_optimizer, build_scheduler
+    from lingshu_fast.model import training_flops
+    from lingshu_fast.parallel.pipeline import PipelineRunner
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more RL JSONL files (records with 'answer')")
     device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
-    load = dict(dtype=dtype, device=device, attention_backend=cfg.model.attention)
-    model = from_pretrained(model_path, activation_checkpointing=cfg.model.activation_checkpointing,
-                            sequence_parallel=cfg.parallel.sequence_parallel, **load)
-    set_trainable(model, cfg.model.freeze)
+    model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     ref_model = None
-    if cfg.rl.beta != 0.0:
-        ref_model = from_pretrained(model_path, sequence_parallel=cfg.parallel.sequence_parallel, **load).eval()
-        ref_model.requires_grad_(False)
-    optimizer = build_optimizer(param_groups(model), cfg.optim, dp_group=ps.get_data_parallel_group())
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    if cfg.rl.beta != 0.0:  # the same chunks as the policy: its log-probs meet the loss on the last stage
+        ref_model = build_rank_model(cfg, dims, model_path, dtype=dtype, device=device, frozen=True)
+    # packing decides each update's micro-batch count: the runner builds a schedule per count
+    runner = PipelineRunner(model, dims, cfg, variable_microbatches=True) if dims.pp > 1 else None
     prompts = PromptDataset(cfg.data.train, tokenizer, cfg.data, max_new_tokens=cfg.rl.max_new_tokens,
                             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.run.seed)
     hf_config = model.config
@@ -98,7 +100,7 @@ def build_rl_state(cfg: Config, dims: ParallelDims):
         seq_lens = (rmb.mb.cu_seqlens[1:] - rmb.mb.cu_seqlens[:-1]).tolist()
         return training_flops(hf_config, [s for s in seq_lens if s > 0], rmb.prompt_grid_thw)
 
-    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=prompts, runner=None,
+    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=prompts, runner=runner,
                        device=device, tokenizer=tokenizer, flops_of=flops_of,
                        export=hf_exporter(model, tokenizer, dims))
     return state, ref_model
@@ -154,7 +156,8 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
     dims = dims or init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
     per_rank = _check_layout(cfg, dims)
     run_dir = start_run_dir(cfg, dims)
-    tp_group, dp_group, _ = parallel_groups()
+    tp_group, dp_group, pp_group = parallel_groups()
+    pp_group = pp_group if dims.pp > 1 else None
     state, ref_model = build_rl_state(cfg, dims)
     model, rl = state.model, cfg.rl
     skips = SkipTracker(cfg.train.max_consecutive_skips)
@@ -165,6 +168,7 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     upr = rl.updates_per_rollout
     token_multiple = model.tp if getattr(model, "sequence_parallel", False) else 1
+    pad_token_id = state.loader.token_ids["pad_token_id"]
     summary = {"stage": cfg.train.stage, "steps": start, "loss": float("nan"), "tokens_per_s_per_gpu": 0.0,
                "mfu": None, "reward_start": None, "reward_end": None}
     step, rollout_index = start, math.ceil(start / upr)
@@ -176,8 +180,7 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                                  seed=_rollout_seed(cfg.run.seed, rollout_index, dims.dp_rank))
             rollout_index += 1
             ro_stats = _rollout_stats(ro, dp_group, ro.generate_s)
-            updates, filtered = _plan_updates(ro, cfg, token_multiple=token_multiple,
-                                              pad_token_id=state.loader.token_ids["pad_token_id"])
+            updates, filtered = _plan_updates(ro, cfg, token_multiple=token_multiple, pad_token_id=pad_token_id)
             ro_stats["filtered_groups"] = int(allreduce_scalar(filtered, dp_group))
             prep = StepTimer(state.device).start()
             for rmbs in updates:  # log-probs of the rollout policy and the reference, before any update
@@ -199,10 +202,15 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                 state.optimizer.zero_grad(set_to_none=True)
                 rmbs = [rmb.to(state.device) for rmb in rmbs]
                 global_count = int(allreduce_scalar(sum(norm_count(r, rl.loss_agg) for r in rmbs), dp_group))
-                totals = forward_backward_rl(model, rmbs, global_count=global_count, rl_cfg=rl, tp_group=tp_group)
+                if state.runner is None:
+                    totals = forward_backward_rl(model, rmbs, global_count=global_count, rl_cfg=rl,
+                                                 tp_group=tp_group)
+                else:  # the same sums on every pipeline rank (broadcast from the last stage)
+                    totals = pipeline_forward_backward_rl(state.runner, rmbs, global_count=global_count, rl_cfg=rl,
+                                                          pad_token_id=pad_token_id)
                 allreduce_gradients(params, dp_group)
                 reduced = {k: allreduce_scalar(v, dp_group) for k, v in totals.items()}
-                grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, tp_group=tp_group)
+                grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, tp_group=tp_group, pp_group=pp_group)
                 if global_count == 0:
                     skips.ok()  # every group filtered or empty: nothing to learn, no update
                 elif all_finite(reduced["loss"], grad_norm):

@@ -145,20 +145,30 @@ def pack_sequences(prompts: Sequence[PromptPart], seq_prompt_ids: Sequence[int],
     return out
 
 
-def forward_hidden(model: torch.nn.Module, rmb: RLMicroBatch) -> torch.Tensor:
-    """Final hidden states [T, H]; each distinct prompt's images go through the ViT once."""
-    image_embeds = None
-    if rmb.prompt_pixel_values is not None:
-        encoded = model.encode_images(rmb.prompt_pixel_values, rmb.prompt_grid_thw)
-        per_prompt = encoded.split([n for n in rmb.prompt_image_tokens if n > 0])
-        slot = {}  # distinct-prompt position -> its chunk in per_prompt
-        for k, n in enumerate(rmb.prompt_image_tokens):
-            if n > 0:
-                slot[k] = len(slot)
-        image_embeds = torch.cat([per_prompt[slot[p]] for p in rmb.seq_prompt if p in slot])
+def _shared_image_embeds(model: torch.nn.Module, rmb: RLMicroBatch) -> Optional[torch.Tensor]:
+    """The micro-batch's image embeddings in token order, each distinct prompt's images encoded once."""
+    if rmb.prompt_pixel_values is None:
+        return None
+    encoded = model.encode_images(rmb.prompt_pixel_values, rmb.prompt_grid_thw)
+    per_prompt = encoded.split([n for n in rmb.prompt_image_tokens if n > 0])
+    slot = {}  # distinct-prompt position -> its chunk in per_prompt
+    for k, n in enumerate(rmb.prompt_image_tokens):
+        if n > 0:
+            slot[k] = len(slot)
+    return torch.cat([per_prompt[slot[p]] for p in rmb.seq_prompt if p in slot])
+
+
+def forward_hidden(model: torch.nn.Module, rmb: RLMicroBatch, hidden_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The model's output hidden states: final-normed [T, H] for a whole model or a last pipeline
+    stage, the layers' output for an earlier stage. The first stage embeds (each distinct prompt's
+    images through the ViT once); a later one continues from `hidden_in`, the previous stage's."""
     mb = rmb.mb
-    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
-                image_embeds=image_embeds, max_seqlen=mb.max_seqlen)
+    if model.pre_process:
+        out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                    image_embeds=_shared_image_embeds(model, rmb), max_seqlen=mb.max_seqlen)
+    else:
+        out = model(hidden_states=hidden_in, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                    max_seqlen=mb.max_seqlen)
     return out.hidden_states
 
 
@@ -169,12 +179,27 @@ def _tp(tp_group):
 
 
 @torch.no_grad()
-def sequence_logprobs(model: torch.nn.Module, rmb: RLMicroBatch, *, temperature: float, tp_group=None) -> torch.Tensor:
+def sequence_logprobs(model: torch.nn.Module, rmb: RLMicroBatch, *, temperature: float,
+                      tp_group=None) -> Optional[torch.Tensor]:
     """log pi(label | prefix) per token [T] fp32 (0 where not trained), without logits: old-policy
-    log-probs (the policy before a rollout's first update) and the reference model's."""
-    hidden = forward_hidden(model, rmb)
+    log-probs (the policy before a rollout's first update) and the reference model's.
+
+    Under pipeline parallelism `model` is this rank's chunk(s): the pass runs stage by stage
+    (`relay`), and the log-probs come back on the rank holding the last stage only (None on the
+    others), the one place the loss reads them."""
+    from lingshu_fast.parallel.relay import relay
+
     labels = torch.where(rmb.loss_mask, rmb.mb.labels, torch.full_like(rmb.mb.labels, IGNORE_INDEX))
-    return token_logprobs(hidden, model.lm_head_weight, labels, temperature=temperature, tp_group=_tp(tp_group))
+
+    def run_chunk(chunk, hidden_in):
+        hidden = forward_hidden(chunk, rmb, hidden_in)
+        if not chunk.post_process:
+            return hidden
+        return token_logprobs(hidden, chunk.lm_head_weight, labels, temperature=temperature, tp_group=_tp(tp_group))
+
+    split = model.tp if getattr(model, "sequence_parallel", False) else 1  # stages pass T/tp tokens each
+    shape = (rmb.mb.num_tokens // split, model.config.text_config.hidden_size)
+    return relay(model, run_chunk, shape, model.dtype)
 
 
 def norm_count(rmb: RLMicroBatch, loss_agg: str) -> int:
@@ -182,11 +207,21 @@ def norm_count(rmb: RLMicroBatch, loss_agg: str) -> int:
     return rmb.num_masked if loss_agg == "token-mean" else rmb.num_seqs
 
 
+def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, rmb: RLMicroBatch, rl_cfg, tp_group=None):
+    """(this micro-batch's `loss_agg` mean, stats) from the final hidden states: `fused_linear_grpo_loss`."""
+    return fused_linear_grpo_loss(
+        hidden, lm_head_weight, rmb.mb.labels, rmb.advantages, rmb.loss_mask, rmb.seq_index,
+        old_logprobs=rmb.old_logprobs, ref_logprobs=rmb.ref_logprobs, beta=rl_cfg.beta,
+        clip_low=rl_cfg.clip_low, clip_high=rl_cfg.clip_high, temperature=rl_cfg.temperature,
+        loss_agg=rl_cfg.loss_agg, tp_group=_tp(tp_group))
+
+
 def forward_backward_rl(model: torch.nn.Module, rmbs: Sequence[RLMicroBatch], *, global_count: int, rl_cfg,
                         tp_group=None) -> dict[str, float]:
     """Forward + backward of this rank's micro-batches of one update. Returns this rank's SUMS:
     `loss` (its share of the global loss), and `kl`, `clip_frac` multiplied by masked tokens, and
-    `masked_tokens`, for the caller to all-reduce and divide."""
+    `masked_tokens`, for the caller to all-reduce and divide. (Pipeline parallelism:
+    `rl.pipeline_step.pipeline_forward_backward_rl`.)"""
     denom = float(max(global_count, 1))
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "masked_tokens": 0.0}
     for rmb in rmbs:
@@ -194,11 +229,7 @@ def forward_backward_rl(model: torch.nn.Module, rmbs: Sequence[RLMicroBatch], *,
         if count == 0:
             continue  # nothing trained here (e.g. every response cut to nothing): no forward needed
         hidden = forward_hidden(model, rmb)
-        loss, stats = fused_linear_grpo_loss(
-            hidden, model.lm_head_weight, rmb.mb.labels, rmb.advantages, rmb.loss_mask, rmb.seq_index,
-            old_logprobs=rmb.old_logprobs, ref_logprobs=rmb.ref_logprobs, beta=rl_cfg.beta,
-            clip_low=rl_cfg.clip_low, clip_high=rl_cfg.clip_high, temperature=rl_cfg.temperature,
-            loss_agg=rl_cfg.loss_agg, tp_group=_tp(tp_group))
+        loss, stats = grpo_loss(hidden, model.lm_head_weight, rmb, rl_cfg, tp_group)
         scaled = loss * (count / denom)
         scaled.backward()
         n = rmb.num_masked

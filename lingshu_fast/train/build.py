@@ -117,25 +117,35 @@ def hf_exporter(model, tokenizer, dims: ParallelDims) -> Callable[[Path], None]:
     return export
 
 
-def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
-    from megatron.core import parallel_state as ps
+def build_rank_model(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: torch.dtype,
+                     device: torch.device, frozen: bool = False) -> torch.nn.Module:
+    """This rank's model: one `Qwen25VLModel` per pipeline chunk of the rank (several, in a
+    `ModelChunks`, under the interleaved schedule), TP-sharded. `frozen=True` gives stage 4's
+    reference model: eval mode, no gradients, no activation checkpointing."""
+    from lingshu_fast.model import from_pretrained, load_hf_config
+    from lingshu_fast.parallel.pipeline import rank_layer_kwargs, rank_model
 
-    from lingshu_fast.data.loader import PackedLoader
-    from lingshu_fast.model import from_pretrained, param_groups, set_trainable, training_flops
-    from lingshu_fast.train.optim import build_optimizer, build_scheduler
-
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
-    device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
-    from lingshu_fast.model import load_hf_config
-    from lingshu_fast.parallel.pipeline import ModelChunks, rank_layer_kwargs, rank_model
-
-    # one model per pipeline chunk of this rank (several under the interleaved schedule)
     model = rank_model([from_pretrained(model_path, dtype=dtype, device=device,
-                                        activation_checkpointing=cfg.model.activation_checkpointing,
+                                        activation_checkpointing=cfg.model.activation_checkpointing and not frozen,
                                         attention_backend=cfg.model.attention,
                                         sequence_parallel=cfg.parallel.sequence_parallel, **layers)
                         for layers in rank_layer_kwargs(load_hf_config(model_path), dims, cfg)])
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """(model, optimizer, LR schedule) of every stage: the rank's model with `model.freeze` applied,
+    AdamW over its parameter groups (ZeRO-1 over DP when asked), and the warmup/decay schedule."""
+    from megatron.core import parallel_state as ps
+
+    from lingshu_fast.model import param_groups, set_trainable
+    from lingshu_fast.parallel.pipeline import ModelChunks
+    from lingshu_fast.train.optim import build_optimizer, build_scheduler
+
+    model = build_rank_model(cfg, dims, model_path, dtype=dtype, device=device)
     if isinstance(model, ModelChunks):
         model.set_trainable(cfg.model.freeze)
         groups = model.param_groups()
@@ -145,7 +155,19 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     if not any(p.requires_grad for p in model.parameters()) and dims.pp == 1:
         raise ConfigError(f"model.freeze={cfg.model.freeze} freezes every parameter: nothing to train")
     optimizer = build_optimizer(groups, cfg.optim, dp_group=ps.get_data_parallel_group())
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    return model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+
+
+def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
+    from megatron.core import parallel_state as ps
+
+    from lingshu_fast.data.loader import PackedLoader
+    from lingshu_fast.model import training_flops
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
+    device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
+    model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           seed=cfg.run.seed)
     opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
