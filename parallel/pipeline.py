@@ -168,8 +168,8 @@ class PipelineRunner:
     The schedules fix their micro-batch count when built. Stages 1-3 always run
     `train.global_microbatches / dp` per step (one schedule, checked here). With
     `variable_microbatches=True` (stage 4: packing decides the count of each update) a schedule
-    is built per count on first use and kept (fresh `PipelineStage`s each: a stage's buffers are
-    sized for one count), and `microbatch_count(n)` rounds n up to a count the schedule accepts;
+    is built per count on first use and kept (the MAX_CACHED_SCHEDULES most recent; fresh
+    `PipelineStage`s each: a stage's buffers are sized for one count), and `microbatch_count(n)` rounds n up to a count the schedule accepts;
     the caller fills the difference with empty micro-batches (nothing trained). Padding every
     update to one fixed count instead would run the pipeline on empty micro-batches whenever an
     update packs into fewer than the worst case (one sequence per micro-batch)."""
