@@ -128,7 +128,9 @@ class RLConfig:
     rewards: list[str] = field(default_factory=lambda: ["format:0.5", "accuracy:1.0"])
     reward_timeout_s: float = 5.0
     backend: Literal["native", "vllm"] = "native"
-    vllm_url: Optional[str] = None
+    vllm_url: Optional[str] = None  # rl.backend=vllm: the server, e.g. http://localhost:8000
+    vllm_sync_dir: Optional[str] = None  # rl.backend=vllm: the folder the server was started on (weights pushed there)
+    vllm_timeout_s: float = 600.0  # one HTTP request (a prompt's n samples), before a clear error
 
 
 @dataclass
@@ -361,6 +363,11 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.rl.clip_low < 1.0, "rl.clip_low must be in [0, 1)"),
         (cfg.rl.clip_high >= 0.0, "rl.clip_high must be >= 0"),
         (cfg.rl.num_generations >= 1, "rl.num_generations must be >= 1"),
+        (cfg.rl.vllm_timeout_s > 0, "rl.vllm_timeout_s must be > 0"),
+        (cfg.rl.backend != "vllm" or bool(cfg.rl.vllm_url),
+         "rl.backend=vllm needs rl.vllm_url (the vLLM server you started, e.g. http://localhost:8000)"),
+        (cfg.rl.backend != "vllm" or bool(cfg.rl.vllm_sync_dir),
+         "rl.backend=vllm needs rl.vllm_sync_dir (the folder the vLLM server was started on: weights are pushed there)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -19,6 +19,8 @@ trains stopping). A response that produces a vision placeholder (`<|image_pad|>`
 ...) is cut before it: such a token cannot be embedded without an image, so training on it is
 impossible; the cut response counts as unfinished. Text for the verifiers is the response decoded
 without its stop token; `score_responses` gives rewards (a failing verifier scores 0, counted).
+With `backend=` (rl.backend=vllm, `rl.vllm_backend.VLLMClient`) the responses come from a vLLM
+server instead (`chat_messages` / `chat_images` give it the record); the rest is the same.
 """
 from __future__ import annotations
 
@@ -127,6 +129,31 @@ class PromptDataset:
                                         spatial_merge_size=MERGE_SIZE)
         return PromptPart(ids, np.ascontiguousarray(positions, dtype=np.int64), pixel_values, grid_thw)
 
+    def chat_messages(self, index: int) -> list[dict]:
+        """The prompt's messages (content strings with <image> markers) with the system turn our template
+        renders, for a backend that applies the chat template itself (rl.backend=vllm)."""
+        messages = [dict(m) for m in self.samples[index].messages]
+        if not messages or messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.template.system_prompt})
+        return messages
+
+    def chat_images(self, index: int) -> list[np.ndarray]:
+        """The prompt's images as uint8 RGB [H, W, 3], resized to the grid its ids were rendered with
+        (sides already multiples of 28: a Qwen2.5-VL processor keeps them and gives the same tokens)."""
+        import PIL.Image
+
+        sample, out = self.samples[index], []
+        for path, (_, h, w) in zip(sample.images, self.grids[index].tolist()):
+            try:
+                rgb = img.load_image(path)
+            except img.ImageError as err:
+                raise DataError(f"{sample.source}: corrupt_image: {err}") from err
+            size = (w * img.PATCH_SIZE, h * img.PATCH_SIZE)
+            if (rgb.shape[1], rgb.shape[0]) != size:
+                rgb = np.asarray(PIL.Image.fromarray(rgb).resize(size, PIL.Image.BICUBIC))
+            out.append(rgb)
+        return out
+
     def verifier_sample(self, index: int) -> dict:
         """What the verifiers read: the record's extra fields (answer, task, options, ...)."""
         return dict(self.samples[index].extra)
@@ -171,14 +198,46 @@ def _cut_at_vision_tokens(token_ids: list[int], vision_ids: set[int]) -> tuple[l
 
 
 def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cfg, tokenizer, *,
-                    seed: Optional[int]) -> Rollout:
-    """Sample rl.num_generations responses for each prompt of `indices` and score them."""
-    from lingshu_fast.model.generate import PromptInput, generate
+                    seed: Optional[int], backend=None) -> Rollout:
+    """Sample rl.num_generations responses for each prompt of `indices` and score them.
+
+    `backend`: None samples with our generator on `model`; otherwise an object with
+    `generate_rollout(dataset, indices, rl_cfg, stop_token_ids=...) -> list[GenerationOutput]`
+    (prompt-major, G per prompt), e.g. `rl.vllm_backend.VLLMClient` (it does not take `seed`)."""
     from lingshu_fast.rl.rewards import score_responses
 
     ids = dataset.token_ids
-    device = next(model.parameters()).device
     prompts = [dataset.prompt(i) for i in indices]
+    g = rl_cfg.num_generations
+    if backend is None:
+        outputs, generate_s = _generate_native(model, prompts, rl_cfg, ids, seed)
+    else:
+        start = time.perf_counter()
+        outputs = backend.generate_rollout(dataset, indices, rl_cfg, stop_token_ids=[ids["im_end_id"]])
+        generate_s = time.perf_counter() - start
+        if len(outputs) != len(prompts) * g:
+            raise RuntimeError(f"rollout backend returned {len(outputs)} responses for {len(prompts)} prompts x {g}")
+    vision_ids = {ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    responses, finished, texts = [], [], []
+    for out in outputs:
+        tokens, cut = _cut_at_vision_tokens(list(out.token_ids), vision_ids)
+        done = out.finished and not cut
+        responses.append(tokens)
+        finished.append(done)
+        body = tokens[:-1] if done and tokens and tokens[-1] == ids["im_end_id"] else tokens
+        texts.append(tokenizer.decode(body, skip_special_tokens=False))
+    samples = [dataset.verifier_sample(i) for i in indices for _ in range(g)]
+    rewards, breakdown, failures = score_responses(texts, samples, rl_cfg.rewards, timeout_s=rl_cfg.reward_timeout_s)
+    return Rollout(prompts=prompts, seq_prompt=np.repeat(np.arange(len(prompts)), g), responses=responses,
+                   finished=np.asarray(finished, dtype=bool), texts=texts, rewards=np.asarray(rewards, np.float32),
+                   breakdown=breakdown, failures=int(failures), generate_s=generate_s)
+
+
+def _generate_native(model, prompts: list[PromptPart], rl_cfg, ids: dict, seed: Optional[int]):
+    """(outputs, seconds): our generator, `repeats=G` (each prompt's images encoded once for its group)."""
+    from lingshu_fast.model.generate import PromptInput, generate
+
+    device = next(model.parameters()).device
     inputs = [PromptInput(input_ids=torch.from_numpy(p.input_ids).to(device),
                           position_ids=torch.from_numpy(p.position_ids).to(device),
                           pixel_values=None if p.pixel_values is None else p.pixel_values.to(device),
@@ -195,17 +254,4 @@ def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cf
         torch.cuda.synchronize(device)
     generate_s = time.perf_counter() - start
     model.train(was_training)
-    vision_ids = {ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
-    responses, finished, texts = [], [], []
-    for out in outputs:
-        tokens, cut = _cut_at_vision_tokens(list(out.token_ids), vision_ids)
-        done = out.finished and not cut
-        responses.append(tokens)
-        finished.append(done)
-        body = tokens[:-1] if done and tokens and tokens[-1] == ids["im_end_id"] else tokens
-        texts.append(tokenizer.decode(body, skip_special_tokens=False))
-    samples = [dataset.verifier_sample(i) for i in indices for _ in range(g)]
-    rewards, breakdown, failures = score_responses(texts, samples, rl_cfg.rewards, timeout_s=rl_cfg.reward_timeout_s)
-    return Rollout(prompts=prompts, seq_prompt=np.repeat(np.arange(len(prompts)), g), responses=responses,
-                   finished=np.asarray(finished, dtype=bool), texts=texts, rewards=np.asarray(rewards, np.float32),
-                   breakdown=breakdown, failures=int(failures), generate_s=generate_s)
+    return outputs, generate_s
