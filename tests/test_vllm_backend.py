@@ -336,3 +336,39 @@ def test_config_requires_url_and_sync_dir():
         load_config("tiny-rl", ["rl.vllm_timeout_s=0"])
     cfg = load_config("tiny-rl", ["rl.backend=vllm", "rl.vllm_url=http://h:8000", "rl.vllm_sync_dir=/tmp/s"])
     assert (cfg.rl.vllm_sync_dir, cfg.rl.vllm_timeout_s) == ("/tmp/s", 600.0)
+
+
+@pytest.mark.usefixtures("world_of_one")
+def test_train_rl_samples_on_the_server_and_pushes_after_each_rollout(tmp_path):
+    """Pins the loop's wiring of rl.backend=vllm: every rollout's prompts go to the server (one
+    request per prompt), the rewards of its answers reach the metrics rows, and the policy is
+    pushed at start (the server must sample the resumed policy) and after each rollout's update
+    but not after the last step (nobody would sample it)."""
+    from lingshu_fast.config import load_config
+    from lingshu_fast.data.demo_data import build_demo_dataset
+    from lingshu_fast.data.tokenizer import load_tokenizer
+    from lingshu_fast.parallel.state import current_dims
+    from lingshu_fast.rl.loop import train_rl
+
+    data = build_demo_dataset(tmp_path / "data", num_train_images=8, num_eval_images=2)
+    tokenizer = load_tokenizer("tiny")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    space, plain = tokenizer.encode(" yes", add_special_tokens=False), tokenizer.encode("no", add_special_tokens=False)
+    sync = tmp_path / "sync"
+    server = FakeVLLM(lambda k, body: (space if k % 2 == 0 else plain)[:2] + [im_end], sync_dir=sync)
+    try:
+        cfg = load_config("tiny-rl", [
+            f"run.dir={tmp_path / 'run'}", f"data.train=[{data['rl']}]", "run.progress=false",
+            "rl.rewards=[space_start:1.0]", "rl.rollout_batch=2", "rl.num_generations=2", "rl.max_new_tokens=3",
+            "rl.updates_per_rollout=1", "train.max_steps=3", "rl.beta=0.0", "checkpoint.every=0",
+            "rl.backend=vllm", f"rl.vllm_url={server.url}", f"rl.vllm_sync_dir={sync}"])
+        with pytest.warns(UserWarning, match="rendered prompt"):  # the fake's usage.prompt_tokens is a constant
+            summary = train_rl(cfg, current_dims())
+        reloads = [c for c in server.calls if c[1] == "/collective_rpc"]
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert len(server.requests) == 3 * 2  # three rollouts of two prompts
+        assert len(reloads) == 3  # at start, after steps 1 and 2; not after the last
+        assert [r["reward_mean"] for r in rows if "reward_mean" in r] == [0.5, 0.5, 0.5]
+        assert summary["steps"] == 3 and any(p.name.endswith(".safetensors") for p in sync.iterdir())
+    finally:
+        server.close()

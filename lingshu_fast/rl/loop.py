@@ -25,6 +25,11 @@ RNG, prompt position), taken only between rollouts: a checkpoint due (checkpoint
 middle of a rollout is written after its last update. A run whose max_steps ends inside a rollout
 drops that rollout's remaining updates (a later, longer run starts a fresh rollout).
 
+Rollout backend: our generator (rl.backend=native), or a vLLM server the user started
+(rl.backend=vllm, `rl/vllm_backend.py`): the policy is pushed to it at start and after each
+rollout's updates (not after the last step), so every rollout samples the current policy; old
+log-probs are always recomputed with our model (token_logprobs), never taken from the server.
+
 Layouts: TP, PP and DP as stages 1-3 (the same per-chunk model, checkpoints and schedules). Under
 parallel.pp > 1 the generator and the old/reference log-prob passes run stage by stage
 (`parallel.relay`; every rank of a pipeline gets the same rollout), and the updates go through
@@ -69,9 +74,9 @@ def _check_layout(cfg: Config, dims: ParallelDims) -> int:
         raise ConfigError(f"rl.rollout_batch={rl.rollout_batch} prompts must divide into data-parallel size "
                           f"{dims.dp} x rl.updates_per_rollout={rl.updates_per_rollout}; pick a multiple of "
                           f"{dims.dp * rl.updates_per_rollout}")
-    if rl.backend != "native":
-        raise ConfigError(f"rl.backend={rl.backend!r} is not implemented yet: rollouts run on our own generator "
-                          "(rl.backend=native)")
+    if rl.backend == "vllm" and not (rl.vllm_url and rl.vllm_sync_dir):
+        raise ConfigError("rl.backend=vllm needs rl.vllm_url (the vLLM server you started) and rl.vllm_sync_dir "
+                          "(the folder it was started on); see lingshu_fast/rl/vllm_backend.py")
     if rl.temperature <= 0:
         raise ConfigError(f"rl.temperature must be > 0 for GRPO sampling, got {rl.temperature}")
     parse_reward_spec(rl.rewards)  # a typo fails before the models load
@@ -162,6 +167,13 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
     model, rl = state.model, cfg.rl
     skips = SkipTracker(cfg.train.max_consecutive_skips)
     start = resume_run(state, cfg, dims, skips)
+    backend = None
+    if rl.backend == "vllm":  # sampling on a vLLM server; our generator otherwise
+        from lingshu_fast.rl.vllm_backend import VLLMClient
+
+        backend = VLLMClient(rl.vllm_url, vocab_size=model.config.text_config.vocab_size,
+                             sync_dir=rl.vllm_sync_dir, tokenizer=state.tokenizer, timeout_s=rl.vllm_timeout_s)
+        backend.push_weights(model, start)  # the server samples the (resumed) policy, not its start-up folder
     peak = peak_flops_per_s(state.device)
     writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
                            start_step=start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
@@ -177,7 +189,7 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
             indices = state.loader.next_indices(rl.rollout_batch)
             assert len(indices) == per_rank
             ro = collect_rollout(model, state.loader, indices, rl, state.tokenizer,
-                                 seed=_rollout_seed(cfg.run.seed, rollout_index, dims.dp_rank))
+                                 seed=_rollout_seed(cfg.run.seed, rollout_index, dims.dp_rank), backend=backend)
             rollout_index += 1
             ro_stats = _rollout_stats(ro, dp_group, ro.generate_s)
             updates, filtered = _plan_updates(ro, cfg, token_multiple=token_multiple, pad_token_id=pad_token_id)
@@ -193,7 +205,7 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                         rmb.ref_logprobs = sequence_logprobs(ref_model, moved, temperature=rl.temperature,
                                                              tp_group=tp_group)
             prep_s = prep.stop() / max(upr, 1)  # shared by the rollout's updates
-            save_due = False
+            save_due, updated = False, False
             for rmbs in updates:
                 if step >= cfg.train.max_steps:
                     break
@@ -215,6 +227,7 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                     skips.ok()  # every group filtered or empty: nothing to learn, no update
                 elif all_finite(reduced["loss"], grad_norm):
                     state.optimizer.step()
+                    updated = True
                     skips.ok()
                 else:
                     skips.skip(step, f"loss={reduced['loss']}, grad_norm={grad_norm}")
@@ -236,6 +249,8 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                 summary.update(steps=step, loss=row["loss"], tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"],
                                mfu=row["mfu"], reward_end=ro_stats["reward_mean"])
                 save_due = save_due or checkpoint_due(cfg, step)
+            if backend is not None and updated and step < cfg.train.max_steps:
+                backend.push_weights(model, step)  # collective; the next rollout samples the updated policy
             if save_due:
                 save_run(state, cfg, dims, step, skips)
         finish_stage(state, cfg, dims, step, start, skips, run_dir)
