@@ -1,8 +1,8 @@
 """Optional stage-4 rollout backend: sampling on a vLLM OpenAI-compatible server that the user starts.
 
 Our own KV-cache generator stays the default (`rl.backend: native`) and the only one tested on
-CPU; `rl.backend: vllm` sends the rollouts to a vLLM server and pushes the policy to it after
-every optimizer update. Only the standard library talks HTTP (urllib + json): no new dependency.
+CPU; `rl.backend: vllm` sends the rollouts to a vLLM server and pushes the policy to it before
+every rollout that follows an update (rl/loop.py: at start, then after each rollout's updates). Only the standard library talks HTTP (urllib + json): no new dependency.
 
 Start the server (vLLM >= 0.10, on GPUs the trainer does not use) on the folder the trainer
 writes its weights to, in dev mode (the reload endpoint exists only there):
@@ -31,7 +31,7 @@ vllm/entrypoints/serve/dev/rpc/api_router.py):
   The system turn our template adds is sent explicitly. When the server returns its prompt ids
   (or only `usage.prompt_tokens`), a prompt that differs from ours is warned about once (the
   update trains on our rendering; a different server chat template would make it off-policy).
-- Weight push, after each optimizer update: every rank calls `save_pretrained` into
+- Weight push, before the next rollout samples: every rank calls `save_pretrained` into
   rl.vllm_sync_dir (collective; atomic folder swap; the folder's tokenizer/processor files are
   kept), then global rank 0 calls `POST /collective_rpc {"method": "reload_weights"}` (each
   worker re-reads the weights from the path the server was started on) and
