@@ -18,7 +18,9 @@ prefill shared by its G samples. The response keeps the `<|im_end|>` that ended 
 trains stopping). A response that produces a vision placeholder (`<|image_pad|>`, `<|vision_start|>`
 ...) is cut before it: such a token cannot be embedded without an image, so training on it is
 impossible; the cut response counts as unfinished. Text for the verifiers is the response decoded
-without its stop token; `score_responses` gives rewards (a failing verifier scores 0, counted).
+without its stop token; `score_responses` gives rewards (a failing verifier scores 0, counted);
+the ranks of a TP x PP group all take its first rank's scores (a verifier's time limit can fire on
+one rank only).
 With `backend=` (rl.backend=vllm, `rl.vllm_backend.VLLMClient`) the responses come from a vLLM
 server instead (`chat_messages` / `chat_images` give it the record); the rest is the same.
 """
@@ -227,10 +229,32 @@ def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cf
         body = tokens[:-1] if done and tokens and tokens[-1] == ids["im_end_id"] else tokens
         texts.append(tokenizer.decode(body, skip_special_tokens=False))
     samples = [dataset.verifier_sample(i) for i in indices for _ in range(g)]
-    rewards, breakdown, failures = score_responses(texts, samples, rl_cfg.rewards, timeout_s=rl_cfg.reward_timeout_s)
+    scored = score_responses(texts, samples, rl_cfg.rewards, timeout_s=rl_cfg.reward_timeout_s)
+    rewards, breakdown, failures = _model_parallel_first(scored)
     return Rollout(prompts=prompts, seq_prompt=np.repeat(np.arange(len(prompts)), g), responses=responses,
                    finished=np.asarray(finished, dtype=bool), texts=texts, rewards=np.asarray(rewards, np.float32),
                    breakdown=breakdown, failures=int(failures), generate_s=generate_s)
+
+
+def _model_parallel_first(value):
+    """`value` of the first rank of this rank's TP x PP group, on every rank of the group. Each rank
+    scores the (identical) responses itself, but a verifier call that hits its time limit on one
+    rank only would give the ranks different rewards: different advantages and, with equal-group
+    filtering, different micro-batches, i.e. mismatched TP collectives and pipeline schedules."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return value
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 
 
 def _generate_native(model, prompts: list[PromptPart], rl_cfg, ids: dict, seed: Optional[int]):
