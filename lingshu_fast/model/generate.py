@@ -154,7 +154,8 @@ def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop
     temperature 0 is greedy. `seed` seeds the sampling generator (same seed, same inputs, same
     layout -> same samples); None draws from torch's global generator. `pad_token_id` is what
     finished rows are fed until they are compacted away (default: the first stop id, else 0).
-    Every rank of a TP group must call this with the same prompts.
+    Every rank of the model's TP x PP group must call this with the same prompts and arguments
+    (collective: the stages relay each step, the last one broadcasts the sampled tokens).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
