@@ -156,7 +156,11 @@ class _StageModule(nn.Module):
                           max_seqlen=mb.max_seqlen).hidden_states
 
 
-MAX_CACHED_SCHEDULES = 4  # RL updates vary their micro-batch count; each schedule keeps its own buffers
+# RL updates vary their micro-batch count. Each schedule's stages hold receive buffers for all of its
+# micro-batches (activations and gradients: ~2 x count x [tokens/tp, H] per chunk, ~0.1 GB each for
+# a 7B model at 16k tokens), so an idle cached schedule costs GBs while rebuilding one costs only
+# the construction of its PipelineStage objects (static shapes, no communication): keep two.
+MAX_CACHED_SCHEDULES = 2
 
 
 class PipelineRunner:
