@@ -335,10 +335,15 @@ class VLLMClient:
         if not self.sync_dir:
             raise VLLMError("rl.backend=vllm needs rl.vllm_sync_dir: the folder the vLLM server was started on")
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        kept = _read_side_files(self.sync_dir) if rank == 0 else {}
-        save_pretrained(model, self.sync_dir)
         error = None
+        kept: dict = {}
         if rank == 0:
+            try:  # an unreadable folder must not leave the other ranks waiting in save_pretrained
+                kept = _read_side_files(self.sync_dir)
+            except OSError as err:
+                error = f"weight push of step {step}: cannot read {self.sync_dir}: {err}"
+        save_pretrained(model, self.sync_dir)
+        if rank == 0 and error is None:
             try:
                 for name, blob in kept.items():
                     with open(os.path.join(self.sync_dir, name), "wb") as f:
