@@ -312,7 +312,7 @@ class PipelineRunner:
         from lingshu_fast.train.step import lm_loss_sum, model_inputs
 
         denominator = float(max(global_label_tokens, 1))
-        padded = [self.pad(mb).to(self.device) for mb in microbatches]
+        padded = [self.pad(mb).to(self.device, pixel_dtype=self.first.dtype) for mb in microbatches]
 
         def first_forward(chunk, k: int) -> torch.Tensor:
             return chunk(**model_inputs(padded[k])).hidden_states

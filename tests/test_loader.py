@@ -238,7 +238,8 @@ def test_uint8_image_transfer_packs_on_the_device_to_the_same_pixels(demo, tok, 
     """Pins data.image_transfer=uint8: the loader ships the resized bytes (1 byte per value, 1/8 of
     the float32 patches' bytes), `to(device)` packs them into exactly the pixel values of the
     host path (reference and Triton-interpreted kernels alike: both are exact byte -> table maps),
-    pad_to keeps the bytes, and `auto` on a host without CUDA packs on the host."""
+    pad_to keeps the bytes, packing in bf16 equals casting the float32 pixels, and `auto` on a host
+    without CUDA packs on the host."""
     host = PackedLoader([str(demo["instruct"])], tok, _cfg(demo, image_transfer="float32"), seed=5, epochs=1)
     ship = PackedLoader([str(demo["instruct"])], tok, _cfg(demo, image_transfer="uint8"), seed=5, epochs=1)
     auto = PackedLoader([str(demo["instruct"])], tok, _cfg(demo), seed=5, epochs=1)
@@ -256,6 +257,9 @@ def test_uint8_image_transfer_packs_on_the_device_to_the_same_pixels(demo, tok, 
             moved = b.pad_to(b.num_tokens + 3, int(b.cu_seqlens.numel()) + 1).to("cpu")
             assert moved.image_uint8 is None and torch.equal(moved.pixel_values, a.pixel_values)
             assert torch.equal(moved.image_grid_thw, a.image_grid_thw)
+            # packed straight in the model's bf16: the one rounding the ViT's cast would make
+            half = b.to("cpu", pixel_dtype=torch.bfloat16).pixel_values
+            assert half.dtype == torch.bfloat16 and torch.equal(half, a.pixel_values.to(torch.bfloat16))
     assert with_images > 0
     bad = dataclasses.replace(last, image_grid_thw=last.image_grid_thw + 1)
     with pytest.raises(ValueError, match="differ from the batch's image_grid_thw"):

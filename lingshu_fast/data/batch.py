@@ -58,17 +58,18 @@ class MicroBatch:
                    if isinstance(getattr(self, f.name), torch.Tensor)}
         return dataclasses.replace(self, **changes)
 
-    def to(self, device, non_blocking: bool = True) -> "MicroBatch":
-        """The batch on `device`, images packed there if they came as bytes (see the docstring)."""
-        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking)).pack_pixels()
+    def to(self, device, non_blocking: bool = True, *, pixel_dtype: torch.dtype = torch.float32) -> "MicroBatch":
+        """The batch on `device`, images packed there if they came as bytes (see the docstring), as
+        `pixel_dtype` (the model's dtype: the kernel rounds once, what a later cast would give)."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking)).pack_pixels(pixel_dtype)
 
-    def pack_pixels(self) -> "MicroBatch":
-        """`image_uint8` -> `pixel_values` (float32) on the bytes' device; a no-op without bytes."""
+    def pack_pixels(self, pixel_dtype: torch.dtype = torch.float32) -> "MicroBatch":
+        """`image_uint8` -> `pixel_values` (`pixel_dtype`) on the bytes' device; a no-op without bytes."""
         if self.image_uint8 is None:
             return self
         from lingshu_fast.kernels.image_pack import pack_images
 
-        pixel_values, grid = pack_images(self.image_uint8, self.image_sizes, out_dtype=torch.float32)
+        pixel_values, grid = pack_images(self.image_uint8, self.image_sizes, out_dtype=pixel_dtype)
         if self.image_grid_thw is not None and not torch.equal(grid.cpu(), self.image_grid_thw.cpu()):
             raise ValueError(f"packed image grids {grid.tolist()} differ from the batch's image_grid_thw "
                              f"{self.image_grid_thw.tolist()}")

@@ -43,7 +43,7 @@ class LocalRunner:
         extra = -mb.num_tokens % self.token_multiple
         if extra:
             mb = mb.pad_to(mb.num_tokens + extra, int(mb.cu_seqlens.numel()))
-        return mb.to(self.model_device)
+        return mb.to(self.model_device, pixel_dtype=self.model.dtype)
 
     def forward_backward(self, microbatches, *, global_label_tokens: int) -> float:
         mbs = [self._prepare(mb) for mb in microbatches]
