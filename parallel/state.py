@@ -47,6 +47,12 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minut
             f"choose tp and pp whose product divides {world}"
         )
     backend = _pick_backend(backend)
+    if backend == "gloo" and pp > 1 and torch.cuda.is_available():
+        from lingshu_fast.config import ConfigError
+
+        # the model lives on the GPU (train.build.pick_device) and gloo's send/recv take CPU tensors only
+        raise ConfigError("parallel.backend=gloo with parallel.pp > 1 on a CUDA machine: pipeline stages exchange "
+                          "GPU tensors point to point, which gloo cannot send; use parallel.backend=nccl (or auto)")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

@@ -1,4 +1,5 @@
 """parallel.state builds Megatron-Core TP/PP/DP groups from torchrun's environment (gloo, CPU)."""
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -32,3 +33,17 @@ def test_rank_error_is_reported():
 
     with pytest.raises(RuntimeError, match="boom on purpose"):
         spawn(_boom, 2)
+
+
+def test_gloo_pipeline_on_a_cuda_machine_is_a_config_error(monkeypatch):
+    """Pins: pp > 1 over gloo with the model on the GPU would fail deep in the first send (gloo's
+    point-to-point takes CPU tensors only); it is refused up front, before any group is created."""
+    import torch
+
+    from lingshu_fast.config import ConfigError
+    from lingshu_fast.parallel.state import init_parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="parallel.backend=nccl"):
+        init_parallel(1, 2, backend="gloo")
