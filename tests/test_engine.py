@@ -162,23 +162,9 @@ def test_config_errors_are_one_line(tmp_path, override, needle):
 def _four_layer_tied_model(folder: Path) -> Path:
     """The tiny model with 4 decoder layers (pp=2 x 2 chunks needs >= 4) and tied embeddings, so the
     interleaved run also exercises the embedding-group sync between chunk 0 and the last chunk."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from lingshu_fast.model.testing import save_tiny_tied_model
 
-    from lingshu_fast.data.tokenizer import load_tokenizer, special_token_ids
-    from lingshu_fast.model.config import tiny_hf_config
-
-    tokenizer = load_tokenizer("tiny")
-    ids = special_token_ids(tokenizer)
-    config = tiny_hf_config(
-        vocab_size=(len(tokenizer) + 63) // 64 * 64, num_hidden_layers=4, tie_word_embeddings=True,
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
-        eos_token_id=ids["im_end_id"], pad_token_id=ids["pad_token_id"], bos_token_id=ids["endoftext_id"])
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_tied_model(folder)
 
 
 def _train_with(dims, run_dir, data, *extra):

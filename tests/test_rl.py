@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import lingshu_fast.model as M
-from lingshu_fast.data.rope import sample_position_ids
+from lingshu_fast.model.testing import rl_prompt_parts
 from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.rl.rewards import register_reward, registered_rewards
 from lingshu_fast.rl.step import PromptPart, forward_backward_rl, norm_count, pack_sequences, sequence_logprobs
@@ -45,22 +45,7 @@ def demo_data(tmp_path_factory):
 
 def _prompts(config, gen):
     """Two image prompts (4 and 6 LLM image tokens) and a text-only one, as the rollout builds them."""
-    ids = dict(image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id)
-    out = []
-    for grid, before, after in [((1, 4, 4), 3, 4), ((1, 4, 6), 0, 5), (None, 6, 0)]:
-        text = lambda n: torch.randint(3, 900, (n,), generator=gen).tolist()  # noqa: E731
-        tokens = text(before)
-        pixel_values = grid_thw = None
-        if grid is not None:
-            n_img = grid[0] * grid[1] * grid[2] // 4
-            tokens += [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
-            grid_thw = torch.tensor([grid])
-            pixel_values = torch.randn(grid[0] * grid[1] * grid[2], 1176, generator=gen)
-        tokens += text(after)
-        arr = np.asarray(tokens, dtype=np.int64)
-        pos = sample_position_ids(arr, None if grid is None else grid_thw.numpy(), **ids)
-        out.append(PromptPart(arr, pos, pixel_values, grid_thw))
-    return out
+    return rl_prompt_parts(config, gen, [((1, 4, 4), 3, 4), ((1, 4, 6), 0, 5), (None, 6, 0)])
 
 
 def _oracle_loss(model, prompts, seq_prompt, responses, adv, old, ref, cfg):

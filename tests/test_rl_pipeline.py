@@ -41,23 +41,9 @@ def demo_data(tmp_path_factory):
 def four_layer_model(tmp_path_factory) -> Path:
     """The tiny model with 4 decoder layers (pp=2 x 2 interleaved chunks needs 4) and tied embeddings,
     so the pipeline's tied-embedding gradient sync is part of what is compared."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from lingshu_fast.model.testing import save_tiny_tied_model
 
-    from lingshu_fast.data.tokenizer import load_tokenizer, special_token_ids
-    from lingshu_fast.model.config import tiny_hf_config
-
-    folder = tmp_path_factory.mktemp("tiny4")
-    tokenizer = load_tokenizer("tiny")
-    ids = special_token_ids(tokenizer)
-    config = tiny_hf_config(
-        vocab_size=(len(tokenizer) + 63) // 64 * 64, num_hidden_layers=4, tie_word_embeddings=True,
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
-        eos_token_id=ids["im_end_id"], pad_token_id=ids["pad_token_id"], bos_token_id=ids["endoftext_id"])
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_tied_model(tmp_path_factory.mktemp("tiny4"))
 
 
 # ------------------------------------------------------------------ one update on a fixed rollout
@@ -65,24 +51,11 @@ def four_layer_model(tmp_path_factory) -> Path:
 def _fixed_rollout(config, token_multiple: int):
     """Two image prompts and a text one, 4 responses each, advantages drawn once: the same on every
     rank and layout (a generator with a fixed seed), packed at the pipeline's budget."""
-    from lingshu_fast.data.rope import sample_position_ids
-    from lingshu_fast.rl.step import PromptPart, pack_sequences
+    from lingshu_fast.model.testing import rl_prompt_parts
+    from lingshu_fast.rl.step import pack_sequences
 
     gen = torch.Generator().manual_seed(0)
-    ids = dict(image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id)
-    prompts = []
-    for grid, before, after in [((1, 4, 4), 9, 4), ((1, 4, 6), 8, 5), (None, 14, 0)]:
-        text = lambda n: torch.randint(3, 900, (n,), generator=gen).tolist()  # noqa: E731
-        tokens, pixel_values, grid_thw = text(before), None, None
-        if grid is not None:
-            n_img = grid[0] * grid[1] * grid[2] // 4
-            tokens += [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
-            grid_thw = torch.tensor([grid])
-            pixel_values = torch.randn(grid[0] * grid[1] * grid[2], 1176, generator=gen)
-        tokens += text(after)
-        arr = np.asarray(tokens, dtype=np.int64)
-        pos = sample_position_ids(arr, None if grid is None else grid_thw.numpy(), **ids)
-        prompts.append(PromptPart(arr, pos, pixel_values, grid_thw))
+    prompts = rl_prompt_parts(config, gen, [((1, 4, 4), 9, 4), ((1, 4, 6), 8, 5), (None, 14, 0)])
     seq_prompt = np.repeat(np.arange(3), 4)
     responses = [torch.randint(3, 900, (int(n),), generator=gen).tolist()
                  for n in torch.randint(2, 9, (len(seq_prompt),), generator=gen)]

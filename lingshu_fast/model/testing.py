@@ -76,3 +76,53 @@ def hf_logits_per_sample(hf_model, batch: dict) -> list[torch.Tensor]:
                           image_grid_thw=s["image_grid_thw"], position_ids=s["position_ids"].unsqueeze(1)).logits
         out.append(logits[0])
     return out
+
+
+def save_tiny_tied_model(folder, *, num_hidden_layers: int = 4, seed: int = 0):
+    """The tiny model on the tiny tokenizer's special ids, with `num_hidden_layers` decoder layers
+    (pp=2 x 2 interleaved chunks needs 4) and tied embeddings (so a pipeline run also exercises the
+    embedding-group sync between the first chunk and the last), written to `folder` with the
+    tokenizer beside it. Returns `folder`."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from lingshu_fast.data.tokenizer import load_tokenizer, special_token_ids
+    from lingshu_fast.model.config import tiny_hf_config
+
+    tokenizer = load_tokenizer("tiny")
+    ids = special_token_ids(tokenizer)
+    config = tiny_hf_config(
+        vocab_size=(len(tokenizer) + 63) // 64 * 64, num_hidden_layers=num_hidden_layers, tie_word_embeddings=True,
+        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+        eos_token_id=ids["im_end_id"], pad_token_id=ids["pad_token_id"], bos_token_id=ids["endoftext_id"])
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def rl_prompt_parts(hf_config, gen: torch.Generator, layout: Sequence) -> list:
+    """RL prompts as the rollout builds them (`rl.step.PromptPart`), from `layout`: per prompt
+    (image grid (t, h, w) or None, text tokens before the image, text tokens after it); random
+    text ids and pixels from `gen`, M-RoPE positions from `data.rope`."""
+    import numpy as np
+
+    from lingshu_fast.data.rope import sample_position_ids
+    from lingshu_fast.rl.step import PromptPart
+
+    ids = dict(image_token_id=hf_config.image_token_id, vision_start_token_id=hf_config.vision_start_token_id)
+    parts = []
+    for grid, before, after in layout:
+        tokens = torch.randint(3, 900, (before,), generator=gen).tolist()
+        pixel_values = grid_thw = None
+        if grid is not None:
+            n_image = grid[0] * grid[1] * grid[2] // 4
+            tokens += ([hf_config.vision_start_token_id] + [hf_config.image_token_id] * n_image
+                       + [hf_config.vision_end_token_id])
+            grid_thw = torch.tensor([grid])
+            pixel_values = torch.randn(grid[0] * grid[1] * grid[2], 1176, generator=gen)
+        tokens += torch.randint(3, 900, (after,), generator=gen).tolist()
+        arr = np.asarray(tokens, dtype=np.int64)
+        positions = sample_position_ids(arr, None if grid is None else grid_thw.numpy(), **ids)
+        parts.append(PromptPart(arr, positions, pixel_values, grid_thw))
+    return parts

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lingshu_fast.data.batch import IGNORE_INDEX, MicroBatch
+from lingshu_fast.data.batch import MicroBatch
 from lingshu_fast.rl.step import RLMicroBatch, forward_hidden, grpo_loss, norm_count
 
 TOTAL_KEYS = ("loss", "kl", "clip_frac", "masked_tokens")
