@@ -40,7 +40,7 @@ def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
         return out
     summed = x.clone()
     dist.all_reduce(summed, group=group)
-    return summed.chunk(group.size(), dim=0)[dist.get_rank(group)].contiguous()
+    return _local_slice(summed, group)
 
 
 def _local_slice(x: torch.Tensor, group) -> torch.Tensor:
