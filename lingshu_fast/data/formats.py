@@ -152,6 +152,18 @@ def resolve_image_path(path: str, base_dir: Union[str, Path, None]) -> str:
     return os.path.normpath(os.path.join(str(base_dir), path))
 
 
+def iter_jsonl(handle) -> Iterator[tuple[int, object, Optional[str]]]:
+    """(line number from 1, parsed object or None, "msg at column N" or None) per non-blank line of
+    an open text file: the one JSONL reader of training data and benchmark files."""
+    for line_no, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line), None
+        except json.JSONDecodeError as err:
+            yield line_no, None, f"{err.msg} at column {err.colno}"
+
+
 def read_jsonl(path: Union[str, Path], *, image_root: Optional[str] = None, require_assistant: bool = True,
                check_files: bool = True) -> Iterator[tuple[str, Optional[Sample], Optional[SampleError]]]:
     """Yields (source "file:line", sample or None, error or None) for each non-blank line."""
@@ -160,14 +172,10 @@ def read_jsonl(path: Union[str, Path], *, image_root: Optional[str] = None, requ
         raise DataError(f"data file not found: {path}")
     base_dir = image_root if image_root is not None else path.parent
     with path.open("r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+        for line_no, obj, bad_json in iter_jsonl(handle):
             source = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield source, None, SampleError(SkipReason.BAD_JSON, f"invalid JSON: {err.msg} at column {err.colno}")
+            if bad_json is not None:
+                yield source, None, SampleError(SkipReason.BAD_JSON, f"invalid JSON: {bad_json}")
                 continue
             try:
                 yield source, parse_record(obj, base_dir=base_dir, source=source,

@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from lingshu_fast.data.formats import iter_jsonl
 from lingshu_fast.rl.extract import gold_choice, normalize_text, normalize_yes_no, options_as_dict
 
 TASKS = ("mcq", "yesno", "open")
@@ -136,14 +137,10 @@ def load_benchmark(path: Union[str, Path], *, name: Optional[str] = None,
     root = Path(image_root) if image_root is not None else path.parent
     items = []
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        for line_no, raw, bad_json in iter_jsonl(f):
             where = f"{path}:{line_no}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BenchmarkError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if bad_json is not None:
+                raise BenchmarkError(f"{where}: invalid JSON ({bad_json})")
             item = validate_item(raw, where, image_root=root, check_images=check_images)
             item.update(benchmark=name, line=line_no)
             item.setdefault("id", f"{name}:{line_no}")
