@@ -68,6 +68,12 @@ def _value_table(device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
     return table.to(out_dtype)
 
 
+def grid_of_sizes(sizes: torch.Tensor) -> torch.Tensor:
+    """(t, h, w) patch grids [n, 3] int64 of smart-resized images of `sizes` [n, 2] (height, width)."""
+    heights, widths = sizes[:, 0], sizes[:, 1]
+    return torch.stack([torch.ones_like(heights), heights // PATCH_SIZE, widths // PATCH_SIZE], dim=1)
+
+
 def _layout(flat_uint8: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
     """Validate the inputs and derive the per-image metadata (on the host: n is small)."""
     if flat_uint8.dtype != torch.uint8 or flat_uint8.dim() != 1:
@@ -87,9 +93,8 @@ def _layout(flat_uint8: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Te
         raise ValueError(f"flat_uint8 holds {flat_uint8.numel()} bytes but sizes describe {int(image_bytes.sum())}")
     rows = heights * widths // PATCH_AREA
     zero = torch.zeros(1, dtype=torch.int64)
-    grid_thw = torch.stack([torch.ones_like(heights), heights // PATCH_SIZE, widths // PATCH_SIZE], dim=1)
     return {
-        "grid_thw": grid_thw,
+        "grid_thw": grid_of_sizes(sizes),
         "cu_rows": torch.cat([zero, rows.cumsum(0)]),
         "pixel_offsets": torch.cat([zero, image_bytes.cumsum(0)[:-1]]),
         "widths": widths.contiguous(),  # a column view: the kernel needs unit stride

@@ -289,9 +289,11 @@ class PackedLoader:
             cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max()),
             num_label_tokens=int((labels != IGNORE_INDEX).sum()), sample_ids=kept, num_samples=len(kept))
         if loaded:
+            from lingshu_fast.kernels.image_pack import grid_of_sizes, pack_images
+
             resized = img.resize_images(loaded, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
             flat_uint8, sizes = img.concat_uint8(resized)
-            grid_thw = torch.cat([torch.ones(len(resized), 1, dtype=torch.int64), sizes // img.PATCH_SIZE], dim=1)
+            grid_thw = grid_of_sizes(sizes)
             expected = np.concatenate(grids)
             if not np.array_equal(grid_thw.numpy(), expected):  # header size != decoded size
                 raise DataError(f"image grids {grid_thw.tolist()} differ from the start-up scan {expected.tolist()} "
@@ -300,8 +302,6 @@ class PackedLoader:
             if self._ship_uint8:  # packed on the device by MicroBatch.to
                 batch.image_uint8, batch.image_sizes = flat_uint8, sizes
             else:
-                from lingshu_fast.kernels.image_pack import pack_images
-
                 batch.pixel_values = pack_images(flat_uint8, sizes, out_dtype=torch.float32)[0]
             batch.image_grid_thw = grid_thw
             batch.vit_cu_seqlens = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).to(torch.int32)
