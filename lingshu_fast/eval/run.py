@@ -189,10 +189,8 @@ def main(args) -> int:
     `eval.benchmarks`; the report goes to `run.dir/eval`."""
     from lingshu_fast.config import ConfigError, load_config
     from lingshu_fast.data.tokenizer import load_tokenizer
-    from lingshu_fast.model import from_pretrained, load_hf_config
-    from lingshu_fast.parallel.pipeline import rank_layer_kwargs, rank_model
     from lingshu_fast.parallel.state import init_parallel
-    from lingshu_fast.train.build import pick_device, pick_dtype, resolve_model_path
+    from lingshu_fast.train.build import build_rank_model, pick_device, pick_dtype, resolve_model_path
 
     cfg = load_config(args.recipe, args.overrides)
     if not cfg.eval.benchmarks:
@@ -204,11 +202,9 @@ def main(args) -> int:
     dims = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
     device = pick_device(dims)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    path = resolve_model_path(cfg, tokenizer)
-    # this rank's pipeline stage(s), split as training splits them (the whole model at pp=1)
-    model = rank_model([from_pretrained(path, dtype=pick_dtype(cfg, device), device=device,
-                                        attention_backend=cfg.model.attention, **layers)
-                        for layers in rank_layer_kwargs(load_hf_config(path), dims, cfg)])
+    # this rank's pipeline stage(s), split as training splits them (the whole model at pp=1), frozen
+    model = build_rank_model(cfg, dims, resolve_model_path(cfg, tokenizer), dtype=pick_dtype(cfg, device),
+                             device=device, frozen=True)
     try:
         rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
