@@ -189,10 +189,6 @@ def workload(mbs: list[MicroBatch], real_lengths: list[list[int]], config) -> Wo
                     sum(mb.num_tokens for mb in mbs))
 
 
-def seg_lengths(mb: MicroBatch) -> list[int]:
-    return (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
-
-
 def host(grid):
     """image_grid_thw on the CPU (the FLOP count's window layout runs there), or None."""
     return None if grid is None else grid.cpu()
@@ -245,7 +241,7 @@ def layouts(tmp_path_factory, tokenizer):
     packed = list(PackedLoader([path], tokenizer, data_config(path, True), seed=0, epochs=1))
     singles = list(PackedLoader([path], tokenizer, data_config(path, False), seed=0, epochs=1))
     padded = padded_batches(singles, SETUP["budget"], special_token_ids(tokenizer)["pad_token_id"])
-    return {"packed": (packed, [seg_lengths(mb) for mb in packed]),
+    return {"packed": (packed, [mb.segment_lengths for mb in packed]),
             "padded": (padded, [[mb.num_tokens for mb in g] for g in _groups_of(singles, padded)]),
             "singles": singles}
 
@@ -284,7 +280,7 @@ def test_bench_e2e_stage1(benchmark, bench_info, tmp_path, tokenizer):
     mbs = list(PackedLoader([path], tokenizer, data_config(path, True), seed=0, epochs=1))
     config = model_config(tokenizer, SETUP["depths"][0])
     trainer = Trainer(config, frozen=["llm"])
-    work = workload(mbs, [seg_lengths(mb) for mb in mbs], config)
+    work = workload(mbs, [mb.segment_lengths for mb in mbs], config)
     step_s = run_rows(benchmark, trainer, work)
     assert not any(p.requires_grad for p in param_groups(trainer.model)["llm"]), "stage 1 must freeze the LLM"
     bench_info.update(op="e2e_stage1", layout="packed", frozen="llm", **shapes_info(config, work),
@@ -306,7 +302,7 @@ def _stage3_per_layer(tokenizer, work: Workload, step_s: float) -> dict:
     per_layer_s = max(step_s - small_s, 0.0) / (big - small)
     full = SETUP["full_depth"]
     scaled_s = step_s + (full - big) * per_layer_s
-    lens = [seg_lengths(mb) for mb in work.microbatches]
+    lens = [mb.segment_lengths for mb in work.microbatches]
     config_full = model_config(tokenizer, full)
     full_flops = sum(training_flops(config_full, s, host(mb.image_grid_thw)) for mb, s in zip(work.microbatches, lens))
     peak = peak_flops_per_s(DEVICE)
@@ -418,7 +414,7 @@ def test_bench_e2e_rl(benchmark, bench_info, tokenizer, layouts):
     step_s = float(benchmark.stats.stats.min)
     flops = 0.0
     for r in rmbs:
-        lens, grid = seg_lengths(r.mb), host(r.prompt_grid_thw)
+        lens, grid = r.mb.segment_lengths, host(r.prompt_grid_thw)
         flops += training_flops(config, lens, grid) + sum(forward_flops(config, lens, grid).values())
     tokens = sum(r.mb.num_tokens for r in rmbs)
     peak = peak_flops_per_s(DEVICE)

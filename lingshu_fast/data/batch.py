@@ -50,6 +50,11 @@ class MicroBatch:
         return int(self.input_ids.numel())
 
     @property
+    def segment_lengths(self) -> list[int]:
+        """Token counts of the non-empty segments (pad_to's empty slots left out): what FLOPs count."""
+        return [n for n in (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist() if n > 0]
+
+    @property
     def num_images(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
 

@@ -102,8 +102,7 @@ def build_rl_state(cfg: Config, dims: ParallelDims):
     hf_config = model.config
 
     def flops_of(rmb) -> float:
-        seq_lens = (rmb.mb.cu_seqlens[1:] - rmb.mb.cu_seqlens[:-1]).tolist()
-        return training_flops(hf_config, [s for s in seq_lens if s > 0], rmb.prompt_grid_thw)
+        return training_flops(hf_config, rmb.mb.segment_lengths, rmb.prompt_grid_thw)
 
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=prompts, runner=runner,
                        device=device, tokenizer=tokenizer, flops_of=flops_of,

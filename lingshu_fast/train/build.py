@@ -181,8 +181,7 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     hf_config = model.config
 
     def flops_of(mb) -> float:
-        seq_lens = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
-        return training_flops(hf_config, [s for s in seq_lens if s > 0], mb.image_grid_thw)
+        return training_flops(hf_config, mb.segment_lengths, mb.image_grid_thw)
 
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, runner=runner,
                       device=device, tokenizer=tokenizer, flops_of=flops_of,
