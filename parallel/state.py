@@ -36,20 +36,18 @@ def _pick_backend(backend: str) -> str:
 def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 30) -> ParallelDims:
     from megatron.core import parallel_state as ps
 
+    from lingshu_fast.config import ConfigError  # a ValueError: the CLI prints it as one line
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world % (tp * pp) != 0:
-        from lingshu_fast.config import ConfigError  # a ValueError: the CLI prints it as one line
-
         raise ConfigError(
             f"world size {world} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}; "
             f"choose tp and pp whose product divides {world}"
         )
     backend = _pick_backend(backend)
     if backend == "gloo" and pp > 1 and torch.cuda.is_available():
-        from lingshu_fast.config import ConfigError
-
         # the model lives on the GPU (train.build.pick_device) and gloo's send/recv take CPU tensors only
         raise ConfigError("parallel.backend=gloo with parallel.pp > 1 on a CUDA machine: pipeline stages exchange "
                           "GPU tensors point to point, which gloo cannot send; use parallel.backend=nccl (or auto)")
