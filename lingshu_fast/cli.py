@@ -16,15 +16,9 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, args.overrides)
-    if cfg.train.stage == 4:
-        from lingshu_fast.rl.loop import train_rl
+    from lingshu_fast.stages import run_stage
 
-        train_rl(cfg)
-        return 0
-    from lingshu_fast.train.loop import train
-
-    train(cfg)
+    run_stage(load_config(args.recipe, args.overrides))
     return 0
 
 
@@ -43,11 +37,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        from lingshu_fast.eval.run import main as eval_main
-    except ImportError:
-        print("lingshu-fast eval: not yet — lands with evaluation (issue 8).")
-        return 3
+    from lingshu_fast.eval.run import main as eval_main
+
     return eval_main(args)
 
 

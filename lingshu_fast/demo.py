@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from lingshu_fast.config import load_config
+from lingshu_fast.stages import run_stage
 
 STAGES = [
     (1, "tiny-stage1", "captions"),
@@ -26,9 +27,6 @@ STAGES = [
 
 def _run_stage(stage: int, recipe: str, data: Path, bench: Path, out: Path, init_from: Optional[Path],
                extra: list[str]) -> dict:
-    from lingshu_fast.rl.loop import train_rl
-    from lingshu_fast.train.loop import train
-
     overrides = [f"run.dir={out / f'stage{stage}'}", f"data.train=[{data}]", *extra]
     if stage < 4:  # stage 4 evaluates nothing during RL; its reward curve is the figure
         overrides += [f"eval.benchmarks=[{bench}]", "eval.max_new_tokens=8"]
@@ -36,7 +34,7 @@ def _run_stage(stage: int, recipe: str, data: Path, bench: Path, out: Path, init
         overrides.append(f"model.init_from={init_from}")
     cfg = load_config(recipe, overrides)
     t0 = time.perf_counter()
-    summary = train_rl(cfg) if cfg.train.stage == 4 else train(cfg)
+    summary = run_stage(cfg)
     summary["wall_s"] = time.perf_counter() - t0
     summary["hf"] = Path(cfg.run.dir) / "hf"
     return summary

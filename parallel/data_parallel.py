@@ -9,7 +9,7 @@ label count of the step, so the sum over ranks is the gradient of the global los
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,20 +55,12 @@ def allreduce_gradients(
             offset += n
 
 
-@torch.no_grad()
-def broadcast_parameters(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup]) -> None:
-    """Make every DP replica start from the weights of the group's first rank."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    src = dist.get_global_rank(group, 0)
-    for p in params:
-        dist.broadcast(p.data, src=src, group=group)
-
-
-def allreduce_scalar(value: float, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> float:
+def allreduce_floats(values: Sequence[float], group: Optional[dist.ProcessGroup],
+                     op=dist.ReduceOp.SUM) -> list[float]:
+    """Host numbers reduced over `group` in ONE collective (float64; one host sync)."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return float(value)
+        return [float(v) for v in values]
     device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op, group=group)
-    return float(t.item())
+    return t.tolist()

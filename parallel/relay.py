@@ -14,7 +14,6 @@ Every rank of the pipeline group must call `relay` with the same `shape` (receiv
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -36,10 +35,10 @@ def _pipeline():
 
 
 def model_chunks(model: nn.Module) -> list[nn.Module]:
-    """This rank's pipeline chunks in pipeline order (one, or the chunks of a ModelChunks)."""
-    from lingshu_fast.parallel.pipeline import ModelChunks
-
-    return list(model.chunks) if isinstance(model, ModelChunks) else [model]
+    """This rank's pipeline chunks in pipeline order: the chunks of a container holding them in a
+    `chunks` ModuleList (the interleaved schedule's `ModelChunks`), else the model itself."""
+    chunks = getattr(model, "chunks", None)
+    return list(chunks) if isinstance(chunks, nn.ModuleList) else [model]
 
 
 def last_stage_holder(model: nn.Module) -> bool:
@@ -85,20 +84,3 @@ def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
     if pp > 1:
         dist.broadcast(tensor, src=ranks[-1], group=group)
     return tensor
-
-
-@contextlib.contextmanager
-def without_sequence_parallel(model: nn.Module):
-    """Run every chunk's TP layers without sequence splitting for the duration (a decode step holds
-    one token per sequence, which cannot be split over TP ranks). No-op when it is off."""
-    chunks = [c for c in model_chunks(model) if getattr(c, "sequence_parallel", False)]
-    linears = [m for chunk in chunks for layer in chunk.layers
-               for m in (layer.qkv, layer.gate_up, layer.o_proj, layer.down_proj)]
-    switched = chunks + linears + ([model] if chunks and model not in chunks else [])
-    for m in switched:
-        m.sequence_parallel = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.sequence_parallel = True

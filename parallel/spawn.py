@@ -10,18 +10,14 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lingshu_fast.parallel.state import free_port, init_parallel, shutdown_parallel
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, tp: int, pp: int, queue) -> None:
@@ -29,9 +25,6 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, tp
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    from lingshu_fast.parallel.state import init_parallel, shutdown_parallel
-    import torch
-
     torch.set_num_threads(1)
     try:
         dims = init_parallel(tp=tp, pp=pp, backend="gloo")

@@ -7,11 +7,22 @@ on CPU, and builds Megatron-Core's groups with DP = world / (TP * PP).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LayoutError(ValueError):
+    """A parallel layout this world cannot hold (one line, for the user: the CLI prints it so)."""
 
 
 @dataclass(frozen=True)
@@ -36,20 +47,18 @@ def _pick_backend(backend: str) -> str:
 def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 30) -> ParallelDims:
     from megatron.core import parallel_state as ps
 
-    from lingshu_fast.config import ConfigError  # a ValueError: the CLI prints it as one line
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world % (tp * pp) != 0:
-        raise ConfigError(
+        raise LayoutError(
             f"world size {world} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}; "
             f"choose tp and pp whose product divides {world}"
         )
     backend = _pick_backend(backend)
     if backend == "gloo" and pp > 1 and torch.cuda.is_available():
         # the model lives on the GPU (train.build.pick_device) and gloo's send/recv take CPU tensors only
-        raise ConfigError("parallel.backend=gloo with parallel.pp > 1 on a CUDA machine: pipeline stages exchange "
+        raise LayoutError("parallel.backend=gloo with parallel.pp > 1 on a CUDA machine: pipeline stages exchange "
                           "GPU tensors point to point, which gloo cannot send; use parallel.backend=nccl (or auto)")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -58,8 +67,6 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minut
         if "WORLD_SIZE" not in os.environ:
             # Not launched by torchrun: a single process still needs a store. Take a free port, and
             # ignore an inherited MASTER_PORT (a parent process may be listening on it).
-            from lingshu_fast.parallel.spawn import free_port
-
             os.environ["MASTER_PORT"] = str(free_port())
         elif "MASTER_PORT" not in os.environ:
             raise RuntimeError("WORLD_SIZE is set but MASTER_PORT is not: launch with torchrun")

@@ -169,11 +169,11 @@ def _four_layer_tied_model(folder: Path) -> Path:
 
 def _train_with(dims, run_dir, data, *extra):
     from lingshu_fast.config import load_config
-    from lingshu_fast.train.loop import train
+    from lingshu_fast.stages import run_stage  # with the scheduled evaluation, as the CLI runs it
 
     cfg = load_config("tiny-sft", _overrides(run_dir, data, f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}",
                                              *extra))
-    train(cfg, dims)
+    run_stage(cfg, dims)
     return _losses(run_dir) if dims.rank == 0 else None
 
 

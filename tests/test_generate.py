@@ -153,7 +153,7 @@ def test_generated_image_token_is_an_ordinary_token(tiny):
 def _pipeline_worker(dims, folder, prompts, stop_ids):
     """tp=2 x pp=2 (sequence parallel on) first; then, in the same processes, pp=2 with two
     interleaved chunks per rank (dp=2): stages 0..3 of one layer each."""
-    from lingshu_fast.parallel.pipeline import ModelChunks
+    from lingshu_fast.model.chunks import ModelChunks
     from lingshu_fast.parallel.state import init_parallel
 
     def run(model):

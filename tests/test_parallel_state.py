@@ -37,13 +37,14 @@ def test_rank_error_is_reported():
 
 def test_gloo_pipeline_on_a_cuda_machine_is_a_config_error(monkeypatch):
     """Pins: pp > 1 over gloo with the model on the GPU would fail deep in the first send (gloo's
-    point-to-point takes CPU tensors only); it is refused up front, before any group is created."""
+    point-to-point takes CPU tensors only); it is refused up front, before any group is created, as
+    the one-line ConfigError the CLI prints (the training entry turns parallel's LayoutError into it)."""
     import torch
 
-    from lingshu_fast.config import ConfigError
-    from lingshu_fast.parallel.state import init_parallel
+    from lingshu_fast.config import ConfigError, load_config
+    from lingshu_fast.train.layout import start_parallel
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="parallel.backend=nccl"):
-        init_parallel(1, 2, backend="gloo")
+        start_parallel(load_config("tiny-sft", ["parallel.pp=2", "parallel.backend=gloo"]))

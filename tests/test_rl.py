@@ -17,11 +17,21 @@ import torch
 from safetensors.torch import load_file
 
 import lingshu_fast.model as M
-from lingshu_fast.model.testing import rl_prompt_parts
+from lingshu_fast.rl.testing import rl_prompt_parts
 from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.rl.rewards import register_reward, registered_rewards
-from lingshu_fast.rl.step import PromptPart, forward_backward_rl, norm_count, pack_sequences, sequence_logprobs
+from lingshu_fast.rl.step import (STAT_KEYS, PromptPart, grpo_closures, norm_count, pack_sequences,
+                                  sequence_logprobs)
+from lingshu_fast.train.runner import LocalRunner
 
+
+
+def _update_sums(model, rmbs, rl_cfg) -> dict:
+    """One GRPO forward + backward through the step contract (runner + GRPO closures): this rank's
+    sums of the loss (in SUM form: each micro-batch's mean times its count) and statistics."""
+    runner = LocalRunner(model, None)
+    totals = runner.run(*grpo_closures(runner, rmbs, rl_cfg), stat_keys=STAT_KEYS)
+    return dict(zip(totals.keys, totals.values.tolist()))
 
 def space_start_reward(response: str, sample: dict) -> float:
     return float(response.startswith(" "))
@@ -111,13 +121,14 @@ def test_rl_step_loss_and_grads_match_full_logits_oracle(loss_agg):
     for rmb in rmbs:
         rmb.old_logprobs, rmb.ref_logprobs = _scatter(rmb, old), _scatter(rmb, ref)
     model.zero_grad(set_to_none=True)
-    totals = forward_backward_rl(model, rmbs, global_count=sum(norm_count(r, loss_agg) for r in rmbs), rl_cfg=cfg)
-    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    totals = _update_sums(model, rmbs, cfg)
+    count = sum(norm_count(r, loss_agg) for r in rmbs)
+    ours = {n: p.grad.clone() / count for n, p in model.named_parameters()}  # the engine's 1/count scaling
 
     model.zero_grad(set_to_none=True)
     expected = _oracle_loss(model, prompts, seq_prompt, responses, adv, old, ref, cfg)
     expected.backward()
-    assert totals["loss"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    assert totals["loss"] / count == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
     assert totals["clip_frac"] > 0  # the clipped branch was exercised
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -205,7 +216,7 @@ def test_group_shares_image_encodings(tmp_path, demo_data):
     updates, _ = _plan_updates(ro, cfg)
     rmbs = [r for u in updates for r in u]
     assert len(rmbs) == cfg.rl.updates_per_rollout  # one micro-batch per update at this budget
-    forward_backward_rl(model, rmbs, global_count=sum(norm_count(r, "token-mean") for r in rmbs), rl_cfg=cfg.rl)
+    _update_sums(model, rmbs, cfg.rl)
     assert log == [len(set(r.seq_prompt)) for r in rmbs] and sum(log) == len(indices)
 
 

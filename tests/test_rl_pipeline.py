@@ -51,7 +51,7 @@ def four_layer_model(tmp_path_factory) -> Path:
 def _fixed_rollout(config, token_multiple: int):
     """Two image prompts and a text one, 4 responses each, advantages drawn once: the same on every
     rank and layout (a generator with a fixed seed), packed at the pipeline's budget."""
-    from lingshu_fast.model.testing import rl_prompt_parts
+    from lingshu_fast.rl.testing import rl_prompt_parts
     from lingshu_fast.rl.step import pack_sequences
 
     gen = torch.Generator().manual_seed(0)
@@ -70,22 +70,24 @@ def _update_on_layout(dims, model_dir, data, run_dir, *extra):
     """Spawned (or in-process for the baseline): two GRPO updates on the fixed rollout, with old
     log-probs (the policy's own, shifted by fixed noise so that the ratio clips) and the reference
     model's; returns per-rank totals, grad norms and the last stage's log-probs."""
+    from megatron.core import parallel_state as ps
+
     from lingshu_fast.config import load_config
     from lingshu_fast.rl.loop import build_rl_state
-    from lingshu_fast.rl.pipeline_step import pipeline_forward_backward_rl
-    from lingshu_fast.rl.step import forward_backward_rl, norm_count, sequence_logprobs
-    from lingshu_fast.train.loop import parallel_groups
-    from lingshu_fast.train.optim import clip_grad_norm
+    from lingshu_fast.rl.step import STAT_KEYS, grpo_closures, norm_count, sequence_logprobs
+    from lingshu_fast.train.engine import StepEngine
+    from lingshu_fast.train.metrics import SkipTracker
 
     cfg = load_config("tiny-rl", [f"run.dir={run_dir}", f"data.train=[{data}]", f"model.path={model_dir}",
                                   f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}", "run.progress=false",
                                   f"data.max_tokens_per_microbatch={BUDGET}", f"data.max_length={BUDGET}",
                                   "rl.beta=0.05", "rl.loss_agg=seq-mean-token-mean", "optim.lr=1e-3", *extra])
-    tp_group, _, pp_group = parallel_groups()
-    state, ref_model = build_rl_state(cfg, dims)
-    model = state.model
+    tp_group = ps.get_tensor_model_parallel_group()
+    state = build_rl_state(cfg, dims)
+    model, ref_model = state.model, state.ref_model
+    engine = StepEngine(model, state.optimizer, state.scheduler, state.runner, dims, grad_clip=cfg.optim.grad_clip,
+                        skips=SkipTracker(5))
     multiple = model.tp if model.sequence_parallel else 1
-    params = [p for p in model.parameters() if p.requires_grad]
     out = {"totals": [], "grad_norm": [], "logprobs": []}
     for u, rmbs in enumerate(_fixed_rollout(model.config, multiple)):
         noise = torch.Generator().manual_seed(100 + u)
@@ -97,16 +99,10 @@ def _update_on_layout(dims, model_dir, data, run_dir, *extra):
             if old is not None:  # the last stage's rank (every rank without PP)
                 rmb.old_logprobs, rmb.ref_logprobs = old + shift, ref
                 out["logprobs"].append((old[rmb.loss_mask].tolist(), ref[rmb.loss_mask].tolist()))
-        state.optimizer.zero_grad(set_to_none=True)
         count = sum(norm_count(r, cfg.rl.loss_agg) for r in rmbs)
-        if state.runner is None:
-            totals = forward_backward_rl(model, rmbs, global_count=count, rl_cfg=cfg.rl, tp_group=tp_group)
-        else:
-            totals = pipeline_forward_backward_rl(state.runner, rmbs, global_count=count, rl_cfg=cfg.rl)
-        out["totals"].append(totals)
-        out["grad_norm"].append(clip_grad_norm(params, cfg.optim.grad_clip, tp_group=tp_group,
-                                               pp_group=pp_group if dims.pp > 1 else None))
-        state.optimizer.step()
+        result = engine.step(*grpo_closures(state.runner, rmbs, cfg.rl), count=count, stat_keys=STAT_KEYS)
+        out["totals"].append({"loss": result.loss, **result.stats})
+        out["grad_norm"].append(result.grad_norm)
     state.export(Path(run_dir) / "hf")
     return out
 

@@ -189,8 +189,8 @@ def main(args) -> int:
     `eval.benchmarks`; the report goes to `run.dir/eval`."""
     from lingshu_fast.config import ConfigError, load_config
     from lingshu_fast.data.tokenizer import load_tokenizer
-    from lingshu_fast.parallel.state import init_parallel
     from lingshu_fast.train.build import build_rank_model, pick_device, pick_dtype, resolve_model_path
+    from lingshu_fast.train.layout import start_parallel
 
     cfg = load_config(args.recipe, args.overrides)
     if not cfg.eval.benchmarks:
@@ -199,7 +199,7 @@ def main(args) -> int:
     missing = [b for b in cfg.eval.benchmarks if not Path(b).is_file()]
     if missing:
         raise ConfigError(f"eval.benchmarks: file(s) not found: {missing}")
-    dims = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
+    dims = start_parallel(cfg)
     device = pick_device(dims)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     # this rank's pipeline stage(s), split as training splits them (the whole model at pp=1), frozen

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from lingshu_fast.model.attention import varlen_attention
 from lingshu_fast.model.ops import apply_rotary, swiglu
-from lingshu_fast.parallel.relay import (broadcast_from_last_stage, last_stage_holder, model_chunks, relay,
-                                         without_sequence_parallel)
+from lingshu_fast.model.sequence_parallel import without_sequence_parallel
+from lingshu_fast.parallel.relay import broadcast_from_last_stage, last_stage_holder, model_chunks, relay
 
 
 @dataclass

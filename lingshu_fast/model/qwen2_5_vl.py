@@ -24,6 +24,7 @@ sync is the pipeline's job (as Megatron's embedding group does).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -217,6 +218,7 @@ class Qwen25VLModel(nn.Module):
 
 # ---- module groups: freezing and per-group learning rates ----
 def _group_of(name: str) -> str:
+    name = re.sub(r"^chunks\.\d+\.", "", name)  # a `ModelChunks` prefixes each chunk's names
     if name.startswith("visual.merger."):
         return "merger"
     if name.startswith("visual."):

@@ -17,8 +17,12 @@ see only local tokens, so their gradients are all-reduced over TP in backward (`
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+
+from lingshu_fast.parallel.relay import model_chunks
 
 
 def _all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
@@ -126,3 +130,20 @@ def gather_seq_output(x, group):
 
 def sync_grad(weight, group):
     return _SyncGrad.apply(weight, group)
+
+
+@contextlib.contextmanager
+def without_sequence_parallel(model: torch.nn.Module):
+    """Run every chunk's TP layers without sequence splitting for the duration (a decode step holds
+    one token per sequence, which cannot be split over TP ranks). No-op when it is off."""
+    chunks = [c for c in model_chunks(model) if getattr(c, "sequence_parallel", False)]
+    linears = [m for chunk in chunks for layer in chunk.layers
+               for m in (layer.qkv, layer.gate_up, layer.o_proj, layer.down_proj)]
+    switched = chunks + linears + ([model] if chunks and model not in chunks else [])
+    for m in switched:
+        m.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.sequence_parallel = True

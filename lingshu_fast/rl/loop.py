@@ -20,8 +20,8 @@ of the old/reference log-prob passes), not generation, which `rollout_tokens_per
 (generated tokens over all ranks / the slowest rank's generation time). The prompt stream cycles
 epochs without end (as stages 1-3's loader): train.max_steps decides the length.
 
-Resume and checkpoints reuse stages 1-3's (`train.loop._resume/_save`: model, optimizer, schedule,
-RNG, prompt position), taken only between rollouts: a checkpoint due (checkpoint.every) in the
+Resume and checkpoints are stages 1-3's (`train.session.StageRun`: model, optimizer, schedule, RNG,
+prompt position), taken only between rollouts: a checkpoint due (checkpoint.every) in the
 middle of a rollout is written after its last update. A run whose max_steps ends inside a rollout
 drops that rollout's remaining updates (a later, longer run starts a fresh rollout).
 
@@ -33,13 +33,14 @@ log-probs are always recomputed with our model (token_logprobs), never taken fro
 Layouts: TP, PP and DP as stages 1-3 (the same per-chunk model, checkpoints and schedules). Under
 parallel.pp > 1 the generator and the old/reference log-prob passes run stage by stage
 (`parallel.relay`; every rank of a pipeline gets the same rollout), and the updates go through
-the pipeline schedule (`rl.pipeline_step`): micro-batches padded to data.max_tokens_per_microbatch,
-so a prompt + response (data.max_length) must fit that budget.
+the pipeline schedule (the step engine's `PipelineRunner`): micro-batches padded to
+data.max_tokens_per_microbatch, so a prompt + response (data.max_length) must fit that budget.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -47,17 +48,21 @@ import torch.distributed as dist
 
 from lingshu_fast.config import Config, ConfigError
 from lingshu_fast.kernels import grpo_advantages
-from lingshu_fast.parallel.data_parallel import allreduce_gradients, allreduce_scalar
-from lingshu_fast.parallel.state import ParallelDims, init_parallel
+from lingshu_fast.model import training_flops
+from lingshu_fast.parallel.data_parallel import allreduce_floats
+from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.rl.rewards import parse_reward_spec
 from lingshu_fast.rl.rollout import PromptDataset, Rollout, collect_rollout
-from lingshu_fast.rl.step import forward_backward_rl, norm_count, pack_sequences, sequence_logprobs
-from lingshu_fast.rl.pipeline_step import pipeline_forward_backward_rl
+from lingshu_fast.rl.step import STAT_KEYS, grpo_closures, norm_count, pack_sequences, sequence_logprobs
 from lingshu_fast.train.build import TrainState, build_rank_model, build_trainable, hf_exporter, prepare_run
-from lingshu_fast.train.loop import (checkpoint_due, finish_stage, parallel_groups, resume_run, save_run,
-                                     start_run_dir)
-from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, all_finite, mem_gb, mfu, peak_flops_per_s
-from lingshu_fast.train.optim import clip_grad_norm, current_lrs
+from lingshu_fast.train.runner import build_runner
+from lingshu_fast.train.session import Evaluator, StageRun
+
+
+@dataclass
+class RLState(TrainState):
+    ref_model: Any = None  # the frozen reference (rl.beta > 0), the same chunks as the policy
+    prompts_per_rank: int = 0
 
 
 def _check_layout(cfg: Config, dims: ParallelDims) -> int:
@@ -83,11 +88,9 @@ def _check_layout(cfg: Config, dims: ParallelDims) -> int:
     return rl.rollout_batch // dims.dp
 
 
-def build_rl_state(cfg: Config, dims: ParallelDims):
-    """(TrainState with the prompt stream as its loader, frozen reference model or None)."""
-    from lingshu_fast.model import training_flops
-    from lingshu_fast.parallel.pipeline import PipelineRunner
-
+def build_rl_state(cfg: Config, dims: ParallelDims) -> RLState:
+    """The policy's TrainState with the prompt stream as its loader, and the frozen reference model."""
+    per_rank = _check_layout(cfg, dims)
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more RL JSONL files (records with 'answer')")
     device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
@@ -95,8 +98,8 @@ def build_rl_state(cfg: Config, dims: ParallelDims):
     ref_model = None
     if cfg.rl.beta != 0.0:  # the same chunks as the policy: its log-probs meet the loss on the last stage
         ref_model = build_rank_model(cfg, dims, model_path, dtype=dtype, device=device, frozen=True)
-    # packing decides each update's micro-batch count: the runner builds a schedule per count
-    runner = PipelineRunner(model, dims, cfg, variable_microbatches=True) if dims.pp > 1 else None
+    # packing decides each update's micro-batch count: a pipeline runner builds a schedule per count
+    runner = build_runner(model, dims, schedule=cfg.parallel.pp_schedule, tokens=cfg.data.max_tokens_per_microbatch)
     prompts = PromptDataset(cfg.data.train, tokenizer, cfg.data, max_new_tokens=cfg.rl.max_new_tokens,
                             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.run.seed)
     hf_config = model.config
@@ -104,33 +107,30 @@ def build_rl_state(cfg: Config, dims: ParallelDims):
     def flops_of(rmb) -> float:
         return training_flops(hf_config, rmb.mb.segment_lengths, rmb.prompt_grid_thw)
 
-    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=prompts, runner=runner,
-                       device=device, tokenizer=tokenizer, flops_of=flops_of,
-                       export=hf_exporter(model, tokenizer, dims))
-    return state, ref_model
+    return RLState(model=model, optimizer=optimizer, scheduler=scheduler, loader=prompts, runner=runner,
+                   device=device, tokenizer=tokenizer, flops_of=flops_of, export=hf_exporter(model, tokenizer, dims),
+                   ref_model=ref_model, prompts_per_rank=per_rank)
 
 
 def _rollout_seed(seed: int, rollout: int, dp_rank: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(rollout), int(dp_rank)]).generate_state(1)[0])
 
 
-def _rollout_stats(ro: Rollout, dp_group, generate_s: float) -> dict:
-    """Rollout-wide metrics over all DP ranks."""
-    n = allreduce_scalar(len(ro.rewards), dp_group)
-    total = allreduce_scalar(float(ro.rewards.astype(np.float64).sum()), dp_group)
-    sq = allreduce_scalar(float((ro.rewards.astype(np.float64) ** 2).sum()), dp_group)
-    mean = total / max(n, 1)
-    stats = {"reward_mean": mean, "reward_std": math.sqrt(max(sq / max(n, 1) - mean * mean, 0.0))}
-    for key, name in (("accuracy", "accuracy"), ("format_rate", "format")):
-        scores = ro.breakdown.get(name)
-        stats[key] = None if scores is None else allreduce_scalar(float(scores.sum()), dp_group) / max(n, 1)
-    tokens = allreduce_scalar(ro.response_tokens, dp_group)
-    slowest_s = allreduce_scalar(generate_s, dp_group, op=dist.ReduceOp.MAX)
-    stats.update(response_len=tokens / max(n, 1), rollout_tokens_per_s=tokens / max(slowest_s, 1e-9),
-                 rollout_time_s=slowest_s,
-                 finished_rate=allreduce_scalar(float(ro.finished.sum()), dp_group) / max(n, 1),
-                 reward_failures=int(allreduce_scalar(ro.failures, dp_group)))
-    return stats
+def _rollout_stats(ro: Rollout, dp_group, generate_s: float, filtered: int) -> dict:
+    """Rollout-wide metrics over all DP ranks (two batched collectives: sums, then the slowest time)."""
+    rewards = ro.rewards.astype(np.float64)
+    scores = [ro.breakdown.get(name) for name in ("accuracy", "format")]
+    n, total, sq, tokens, finished, failures, filtered_sum, *score_sums = allreduce_floats(
+        [len(rewards), rewards.sum(), (rewards ** 2).sum(), ro.response_tokens, ro.finished.sum(), ro.failures,
+         filtered, *[0.0 if s is None else s.sum() for s in scores]], dp_group)
+    slowest_s = allreduce_floats([generate_s], dp_group, op=dist.ReduceOp.MAX)[0]
+    mean, n = total / max(n, 1), max(n, 1)
+    return {"reward_mean": mean, "reward_std": math.sqrt(max(sq / n - mean * mean, 0.0)),
+            "accuracy": None if scores[0] is None else score_sums[0] / n,
+            "format_rate": None if scores[1] is None else score_sums[1] / n,
+            "response_len": tokens / n, "rollout_tokens_per_s": tokens / max(slowest_s, 1e-9),
+            "rollout_time_s": slowest_s, "finished_rate": finished / n, "reward_failures": int(failures),
+            "filtered_groups": int(filtered_sum)}
 
 
 def _plan_updates(ro: Rollout, cfg: Config, *, token_multiple: int = 1,
@@ -155,104 +155,72 @@ def _plan_updates(ro: Rollout, cfg: Config, *, token_multiple: int = 1,
     return updates, int((~keep).sum())
 
 
-def train_rl(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
-    """Run (or resume) stage 4; returns a summary for the demo (reward_start/reward_end included)."""
-    dims = dims or init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
-    per_rank = _check_layout(cfg, dims)
-    run_dir = start_run_dir(cfg, dims)
-    tp_group, dp_group, pp_group = parallel_groups()
-    pp_group = pp_group if dims.pp > 1 else None
-    state, ref_model = build_rl_state(cfg, dims)
-    model, rl = state.model, cfg.rl
-    skips = SkipTracker(cfg.train.max_consecutive_skips)
-    start = resume_run(state, cfg, dims, skips)
-    backend = None
-    if rl.backend == "vllm":  # sampling on a vLLM server; our generator otherwise
-        from lingshu_fast.rl.vllm_backend import VLLMClient
-
-        backend = VLLMClient(rl.vllm_url, vocab_size=model.config.text_config.vocab_size,
-                             sync_dir=rl.vllm_sync_dir, tokenizer=state.tokenizer, timeout_s=rl.vllm_timeout_s)
-        backend.push_weights(model, start)  # the server samples the (resumed) policy, not its start-up folder
-    peak = peak_flops_per_s(state.device)
-    writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
-                           start_step=start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
-    params = [p for p in model.parameters() if p.requires_grad]
-    upr = rl.updates_per_rollout
+def _rollout(run: StageRun, backend, rollout_index: int) -> tuple[list, dict, float]:
+    """One rollout: sample, score, plan the updates and take the old/reference log-probs before any
+    update. Returns (updates, rollout metrics, the log-prob passes' seconds per update)."""
+    cfg, state, rl = run.cfg, run.state, run.cfg.rl
+    indices = state.loader.next_indices(rl.rollout_batch)
+    assert len(indices) == state.prompts_per_rank
+    ro = collect_rollout(state.model, state.loader, indices, rl, state.tokenizer,
+                         seed=_rollout_seed(cfg.run.seed, rollout_index, run.dims.dp_rank), backend=backend)
+    model = state.model
     token_multiple = model.tp if getattr(model, "sequence_parallel", False) else 1
-    pad_token_id = state.loader.token_ids["pad_token_id"]
-    summary = {"stage": cfg.train.stage, "steps": start, "loss": float("nan"), "tokens_per_s_per_gpu": 0.0,
-               "mfu": None, "reward_start": None, "reward_end": None}
-    step, rollout_index = start, math.ceil(start / upr)
-    try:
-        while step < cfg.train.max_steps:
-            indices = state.loader.next_indices(rl.rollout_batch)
-            assert len(indices) == per_rank
-            ro = collect_rollout(model, state.loader, indices, rl, state.tokenizer,
-                                 seed=_rollout_seed(cfg.run.seed, rollout_index, dims.dp_rank), backend=backend)
+    updates, filtered = _plan_updates(ro, cfg, token_multiple=token_multiple,
+                                      pad_token_id=state.loader.token_ids["pad_token_id"])
+    stats = _rollout_stats(ro, run.engine.dp_group, ro.generate_s, filtered)
+    prep = run.timer()
+    tp_group = state.runner.tp_group
+    for rmbs in updates:
+        for rmb in rmbs:
+            moved = rmb.to(state.device)
+            if rl.updates_per_rollout > 1:
+                rmb.old_logprobs = sequence_logprobs(model, moved, temperature=rl.temperature, tp_group=tp_group)
+            if state.ref_model is not None:
+                rmb.ref_logprobs = sequence_logprobs(state.ref_model, moved, temperature=rl.temperature,
+                                                     tp_group=tp_group)
+    return updates, stats, prep.stop() / max(rl.updates_per_rollout, 1)
+
+
+def _vllm_backend(cfg: Config, state, start: int):
+    """rl.backend=vllm: the client, after pushing the (resumed) policy; None for our own generator."""
+    if cfg.rl.backend != "vllm":
+        return None
+    from lingshu_fast.rl.vllm_backend import VLLMClient
+
+    backend = VLLMClient(cfg.rl.vllm_url, vocab_size=state.model.config.text_config.vocab_size,
+                         sync_dir=cfg.rl.vllm_sync_dir, tokenizer=state.tokenizer, timeout_s=cfg.rl.vllm_timeout_s)
+    backend.push_weights(state.model, start)  # the server samples the (resumed) policy, not its start-up folder
+    return backend
+
+
+def train_rl(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optional[Evaluator] = None) -> dict:
+    """Run (or resume) stage 4; returns a summary for the demo (reward_start/reward_end included)."""
+    with StageRun(cfg, dims, build_rl_state, evaluate) as run:
+        state, rl = run.state, cfg.rl
+        backend = _vllm_backend(cfg, state, run.start)
+        pad_token_id = state.loader.token_ids["pad_token_id"]
+        rollout_index = math.ceil(run.start / rl.updates_per_rollout)
+        run.summary.update(reward_start=None, reward_end=None)
+        while run.step < cfg.train.max_steps:
+            updates, ro_stats, prep_s = _rollout(run, backend, rollout_index)
             rollout_index += 1
-            ro_stats = _rollout_stats(ro, dp_group, ro.generate_s)
-            updates, filtered = _plan_updates(ro, cfg, token_multiple=token_multiple, pad_token_id=pad_token_id)
-            ro_stats["filtered_groups"] = int(allreduce_scalar(filtered, dp_group))
-            prep = StepTimer(state.device).start()
-            for rmbs in updates:  # log-probs of the rollout policy and the reference, before any update
-                for rmb in rmbs:
-                    moved = rmb.to(state.device)
-                    if upr > 1:
-                        rmb.old_logprobs = sequence_logprobs(model, moved, temperature=rl.temperature,
-                                                             tp_group=tp_group)
-                    if ref_model is not None:
-                        rmb.ref_logprobs = sequence_logprobs(ref_model, moved, temperature=rl.temperature,
-                                                             tp_group=tp_group)
-            prep_s = prep.stop() / max(upr, 1)  # shared by the rollout's updates
-            save_due, updated = False, False
-            for rmbs in updates:
-                if step >= cfg.train.max_steps:
-                    break
-                step += 1
-                timer = StepTimer(state.device).start()
-                state.optimizer.zero_grad(set_to_none=True)
-                rmbs = [rmb.to(state.device) for rmb in rmbs]
-                global_count = int(allreduce_scalar(sum(norm_count(r, rl.loss_agg) for r in rmbs), dp_group))
-                if state.runner is None:
-                    totals = forward_backward_rl(model, rmbs, global_count=global_count, rl_cfg=rl,
-                                                 tp_group=tp_group)
-                else:  # the same sums on every pipeline rank (broadcast from the last stage)
-                    totals = pipeline_forward_backward_rl(state.runner, rmbs, global_count=global_count, rl_cfg=rl,
-                                                          pad_token_id=pad_token_id)
-                allreduce_gradients(params, dp_group)
-                reduced = {k: allreduce_scalar(v, dp_group) for k, v in totals.items()}
-                grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, tp_group=tp_group, pp_group=pp_group)
-                if global_count == 0:
-                    skips.ok()  # every group filtered or empty: nothing to learn, no update
-                elif all_finite(reduced["loss"], grad_norm):
-                    state.optimizer.step()
-                    updated = True
-                    skips.ok()
-                else:
-                    skips.skip(step, f"loss={reduced['loss']}, grad_norm={grad_norm}")
-                lrs = current_lrs(state.optimizer)
-                state.scheduler.step()
-                dt_s = timer.stop() + prep_s
-                tokens = int(allreduce_scalar(sum(r.mb.num_tokens for r in rmbs), dp_group))
-                flops = allreduce_scalar(sum(state.flops_of(r) for r in rmbs), dp_group)
-                masked = max(reduced["masked_tokens"], 1.0)
-                row = dict(step=step, loss=reduced["loss"], lr=max(lrs.values()) if lrs else 0.0, grad_norm=grad_norm,
-                           tokens=tokens, tokens_per_s_per_gpu=tokens / dt_s / dims.world,
-                           mfu=mfu(flops, dt_s, dims.world, peak), mem_gb=mem_gb(state.device),
-                           kl=reduced["kl"] / masked, clip_frac=reduced["clip_frac"] / masked,
-                           label_tokens=int(reduced["masked_tokens"]), skipped_steps=skips.total, step_time_s=dt_s,
-                           **ro_stats, **{f"lr/{k}": v for k, v in lrs.items()})
-                writer.log(**row)
-                if summary["reward_start"] is None:
-                    summary["reward_start"] = ro_stats["reward_mean"]
-                summary.update(steps=step, loss=row["loss"], tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"],
-                               mfu=row["mfu"], reward_end=ro_stats["reward_mean"])
-                save_due = save_due or checkpoint_due(cfg, step)
-            if backend is not None and updated and step < cfg.train.max_steps:
-                backend.push_weights(model, step)  # collective; the next rollout samples the updated policy
+            save_due = updated = False
+            for rmbs in updates[:cfg.train.max_steps - run.step]:
+                step, timer = run.step + 1, run.timer()
+                host = {"tokens": sum(r.mb.num_tokens for r in rmbs), "flops": sum(state.flops_of(r) for r in rmbs)}
+                result = run.engine.step(*grpo_closures(state.runner, rmbs, rl, pad_token_id), step=step,
+                                         count=sum(norm_count(r, rl.loss_agg) for r in rmbs), host=host,
+                                         stat_keys=STAT_KEYS)
+                masked = max(result.stats["masked_tokens"], 1.0)
+                run.log(step, result, timer.stop() + prep_s, kl=result.stats["kl"] / masked,
+                        clip_frac=result.stats["clip_frac"] / masked, label_tokens=int(result.stats["masked_tokens"]),
+                        **ro_stats)
+                if run.summary["reward_start"] is None:
+                    run.summary["reward_start"] = ro_stats["reward_mean"]
+                run.summary["reward_end"] = ro_stats["reward_mean"]
+                updated, save_due = updated or result.updated, save_due or run.checkpoint_due(step)
+            if backend is not None and updated and run.step < cfg.train.max_steps:
+                backend.push_weights(state.model, run.step)  # collective; the next rollout samples the new policy
             if save_due:
-                save_run(state, cfg, dims, step, skips)
-        finish_stage(state, cfg, dims, step, start, skips, run_dir)
-    finally:
-        writer.close()
-    return summary
+                run.save(run.step)
+        return run.finish()

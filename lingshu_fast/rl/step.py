@@ -24,6 +24,7 @@ sum (as in stages 1-3).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -216,25 +217,58 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, rmb: RLMicroBa
         loss_agg=rl_cfg.loss_agg, tp_group=_tp(tp_group))
 
 
-def forward_backward_rl(model: torch.nn.Module, rmbs: Sequence[RLMicroBatch], *, global_count: int, rl_cfg,
-                        tp_group=None) -> dict[str, float]:
-    """Forward + backward of this rank's micro-batches of one update. Returns this rank's SUMS:
-    `loss` (its share of the global loss), and `kl`, `clip_frac` multiplied by masked tokens, and
-    `masked_tokens`, for the caller to all-reduce and divide. (Pipeline parallelism:
-    `rl.pipeline_step.pipeline_forward_backward_rl`.)"""
-    denom = float(max(global_count, 1))
-    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "masked_tokens": 0.0}
-    for rmb in rmbs:
+STAT_KEYS = ("kl", "clip_frac", "masked_tokens")  # summed per update: kl and clip_frac times masked tokens
+
+
+def _pad_tail(t: Optional[torch.Tensor], n: int, value) -> Optional[torch.Tensor]:
+    return None if t is None else torch.cat([t, t.new_full((n,), value)])
+
+
+def pad_rl_microbatch(rmb: RLMicroBatch, runner, pad_token_id: int = 0) -> RLMicroBatch:
+    """`rmb` at the shape the runner runs (`runner.pad`); the padding trains nothing (loss_mask False,
+    seq_index -1, advantage 0, log-probs 0)."""
+    mb = runner.pad(rmb.mb, pad_token_id)
+    extra = mb.num_tokens - rmb.mb.num_tokens
+    if extra == 0:
+        return rmb
+    return dataclasses.replace(
+        rmb, mb=mb, loss_mask=_pad_tail(rmb.loss_mask, extra, False), seq_index=_pad_tail(rmb.seq_index, extra, -1),
+        advantages=_pad_tail(rmb.advantages, extra, 0.0), old_logprobs=_pad_tail(rmb.old_logprobs, extra, 0.0),
+        ref_logprobs=_pad_tail(rmb.ref_logprobs, extra, 0.0))
+
+
+def empty_rl_microbatch() -> RLMicroBatch:
+    """A micro-batch of nothing: fills an update up to a count the pipeline schedule runs (padded to its
+    static shape by `pad_rl_microbatch`, all of it untrained)."""
+    nothing = torch.zeros(0, dtype=torch.int64)
+    mb = MicroBatch(input_ids=nothing, labels=nothing.clone(), position_ids=torch.zeros(3, 0, dtype=torch.int64),
+                    cu_seqlens=torch.zeros(1, dtype=torch.int32), max_seqlen=0)
+    return RLMicroBatch(mb=mb, loss_mask=torch.zeros(0, dtype=torch.bool), seq_index=nothing.clone(),
+                        advantages=torch.zeros(0), prompt_pixel_values=None, prompt_grid_thw=None,
+                        prompt_image_tokens=[], seq_prompt=[])
+
+
+def grpo_closures(runner, rmbs: Sequence[RLMicroBatch], rl_cfg, pad_token_id: int = 0):
+    """(the micro-batches as the runner runs them, first_forward, loss_of) of one GRPO update.
+
+    A micro-batch's loss is its `loss_agg` mean times its count (`norm_count`): the SUM form the
+    engine divides by the global count. `rmbs` carry old/ref log-probs on the rank holding the last
+    stage (`sequence_logprobs`); elsewhere they may be None: only the last stage reads them. Under
+    pipeline parallelism the update is filled up to a micro-batch count the schedule runs with
+    empty micro-batches, whose loss is 0 * hidden so the stages still get their (zero) gradients."""
+    rmbs = list(rmbs) + [empty_rl_microbatch() for _ in range(runner.count(len(rmbs)) - len(rmbs))]
+    padded = [pad_rl_microbatch(rmb, runner, pad_token_id).to(runner.device) for rmb in rmbs]
+
+    def first_forward(first, k: int) -> torch.Tensor:
+        return forward_hidden(first, padded[k])
+
+    def loss_of(hidden: torch.Tensor, k: int):
+        rmb = padded[k]
         count = norm_count(rmb, rl_cfg.loss_agg)
-        if count == 0:
-            continue  # nothing trained here (e.g. every response cut to nothing): no forward needed
-        hidden = forward_hidden(model, rmb)
-        loss, stats = grpo_loss(hidden, model.lm_head_weight, rmb, rl_cfg, tp_group)
-        scaled = loss * (count / denom)
-        scaled.backward()
+        if count == 0:  # nothing trained (padding, or every response cut to nothing)
+            return hidden.sum() * 0.0, {"kl": 0.0, "clip_frac": 0.0, "masked_tokens": 0.0}
+        loss, stats = grpo_loss(hidden, runner.lm_head_weight, rmb, rl_cfg, runner.tp_group)
         n = rmb.num_masked
-        totals["loss"] += float(scaled.detach())
-        totals["kl"] += float(stats["kl"]) * n
-        totals["clip_frac"] += float(stats["clip_frac"]) * n
-        totals["masked_tokens"] += n
-    return totals
+        return loss * count, {"kl": stats["kl"] * n, "clip_frac": stats["clip_frac"] * n, "masked_tokens": n}
+
+    return [rmb.mb for rmb in padded], first_forward, loss_of

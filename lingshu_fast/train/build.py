@@ -12,8 +12,16 @@ import numpy as np
 import torch
 
 from lingshu_fast.config import Config, ConfigError
+from lingshu_fast.data.loader import PackedLoader
+from lingshu_fast.data.tokenizer import load_tokenizer
+from lingshu_fast.model import (from_pretrained, load_hf_config, param_groups, save_pretrained, set_trainable,
+                                training_flops)
+from lingshu_fast.model.chunks import rank_model
 from lingshu_fast.parallel.state import ParallelDims
-from lingshu_fast.train.step import LossOptions, forward_backward
+from lingshu_fast.train.layout import rank_layer_kwargs
+from lingshu_fast.train.optim import build_optimizer, build_scheduler
+from lingshu_fast.train.runner import build_runner
+from lingshu_fast.train.tiny import ensure_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -24,35 +32,11 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: Any
-    runner: Any  # .forward_backward(microbatches, global_label_tokens=...) -> float
+    runner: Any  # train.runner.LocalRunner or PipelineRunner: run(micro_batches, first_forward, loss_of)
     device: torch.device
     tokenizer: Any
     flops_of: Callable  # MicroBatch -> training FLOPs of the whole model on it
     export: Callable  # folder -> None (HF export, collective)
-
-
-class LocalRunner:
-    """Forward/backward without pipeline parallelism (TP and DP still apply)."""
-
-    def __init__(self, model, tp_group, opts: LossOptions):
-        self.model, self.tp_group, self.opts = model, tp_group, opts
-        # sequence parallelism splits the token axis over TP: pad each micro-batch to a multiple of tp
-        self.token_multiple = model.tp if getattr(model, "sequence_parallel", False) else 1
-
-    def _prepare(self, mb):
-        extra = -mb.num_tokens % self.token_multiple
-        if extra:
-            mb = mb.pad_to(mb.num_tokens + extra, int(mb.cu_seqlens.numel()))
-        return mb.to(self.model_device, pixel_dtype=self.model.dtype)
-
-    def forward_backward(self, microbatches, *, global_label_tokens: int) -> float:
-        mbs = [self._prepare(mb) for mb in microbatches]
-        return forward_backward(self.model, mbs, global_label_tokens=global_label_tokens,
-                                tp_group=self.tp_group, opts=self.opts)
-
-    @property
-    def model_device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
 
 def pick_device(dims: ParallelDims) -> torch.device:
@@ -81,9 +65,7 @@ def resolve_model_path(cfg: Config, tokenizer) -> str:
                               f"(no config.json); point it at a previous stage's run.dir/hf")
         return str(path)
     if cfg.model.path == "tiny":
-        from lingshu_fast.train.tiny import ensure_tiny_model
-
-        return str(ensure_tiny_model(Path(cfg.run.dir) / "tiny_init", tokenizer, seed=cfg.run.seed))
+            return str(ensure_tiny_model(Path(cfg.run.dir) / "tiny_init", tokenizer, seed=cfg.run.seed))
     if not (Path(cfg.model.path) / "config.json").exists():
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face Qwen2.5-VL folder (no config.json)")
     return cfg.model.path
@@ -92,8 +74,6 @@ def resolve_model_path(cfg: Config, tokenizer) -> str:
 def prepare_run(cfg: Config, dims: ParallelDims) -> tuple[torch.device, torch.dtype, Any, str]:
     """What every stage starts with: (device, dtype, tokenizer, model path), RNGs seeded, and the
     model's config.json copied into the run folder (`lingshu-fast export` rebuilds the skeleton from it)."""
-    from lingshu_fast.data.tokenizer import load_tokenizer
-
     device = pick_device(dims)
     dtype = pick_dtype(cfg, device)
     seed_everything(cfg.run.seed)
@@ -107,8 +87,6 @@ def prepare_run(cfg: Config, dims: ParallelDims) -> tuple[torch.device, torch.dt
 
 def hf_exporter(model, tokenizer, dims: ParallelDims) -> Callable[[Path], None]:
     """The end-of-stage export: the HF folder (collective over all ranks) with the tokenizer beside it."""
-    from lingshu_fast.model import save_pretrained
-
     def export(folder: Path) -> None:
         save_pretrained(model, str(folder))
         if dims.rank == 0:
@@ -122,9 +100,6 @@ def build_rank_model(cfg: Config, dims: ParallelDims, model_path: str, *, dtype:
     """This rank's model: one `Qwen25VLModel` per pipeline chunk of the rank (several, in a
     `ModelChunks`, under the interleaved schedule), TP-sharded. `frozen=True` gives stage 4's
     reference model: eval mode, no gradients, no activation checkpointing."""
-    from lingshu_fast.model import from_pretrained, load_hf_config
-    from lingshu_fast.parallel.pipeline import rank_layer_kwargs, rank_model
-
     model = rank_model([from_pretrained(model_path, dtype=dtype, device=device,
                                         activation_checkpointing=cfg.model.activation_checkpointing and not frozen,
                                         attention_backend=cfg.model.attention,
@@ -141,17 +116,9 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
     AdamW over its parameter groups (ZeRO-1 over DP when asked), and the warmup/decay schedule."""
     from megatron.core import parallel_state as ps
 
-    from lingshu_fast.model import param_groups, set_trainable
-    from lingshu_fast.parallel.pipeline import ModelChunks
-    from lingshu_fast.train.optim import build_optimizer, build_scheduler
-
     model = build_rank_model(cfg, dims, model_path, dtype=dtype, device=device)
-    if isinstance(model, ModelChunks):
-        model.set_trainable(cfg.model.freeze)
-        groups = model.param_groups()
-    else:
-        set_trainable(model, cfg.model.freeze)
-        groups = param_groups(model)
+    set_trainable(model, cfg.model.freeze)
+    groups = param_groups(model)
     if not any(p.requires_grad for p in model.parameters()) and dims.pp == 1:
         raise ConfigError(f"model.freeze={cfg.model.freeze} freezes every parameter: nothing to train")
     optimizer = build_optimizer(groups, cfg.optim, dp_group=ps.get_data_parallel_group())
@@ -159,25 +126,14 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
 
 
 def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
-    from megatron.core import parallel_state as ps
-
-    from lingshu_fast.data.loader import PackedLoader
-    from lingshu_fast.model import training_flops
-
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
     device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
     model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           seed=cfg.run.seed)
-    opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
-    tp_group = ps.get_tensor_model_parallel_group()
-    if dims.pp > 1:
-        from lingshu_fast.parallel.pipeline import PipelineRunner
-
-        runner = PipelineRunner(model, dims, cfg, opts)
-    else:
-        runner = LocalRunner(model, tp_group, opts)
+    runner = build_runner(model, dims, schedule=cfg.parallel.pp_schedule, tokens=cfg.data.max_tokens_per_microbatch,
+                          per_rank=cfg.train.global_microbatches // dims.dp)
     hf_config = model.config
 
     def flops_of(mb) -> float:

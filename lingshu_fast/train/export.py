@@ -27,8 +27,9 @@ def _run_dir_of(checkpoint: Path) -> Path:
 def export_checkpoint(checkpoint: str, hf_dir: str) -> Path:
     from lingshu_fast.data.tokenizer import load_tokenizer
     from lingshu_fast.model import build_model, load_hf_config, save_pretrained
-    from lingshu_fast.parallel.pipeline import rank_layer_kwargs, rank_model
-    from lingshu_fast.parallel.state import init_parallel, shutdown_parallel
+    from lingshu_fast.model.chunks import rank_model
+    from lingshu_fast.parallel.state import shutdown_parallel
+    from lingshu_fast.train.layout import rank_layer_kwargs, start_parallel
     from lingshu_fast.train import checkpoint as ckpt
 
     path = Path(checkpoint)
@@ -48,7 +49,7 @@ def export_checkpoint(checkpoint: str, hf_dir: str) -> Path:
                           f"`torchrun --nproc_per_node {manifest['world']} -m lingshu_fast.cli export {path} {hf_dir}`")
     run_dir = _run_dir_of(path)
     cfg = load_config(str(run_dir / "config.yaml"))
-    dims = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
+    dims = start_parallel(cfg)
     try:
         hf_config = load_hf_config(str(run_dir / "model_config"))
         model = rank_model([build_model(hf_config, **layers) for layers in rank_layer_kwargs(hf_config, dims, cfg)])

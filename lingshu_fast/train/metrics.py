@@ -254,6 +254,14 @@ class MetricsWriter:
                     self._tb.add_scalar(f"stage{self.stage}/{k}", v, step)
         return row
 
+    def log_extra(self, *, step: int, **values: Any) -> None:
+        """An extra row for an already logged step (e.g. a final evaluation after the data ran out)."""
+        if self.rank != 0:
+            return
+        row = {k: _json_number(v) for k, v in {"stage": self.stage, "step": step, **values}.items()}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        self.flush()
+
     @staticmethod
     def _postfix(row: dict) -> str:
         def fmt(v, spec):

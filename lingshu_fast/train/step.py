@@ -1,16 +1,16 @@
-"""One optimizer step's forward and backward over this rank's micro-batches (no pipeline).
+"""Stages 1-3's loss: next-token cross-entropy over packed micro-batches, for the step engine.
 
 The loss of a step is the cross-entropy summed over every label token of every micro-batch of every
-data-parallel rank, divided by the step's global label count (`global_label_tokens`, all-reduced
-before the first forward). Each micro-batch therefore contributes `sum_CE(mb) / global_label_tokens`
-and the DP all-reduce of gradients is a plain sum: the gradient is that of the global token mean,
-whatever the layout and however tokens fall into micro-batches (not the mean of per-micro-batch
-means, which would weight a short micro-batch's tokens more).
+data-parallel rank, divided by the step's global label count. `loss_of` returns a micro-batch's
+SUM; the engine all-reduces the label count with the step's other scalars and scales the gradients
+by its inverse once (engine.py). So the gradient is that of the global token mean whatever the
+layout and however tokens fall into micro-batches (not the mean of per-micro-batch means, which
+would weight a short micro-batch's tokens more), and the DP reduction of gradients is a plain sum.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,14 +39,16 @@ def model_inputs(mb: MicroBatch) -> dict:
                 pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, max_seqlen=mb.max_seqlen)
 
 
-def forward_backward(model: torch.nn.Module, microbatches: Sequence[MicroBatch], *, global_label_tokens: int,
-                     tp_group: Optional[dist.ProcessGroup], opts: LossOptions = LossOptions()) -> float:
-    """Run forward+backward on each micro-batch; return this rank's share of the step loss."""
-    denom = float(max(global_label_tokens, 1))
-    total = torch.zeros((), dtype=torch.float32)
-    for mb in microbatches:
-        out = model(**model_inputs(mb))
-        loss = lm_loss_sum(out.hidden_states, model.lm_head_weight, mb.labels, tp_group, opts) / denom
-        loss.backward()
-        total = total.to(loss.device) + loss.detach()  # one host sync per step, not per micro-batch
-    return float(total)
+def sft_closures(runner, microbatches: Sequence[MicroBatch], opts: LossOptions,
+                 pad_token_id: int = 0) -> tuple[list[MicroBatch], Callable, Callable]:
+    """(the micro-batches as the runner runs them, first_forward, loss_of) of one step."""
+    dtype = runner.model.dtype
+    mbs = [runner.pad(mb, pad_token_id).to(runner.device, pixel_dtype=dtype) for mb in microbatches]
+
+    def first_forward(first, k: int) -> torch.Tensor:
+        return first(**model_inputs(mbs[k])).hidden_states
+
+    def loss_of(hidden: torch.Tensor, k: int):
+        return lm_loss_sum(hidden, runner.lm_head_weight, mbs[k].labels, runner.tp_group, opts), {}
+
+    return mbs, first_forward, loss_of

@@ -1,0 +1,148 @@
+"""What every stage's loop shares: layout, run folder, state, resume, step engine, metrics rows,
+scheduled evaluation, checkpoints and the final export (`StageRun`).
+
+A run whose `run.dir` holds a checkpoint resumes it (model, optimizer, schedule, RNG, data
+position) unless `checkpoint.resume=false`; the metrics file is cut back to the resumed step so
+every step appears once. At the end the model is exported as a Hugging Face folder `run.dir/hf`,
+which the next stage starts from.
+
+Evaluation is injected (`evaluate(model, tokenizer, step=, final=) -> metrics or None`, e.g.
+`lingshu_fast.eval.run.scheduled_eval` bound to the config by the CLI), so the training layers
+never import the evaluation layer above them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from lingshu_fast.config import Config
+from lingshu_fast.parallel.state import ParallelDims
+from lingshu_fast.train import checkpoint as ckpt
+from lingshu_fast.train.engine import StepEngine, StepResult
+from lingshu_fast.train.layout import start_parallel
+from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, mem_gb, mfu, peak_flops_per_s
+from lingshu_fast.train.optim import load_optimizer_state_dict, optimizer_state_dict
+
+Evaluator = Callable[..., Optional[dict]]
+
+
+def start_run_dir(cfg: Config, dims: ParallelDims) -> Path:
+    """The run folder, with the resolved config beside the checkpoints (rank 0 writes)."""
+    run_dir = Path(cfg.run.dir)
+    if dims.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> int:
+    """The step to continue after: that of the newest complete checkpoint in run.dir (0: none)."""
+    if not cfg.checkpoint.resume:
+        return 0
+    path = ckpt.find_latest(cfg.run.dir)
+    if path is None:
+        return 0
+    saved = ckpt.load_checkpoint(path, dims.rank, world=dims.world)
+    state.model.load_state_dict(saved["model_state"])
+    load_optimizer_state_dict(state.optimizer, saved["optim_state"])
+    state.scheduler.load_state_dict(saved["sched_state"])
+    state.loader.load_state_dict(saved["loader_state"])
+    ckpt.restore_rng_state(saved["rng_state"])
+    skips.load_state_dict(saved["extra"]["skips"])
+    step = int(saved["extra"]["step"])
+    if dims.rank == 0:
+        print(f"lingshu-fast: resumed {cfg.run.dir} at step {step} from {path}", flush=True)
+    return step
+
+
+def save_run(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker) -> None:
+    ckpt.save_checkpoint(
+        cfg.run.dir, step,
+        model_state=state.model.state_dict(),
+        optim_state=optimizer_state_dict(state.optimizer),
+        sched_state=state.scheduler.state_dict(),
+        rng_state=ckpt.capture_rng_state(),
+        loader_state=state.loader.state_dict(),
+        extra={"step": step, "stage": cfg.train.stage, "world": dims.world, "tp": dims.tp, "pp": dims.pp,
+               "skips": skips.state_dict()},
+        rank=dims.rank, world=dims.world, keep=cfg.checkpoint.keep,
+    )
+
+
+class StageRun:
+    """One stage's run: `with StageRun(cfg, dims, build_state) as run:` ... `run.finish()`."""
+
+    def __init__(self, cfg: Config, dims: Optional[ParallelDims], build: Callable,
+                 evaluate: Optional[Evaluator] = None):
+        self.cfg, self.evaluate = cfg, evaluate
+        self.dims = dims = dims or start_parallel(cfg)
+        self.run_dir = start_run_dir(cfg, dims)
+        self.state = state = build(cfg, dims)
+        self.skips = SkipTracker(cfg.train.max_consecutive_skips)
+        self.start = self.step = resume_run(state, cfg, dims, self.skips)
+        self.engine = StepEngine(state.model, state.optimizer, state.scheduler, state.runner, dims,
+                                 grad_clip=cfg.optim.grad_clip, skips=self.skips)
+        self.peak = peak_flops_per_s(state.device)
+        self.writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
+                                    start_step=self.start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+        self.summary: dict = {"stage": cfg.train.stage, "steps": self.start, "loss": float("nan"),
+                              "tokens_per_s_per_gpu": 0.0, "mfu": None}
+
+    def __enter__(self) -> "StageRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+    def timer(self) -> StepTimer:
+        return StepTimer(self.state.device).start()
+
+    def log(self, step: int, result: StepResult, dt_s: float, *, evaluate: bool = True, **extra) -> dict:
+        """Write the step's metrics row (with the scheduled evaluation's figures when due) and note
+        it in the summary. `result.host` must carry the step's global `tokens` and `flops`."""
+        self.step = step
+        tokens, world = int(result.host["tokens"]), self.dims.world
+        lrs = result.lrs
+        row = dict(step=step, loss=result.loss, lr=max(lrs.values()) if lrs else 0.0, grad_norm=result.grad_norm,
+                   tokens=tokens, tokens_per_s_per_gpu=tokens / dt_s / world,
+                   mfu=mfu(result.host["flops"], dt_s, world, self.peak), mem_gb=mem_gb(self.state.device),
+                   skipped_steps=self.skips.total, step_time_s=dt_s, **extra, **{f"lr/{k}": v for k, v in lrs.items()})
+        evaluated = self._evaluate(step, final=step == self.cfg.train.max_steps) if evaluate else None
+        self.writer.log(**row, **(evaluated or {}))
+        self.summary.update(steps=step, loss=row["loss"], tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"],
+                            mfu=row["mfu"])
+        return row
+
+    def _evaluate(self, step: int, final: bool) -> Optional[dict]:
+        if self.evaluate is None:
+            return None
+        evaluated = self.evaluate(self.state.model, self.state.tokenizer, step=step, final=final)  # collective
+        if evaluated:
+            self.summary["eval_accuracy"] = evaluated.get("eval/overall/accuracy")
+        return evaluated
+
+    def stop_early(self, reason: str) -> None:
+        """The data ran out before train.max_steps: say so and evaluate the last step as final."""
+        if self.dims.rank == 0:
+            print(f"lingshu-fast: {reason} after {self.step} steps", flush=True)
+        if self.step > self.start:
+            evaluated = self._evaluate(self.step, final=True)
+            if evaluated:
+                self.writer.log_extra(step=self.step, **evaluated)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """A periodic checkpoint after `step` (the last step is saved by `finish`)."""
+        every = self.cfg.checkpoint.every
+        return bool(every) and step % every == 0 and step < self.cfg.train.max_steps
+
+    def save(self, step: int) -> None:
+        save_run(self.state, self.cfg, self.dims, step, self.skips)
+
+    def finish(self) -> dict:
+        """The final checkpoint (when this run made steps) and the HF export the next stage starts from."""
+        if self.step > self.start:
+            self.save(self.step)
+        self.state.export(self.run_dir / "hf")
+        return self.summary
