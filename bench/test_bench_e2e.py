@@ -1,8 +1,9 @@
 """End-to-end training step: tokens/s/GPU and MFU with the real trainer pieces.
 
-What one timed "step" is: `optimizer.zero_grad` -> `forward_backward` (lingshu_fast.train.step: the
-model's forward, the fused LM-head loss, backward) over EVERY micro-batch of a small synthetic data
-set -> `clip_grad_norm` -> `optimizer.step` (AdamW from `build_optimizer`, fp32 masters in bf16).
+What one timed "step" is: the trainer's `StepEngine.step` (lingshu_fast.train.engine: zero_grad, the
+runner's forward, fused LM-head loss and backward over EVERY micro-batch of a small synthetic data
+set, the step's one reduction, gradient scaling and clipping, `optimizer.step` with AdamW from
+`build_optimizer`, fp32 masters in bf16).
 Micro-batches come from `PackedLoader` (the trainer's loader) over a synthetic JSONL written at
 start-up: text lengths lognormal (many short QA turns, a long tail), a share of samples with one
 PNG image of random size. They are built and moved to the device before timing, as the trainer's
@@ -14,7 +15,7 @@ Rows (each with `tokens_per_s_per_gpu`, `mfu` and the figures below in `extra_in
 - stage3[packed] / stage3[padded]: all weights train, the same samples, the same model.
 - stage3_packing_gain: both layouts timed interleaved in one test (machine load hits both alike);
   `packing_gain` = packed tokens/s / padded tokens/s.
-- rl: one GRPO step through `lingshu_fast.rl.step` when that module exists (skipped otherwise).
+- rl: one GRPO update through the same engine with `lingshu_fast.rl.step`'s closures.
 
 The padded baseline, precisely: the samples in the order `data.pack=false` yields them (a seeded
 permutation), grouped greedily into micro-batches while (samples x longest sample) stays within the
@@ -58,9 +59,12 @@ from lingshu_fast.data.batch import IGNORE_INDEX, MicroBatch
 from lingshu_fast.data.loader import PackedLoader
 from lingshu_fast.data.tokenizer import load_tokenizer, special_token_ids
 from lingshu_fast.model import build_model, param_groups, set_trainable, tiny_hf_config, training_flops
-from lingshu_fast.train.metrics import StepTimer, mem_gb, peak_flops_per_s
-from lingshu_fast.train.optim import build_optimizer, clip_grad_norm
-from lingshu_fast.train.step import forward_backward
+from lingshu_fast.parallel.state import current_dims
+from lingshu_fast.train.engine import StepEngine
+from lingshu_fast.train.metrics import SkipTracker, StepTimer, mem_gb, peak_flops_per_s
+from lingshu_fast.train.optim import build_optimizer, build_scheduler
+from lingshu_fast.train.runner import LocalRunner
+from lingshu_fast.train.step import LossOptions, sft_closures
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Per device: data mix (answer words lognormal(mu, sigma), clipped to budget/4; the tiny tokenizer
@@ -200,17 +204,16 @@ class Trainer:
     def __init__(self, config, frozen: list[str]):
         self.model = build_model(config, seed=0, dtype=SETUP["dtype"], device=DEVICE)
         set_trainable(self.model, frozen)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(param_groups(self.model), OptimConfig(lr=1e-6, warmup_steps=0))
+        optim_cfg = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")
+        self.optimizer = build_optimizer(param_groups(self.model), optim_cfg)
+        self.runner = LocalRunner(self.model, None)
+        self.engine = StepEngine(self.model, self.optimizer, build_scheduler(self.optimizer, optim_cfg, 1),
+                                 self.runner, current_dims(), grad_clip=1.0, skips=SkipTracker(10**9))
         self.config = config
 
     def step(self, work: Workload) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
         labels = sum(mb.num_label_tokens for mb in work.microbatches)
-        loss = forward_backward(self.model, work.microbatches, global_label_tokens=labels, tp_group=None)
-        clip_grad_norm(self.params, 1.0)
-        self.optimizer.step()
-        return loss
+        return self.engine.step(*sft_closures(self.runner, work.microbatches, LossOptions()), count=labels).loss
 
     def time_step(self, work: Workload) -> float:
         timer = StepTimer(DEVICE).start()
@@ -357,30 +360,16 @@ def test_bench_e2e_stage3_packing_gain(benchmark, bench_info, tokenizer, layouts
     assert gain > 0 and np.isfinite(gain)
 
 
-def _rl_step_module():
-    """lingshu_fast.rl.step when it exists with the names this row uses; else skip (another part)."""
-    try:
-        from lingshu_fast.rl import step as rl_step
-    except ImportError as err:
-        pytest.skip(f"lingshu_fast.rl.step not importable ({err}): no RL row")
-    missing = [n for n in ("PromptPart", "pack_sequences", "sequence_logprobs", "forward_backward_rl", "norm_count")
-               if not hasattr(rl_step, n)]
-    if missing:
-        pytest.skip(f"lingshu_fast.rl.step lacks {missing}: the RL row needs updating to its API")
-    return rl_step
-
-
 def test_bench_e2e_rl(benchmark, bench_info, tokenizer, layouts):
     """One GRPO update without generation (sampling speed belongs to the inference engine): the
     reference model's log-probs (a no-grad forward; the policy's own weights stand in for the frozen
-    copy, same cost), then `forward_backward_rl` (k3 KL, clipped ratio) and the optimizer step.
+    copy, same cost), then the engine's step with the GRPO closures (k3 KL, clipped ratio).
     Prompts are the stage-3 samples; each gets `group` random responses of lognormal length
     (CPU median ~40 tokens, CUDA ~400), random advantages. FLOPs: training (3x forward) of every
     sequence plus one reference forward, with the ViT once per distinct prompt per micro-batch."""
     from lingshu_fast.config import RLConfig
     from lingshu_fast.model import forward_flops
-
-    rl_step = _rl_step_module()
+    from lingshu_fast.rl import step as rl_step
     rng = np.random.default_rng(2)
     group, mu = (4, 3.7) if DEVICE == "cpu" else (8, 6.0)
     singles = layouts["singles"][: 8 if DEVICE == "cpu" else 16]
@@ -403,11 +392,9 @@ def test_bench_e2e_rl(benchmark, bench_info, tokenizer, layouts):
         timer = StepTimer(DEVICE).start()
         for r in rmbs:
             r.ref_logprobs = rl_step.sequence_logprobs(trainer.model, r, temperature=rl_cfg.temperature)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        totals = rl_step.forward_backward_rl(trainer.model, rmbs, global_count=global_count, rl_cfg=rl_cfg)
-        clip_grad_norm(trainer.params, 1.0)
-        trainer.optimizer.step()
-        assert np.isfinite(totals["loss"])
+        result = trainer.engine.step(*rl_step.grpo_closures(trainer.runner, rmbs, rl_cfg), count=global_count,
+                                     stat_keys=rl_step.STAT_KEYS)
+        assert np.isfinite(result.loss)
         return timer.stop()
 
     benchmark.pedantic(step, rounds=SETUP["rounds"], iterations=1, warmup_rounds=1)

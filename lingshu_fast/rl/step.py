@@ -15,12 +15,12 @@ each sequence had run it).
 
 Loss normalisation (independent of the DP layout and of how sequences fall into micro-batches):
 the step's loss is `loss_agg` over ALL sequences of the update on all data-parallel ranks. A
-micro-batch's `fused_linear_grpo_loss` is its local `loss_agg` mean; `forward_backward_rl`
-multiplies it by `local_count / global_count`, where count is masked tokens (token-mean) or
-sequences with masked tokens (seq-mean-*), and `global_count` is all-reduced over DP before the
-first forward. Sequences never straddle micro-batches, so the per-sequence means are exact, the
-sum over micro-batches and ranks is the global mean, and the DP all-reduce of gradients is a plain
-sum (as in stages 1-3).
+micro-batch's `fused_linear_grpo_loss` is its local `loss_agg` mean; `grpo_closures` multiplies it
+by its count, masked tokens (token-mean) or sequences with masked tokens (seq-mean-*), and the step
+engine divides the summed gradients by the global count, reduced with the step's other scalars.
+Sequences never straddle micro-batches, so the per-sequence means are exact, the sum over
+micro-batches and ranks is the global mean, and the DP reduction of gradients is a plain sum (as in
+stages 1-3).
 """
 from __future__ import annotations
 
