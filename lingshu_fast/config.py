@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,12 @@ class OptimConfig:
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    zero1: bool = False
+    # the distributed optimizer: gradients reduce-scattered over DP, each DP rank keeps a 1/DP shard of the
+    # fp32 masters and Adam moments (2 + 4 + 12/DP bytes per bf16 parameter); null: on when DP > 1
+    distributed: Optional[bool] = None
+    zero1: Optional[bool] = None  # deprecated alias of optim.distributed
+    overlap_param_gather: bool = False  # distributed: all-gather the updated shards during the next forward
+    grad_accumulation_dtype: Literal["fp32", "param"] = "fp32"  # main gradients in fp32, or the parameter dtype
 
 
 @dataclass
@@ -110,6 +116,9 @@ class CheckpointConfig:
     every: int = 0  # 0: only at the end
     keep: int = 2
     resume: bool = True
+    # write the files in a background thread: the step loop stalls only while the tensors are gathered
+    # into host memory; `async` in recipes and overrides (a Python keyword, hence the field's name)
+    async_save: bool = False
 
 
 @dataclass
@@ -259,7 +268,12 @@ def _unknown(name: str, allowed: list[str], where: str, kind: str) -> ConfigErro
     )
 
 
+# documented key -> dataclass field, where the key is a Python keyword
+_KEY_ALIASES = {("checkpoint", "async"): "async_save"}
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    key = _KEY_ALIASES.get((section, key), key)
     sections = _section_types(Config)
     if section not in sections:
         raise _unknown(section, list(sections), where, "section")
@@ -350,7 +364,14 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
 
 
 def validate(cfg: Config) -> None:
-    """Cross-key checks that a type alone cannot express."""
+    """Cross-key checks that a type alone cannot express (and the deprecated aliases)."""
+    if cfg.optim.zero1 is not None:
+        if cfg.optim.distributed is not None and cfg.optim.distributed != cfg.optim.zero1:
+            raise ConfigError(f"optim.zero1={cfg.optim.zero1} contradicts optim.distributed={cfg.optim.distributed}; "
+                              f"optim.zero1 is a deprecated alias: set only optim.distributed")
+        print("lingshu-fast: optim.zero1 is deprecated; it now means optim.distributed (the distributed "
+              "optimizer: reduce-scattered gradients, sharded fp32 masters and Adam moments)", file=sys.stderr)
+        cfg.optim.distributed, cfg.optim.zero1 = cfg.optim.zero1, None
     checks = [
         (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
         (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),

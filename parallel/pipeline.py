@@ -21,17 +21,13 @@ Inputs of the first stage: images differ in size from one micro-batch to the nex
 go through the schedule's input splitting: the first stage receives only the micro-batch's index.
 The schedule's target is the index too (`scale_grads=False`: the caller normalises).
 
-Tied embeddings (PP > 1): the last stage keeps its own copy of the embedding as LM head; their
-gradients are summed over Megatron-Core's embedding group after the backward so both copies take
-the same update, and the copy on the last stage is marked `shared` so the gradient norm counts it
-once.
+Tied embeddings (PP > 1) are the grad buffers' business (`lingshu_fast.train.layout.mark_tied_copies`).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 # RL updates vary their micro-batch count. Each schedule's stages hold receive buffers for all of its
@@ -66,10 +62,15 @@ class _StageModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.schedules.next_forward_index(self.index)
         if self.chunk.pre_process:
-            return self.schedules.first_forward(self.chunk, k)
-        mb = self.schedules.current[k]
-        return self.chunk(hidden_states=x, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
-                          max_seqlen=mb.max_seqlen).hidden_states
+            out = self.schedules.first_forward(self.chunk, k)
+        else:
+            mb = self.schedules.current[k]
+            out = self.chunk(hidden_states=x, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                             max_seqlen=mb.max_seqlen).hidden_states
+        hook = self.schedules.before_last_backward
+        if hook is not None and k == len(self.schedules.current) - 1 and out.requires_grad:
+            out.register_hook(lambda grad: (hook(), grad)[1])  # this stage's last backward starts here
+        return out
 
 
 class PipelineSchedules:
@@ -77,24 +78,22 @@ class PipelineSchedules:
     (the MAX_CACHED_SCHEDULES most recent: a stage's buffers are sized for one count).
 
     `chunks[c]` must expose `pre_process`, `post_process`, `config.text_config.hidden_size`, `dtype`,
-    `tp` and `sequence_parallel`; the last chunk's `lm_head.weight` when embeddings are tied."""
+    `tp` and `sequence_parallel`."""
 
     def __init__(self, chunks: Sequence[nn.Module], *, pp: int, pp_rank: int, pp_group, schedule: str,
-                 tokens: int, tied: bool, embedding_group=None):
+                 tokens: int):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         self.chunks, self.pp, self.pp_rank, self.pp_group = list(chunks), pp, pp_rank, pp_group
-        self.schedule_name, self.tokens, self.tied = schedule, tokens, tied
-        self.embedding_group = embedding_group
+        self.schedule_name, self.tokens = schedule, tokens
         self.first, self.last = self.chunks[0], self.chunks[-1]
         self.device = next(self.first.parameters()).device
         self.current: list = []
         self.first_forward = None
+        self.before_last_backward = None
         self._loss_fn = None
         self._forwards = [0] * len(self.chunks)
         self._cache: dict = {}
-        if tied and self.last.post_process and not self.last.pre_process:
-            self.last.lm_head.weight.shared = True
         for chunk in self.chunks:
             self._static_shapes(chunk)  # a budget that sequence parallelism cannot split fails here
 
@@ -145,29 +144,23 @@ class PipelineSchedules:
     def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss_fn(hidden, int(target.reshape(-1)[0]))  # the target is the micro-batch's index
 
-    def step(self, microbatches: Sequence, first_forward: Callable, loss_fn: Callable) -> None:
+    def step(self, microbatches: Sequence, first_forward: Callable, loss_fn: Callable,
+             before_last_backward: Optional[Callable] = None) -> None:
         """Forward and backward of `microbatches` (padded to the static shape, on the device; their
-        count one the schedule runs: `count`). Tied-embedding gradients are synced afterwards."""
+        count one the schedule runs: `count`). `before_last_backward()` is called when this rank's
+        backward of the last micro-batch starts (one chunk per rank only: with several, their last
+        backwards interleave with other micro-batches' and no single moment is 'the last')."""
         n = len(microbatches)
         if n != self.count(n):
             raise ValueError(f"the {self.schedule_name} schedule over {self.pp} stages cannot run {n} micro-batches; "
                              f"pad to {self.count(n)}")
         schedule = self._build(n)
         self.current, self.first_forward, self._loss_fn = list(microbatches), first_forward, loss_fn
+        self.before_last_backward = before_last_backward if len(self.chunks) == 1 else None
         self._forwards = [0] * len(self.chunks)
         args = (torch.arange(n, device=self.device).reshape(n, 1),) if self.first.pre_process else ()
         target = torch.arange(n).reshape(n, 1) if self.last.post_process else None
         try:
             schedule.step(*args, target=target, losses=[], return_outputs=False)
         finally:
-            self.current, self.first_forward, self._loss_fn = [], None, None
-        self._sync_tied_embeddings()
-
-    def _sync_tied_embeddings(self) -> None:
-        if not self.tied or self.embedding_group is None:
-            return
-        # the embedding lives on chunk 0 of the first rank, the head's copy on the last chunk of the last
-        weight = self.first.embed_tokens.weight if self.first.pre_process else self.last.lm_head.weight
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=self.embedding_group)
+            self.current, self.first_forward, self._loss_fn, self.before_last_backward = [], None, None, None

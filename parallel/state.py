@@ -47,6 +47,8 @@ def _pick_backend(backend: str) -> str:
 def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 30) -> ParallelDims:
     from megatron.core import parallel_state as ps
 
+    if tp > 1:
+        _one_cuda_connection()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,6 +84,22 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minut
         distributed_timeout_minutes=timeout_minutes,
     )
     return current_dims()
+
+
+def _one_cuda_connection() -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA creates its context: with one hardware queue the
+    kernels run in launch order, so a TP all-reduce issued asynchronously before the next GEMM is
+    scheduled first and overlaps it (Megatron-Core's async TP communication relies on this). Set
+    by torchrun users in their environment, or here for them when CUDA is still untouched."""
+    if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        import warnings
+
+        warnings.warn("tensor parallelism wants CUDA_DEVICE_MAX_CONNECTIONS=1 but CUDA is already initialised; "
+                      "export it before launching (torchrun ... with CUDA_DEVICE_MAX_CONNECTIONS=1)", stacklevel=3)
+        return
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
 
 
 def current_dims() -> ParallelDims:

@@ -18,7 +18,7 @@ from lingshu_fast.model import (from_pretrained, load_hf_config, param_groups, s
                                 training_flops)
 from lingshu_fast.model.chunks import rank_model
 from lingshu_fast.parallel.state import ParallelDims
-from lingshu_fast.train.layout import rank_layer_kwargs
+from lingshu_fast.train.layout import mark_tied_copies, rank_layer_kwargs
 from lingshu_fast.train.optim import build_optimizer, build_scheduler
 from lingshu_fast.train.runner import build_runner
 from lingshu_fast.train.tiny import ensure_tiny_model
@@ -121,7 +121,9 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
     groups = param_groups(model)
     if not any(p.requires_grad for p in model.parameters()) and dims.pp == 1:
         raise ConfigError(f"model.freeze={cfg.model.freeze} freezes every parameter: nothing to train")
-    optimizer = build_optimizer(groups, cfg.optim, dp_group=ps.get_data_parallel_group())
+    mark_tied_copies(model, dims)  # before the optimizer: its grad buffers place tied copies apart
+    optimizer = build_optimizer(groups, cfg.optim, dp_group=ps.get_data_parallel_group() if dims.dp > 1 else None,
+                                model=model, overlap_grad_reduce=cfg.parallel.virtual_stages == 1)
     return model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
 

@@ -1,20 +1,30 @@
-"""Per-rank checkpoints written atomically, with a validated `latest` pointer and keep-N pruning.
+"""Checkpoints in a layout-independent form, written atomically (optionally in the background), with a
+validated `latest` pointer and keep-N pruning.
 
 Layout under `run_dir/checkpoints/`:
-    step_000123/manifest.json              step, world, per-file size + sha256, format version
-    step_000123/model_rank00000.safetensors   this rank's model tensors (when it has any)
-    step_000123/state_rank00000.pt         optimizer, scheduler, RNG, loader state, extra (torch.save)
-    latest                                 the name of the newest complete checkpoint
+    step_000123/manifest.json          step, world, layout, per-file size + sha256, format version
+    step_000123/model/, master/, exp_avg/, exp_avg_sq/   tensors by Hugging Face name (state_io.py):
+                                       written by all ranks, readable under any (TP, PP, DP) layout
+    step_000123/state.pt               schedule, optimizer step count and group LRs, loader position,
+                                       rank 0's RNG, step: one for the whole run (written by rank 0)
+    step_000123/rank_state/rank00000.pt  each rank's own RNG and loader state (exact same-layout resume)
+    latest                             the name of the newest complete checkpoint
 
-Atomicity: every rank writes into `step_000123.tmp-<nonce>/` (fsync'd files), all ranks meet at a
-barrier, rank 0 writes the manifest, renames the folder to `step_000123/` (os.replace, atomic on
-POSIX) and then replaces `latest` (temp file + fsync + os.replace). A crash before the rename
-leaves only a `*.tmp-*` folder, which the next save deletes; a crash after it leaves a complete
-checkpoint (not yet named by `latest`, so the previous one stays current). `find_latest` trusts a
-folder only when its manifest lists files of the right sizes, and falls back to the previous valid
-one with a warning otherwise.
+Atomicity: every rank writes into `step_000123.tmp-<nonce>/` (fsync'd files) and lists its files with
+their sizes and sha256 in `files_rankNNNNN.json` (written last, atomically); rank 0 writes the manifest
+once every rank's list is there, renames the folder to `step_000123/` (os.replace, atomic on POSIX)
+and then replaces `latest` (temp file + fsync + os.replace). A crash before the rename leaves only a
+`*.tmp-*` folder, which the next save deletes; a crash after it leaves a complete checkpoint (not yet
+named by `latest`, so the previous one stays current). `find_latest` trusts a folder only when its
+manifest lists files of the right sizes, and falls back to the previous valid one otherwise.
 
-Everything in `state_rank*.pt` is plain data (tensors, dicts, lists, numbers, strings) so it loads
+Asynchronous saves (`checkpoint.async`): the step loop stalls only while the tensors are gathered
+into host memory (the collectives); a background thread per rank writes and hashes the files, and
+rank 0's thread publishes once every rank's file list has appeared (it polls the folder: no
+collective runs outside the main thread). The next save, the end of the stage and a crash-free exit
+wait for it; a SIGKILL mid-write leaves `latest` on the previous checkpoint.
+
+Everything in the `.pt` files is plain data (tensors, dicts, lists, numbers, strings) so it loads
 with `torch.load(weights_only=True)`; RNG states are stored as tensors for the same reason.
 Multi-node runs need `run_dir` on a shared filesystem (every rank writes into the same folder).
 """
@@ -27,18 +37,19 @@ import random
 import re
 import secrets
 import shutil
+import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+STATE = "state.pt"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -53,12 +64,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _model_file(rank: int) -> str:
-    return f"model_rank{rank:05d}.safetensors"
-
-
-def _state_file(rank: int) -> str:
-    return f"state_rank{rank:05d}.pt"
+def _rank_state_file(rank: int) -> str:
+    return f"rank_state/rank{rank:05d}.pt"
 
 
 def _files_file(rank: int) -> str:
@@ -97,33 +104,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def _model_tensors(model_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
-    """Split a state dict into safetensors-able tensors, keys whose value is None (Megatron-Core's
-    `_extra_state`, kept so the state dict round-trips exactly) and other values.
-
-    safetensors refuses tensors sharing storage (tied weights): later aliases get their own copy.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    none_keys: list[str] = []
-    other: dict[str, Any] = {}
-    seen_storage: set[tuple[str, int]] = set()
-    for name, value in model_state.items():
-        if value is None:
-            none_keys.append(name)
-            continue
-        if not isinstance(value, torch.Tensor):
-            other[name] = value
-            continue
-        t = value.detach()
-        t = t.cpu() if t.device.type != "cpu" else t
-        key = (str(value.device), value.untyped_storage().data_ptr())
-        if key in seen_storage or not t.is_contiguous():
-            t = t.contiguous().clone()
-        seen_storage.add(key)
-        tensors[name] = t
-    return tensors, none_keys, other
 
 
 # --------------------------------------------------------------------------- RNG
@@ -186,38 +166,44 @@ def _clean_leftovers(ckpt_root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _write_rank_files(tmp_dir: Path, rank: int, model_state, state: dict) -> None:
-    written: dict[str, dict] = {}
-    if model_state:
-        tensors, none_keys, other = _model_tensors(model_state)
-        if other:
-            state["model_extra"] = other
-        path = tmp_dir / _model_file(rank)
-        save_file(tensors, str(path), metadata={"format": "pt", "none_keys": json.dumps(none_keys)})
-        _fsync_file(path)
-        written[path.name] = {}
-    path = tmp_dir / _state_file(rank)
+def _torch_save(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        torch.save(state, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    written[path.name] = {}
-    for name in written:  # each rank hashes its own files, so rank 0 does not read everything
-        written[name] = {"bytes": (tmp_dir / name).stat().st_size, "sha256": _sha256(tmp_dir / name)}
-    _write_text_atomic(tmp_dir / _files_file(rank), json.dumps(written))
 
 
-def _publish(ckpt_root: Path, tmp_dir: Path, name: str, step: int, world: int, nonce: str) -> Path:
-    """Rank 0: manifest, rename to the final name, then the `latest` pointer."""
+def _write_rank_files(tmp_dir: Path, rank: int, job: "SaveJob") -> None:
+    """This rank's files, then its file list (sizes and sha256) written last and atomically."""
+    written = [path for path in job.write_tensors(tmp_dir)]
+    for path in written:
+        _fsync_file(path)
+    if job.global_state is not None:
+        _torch_save(tmp_dir / STATE, job.global_state)
+        written.append(tmp_dir / STATE)
+    _torch_save(tmp_dir / _rank_state_file(rank), job.rank_state)
+    written.append(tmp_dir / _rank_state_file(rank))
+    files = {str(p.relative_to(tmp_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in written}
+    _write_text_atomic(tmp_dir / _files_file(rank), json.dumps(files))
+
+
+def _publish(ckpt_root: Path, tmp_dir: Path, name: str, step: int, world: int, nonce: str,
+             layout: dict, wait_s: float = 0.0) -> Path:
+    """Rank 0: manifest (once every rank's file list is there: up to `wait_s`), rename to the final
+    name, then the `latest` pointer."""
     files: dict[str, dict] = {}
+    deadline = time.monotonic() + wait_s
     for r in range(world):
         info_path = tmp_dir / _files_file(r)
+        while not info_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if not info_path.exists():
             raise CheckpointError(f"{tmp_dir}: rank {r} did not finish writing its files; is "
                                   f"run.dir on a filesystem shared by all nodes?")
         files.update(json.loads(info_path.read_text()))
         info_path.unlink()
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "world": world,
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "world": world, "layout": layout,
                 "created_unix_s": time.time(), "files": files}
     _write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
     final = ckpt_root / name
@@ -238,47 +224,79 @@ def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: Optional[dict] = None,
-                    optim_state: Optional[dict] = None, sched_state: Optional[dict] = None,
-                    rng_state: Optional[dict] = None, loader_state: Optional[dict] = None,
-                    extra: Optional[dict] = None, rank: int = 0, world: Optional[int] = None,
-                    keep: int = 2) -> Path:
-    """Write this rank's part of checkpoint `step`; collective over all `world` ranks.
+@dataclass
+class SaveJob:
+    """What one rank saves, already in host memory: `write_tensors(folder) -> [paths]` writes its
+    share of the tensors (no collectives), `global_state` (rank 0 only) and its own `rank_state`."""
+    step: int
+    write_tensors: Callable[[Path], list]
+    global_state: Optional[dict]
+    rank_state: dict
+    layout: dict = field(default_factory=dict)
 
-    `model_state` may be None on ranks whose weights another rank already saves (e.g. DP replicas);
-    load those with `load_checkpoint(..., model_rank=...)`. `rng_state` defaults to
-    `capture_rng_state()`. Keeps the `keep` newest checkpoints (0: keep all). Returns the final folder.
-    """
-    world = _dist_world() if world is None else world
-    ckpt_root = Path(run_dir) / CHECKPOINTS
-    if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(ckpt_root)  # before the new nonce exists, so no rank's fresh files are hit
-    nonce = _agree_on_nonce(world)
-    name = step_dir_name(step)
-    tmp_dir = ckpt_root / f"{name}.tmp-{nonce}"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    state = {"format_version": FORMAT_VERSION, "step": step, "rank": rank, "world": world,
-             "optim": optim_state, "sched": sched_state,
-             "rng": rng_state if rng_state is not None else capture_rng_state(),
-             "loader": loader_state, "extra": extra or {}}
-    _write_rank_files(tmp_dir, rank, model_state, state)
-    _barrier(world)
-    final = ckpt_root / name
-    error = [None]
-    if rank == 0:
+
+class CheckpointWriter:
+    """Saves checkpoints of one run; with `asynchronous=True` the files are written by a background
+    thread (see the module docstring). `save` and `wait` are called on every rank."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, rank: int, world: int, keep: int = 2,
+                 asynchronous: bool = False, publish_timeout_s: float = 3600.0):
+        self.root = Path(run_dir) / CHECKPOINTS
+        self.rank, self.world, self.keep, self.asynchronous = rank, world, keep, asynchronous
+        self.publish_timeout_s = publish_timeout_s
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def save(self, job: SaveJob) -> None:
+        """Collective: agree on the folder, then write (inline, or in the background)."""
+        self.wait()
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _clean_leftovers(self.root)  # before the new nonce exists, so no rank's fresh files are hit
+        nonce = _agree_on_nonce(self.world)
+        tmp_dir = self.root / f"{step_dir_name(job.step)}.tmp-{nonce}"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        if self.asynchronous:
+            self._thread = threading.Thread(target=self._write_and_publish, args=(job, tmp_dir, nonce),
+                                            name=f"lingshu-checkpoint-{job.step}", daemon=True)
+            self._thread.start()
+            return
+        _write_rank_files(tmp_dir, self.rank, job)
+        _barrier(self.world)
+        error = [None]
+        if self.rank == 0:
+            try:
+                self._publish(job, tmp_dir, nonce, wait_s=0.0)
+            except Exception as err:  # noqa: BLE001 - every rank raises it below instead of hanging
+                error = [f"{type(err).__name__}: {err}"]
+                if self.world == 1:
+                    raise
+        if self.world > 1:  # also the barrier: nobody starts the next save (or a load) before `latest` moved
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise CheckpointError(f"saving checkpoint step {job.step} to {self.root} failed on rank 0: {error[0]}")
+
+    def _publish(self, job: SaveJob, tmp_dir: Path, nonce: str, wait_s: float) -> None:
+        final = _publish(self.root, tmp_dir, step_dir_name(job.step), job.step, self.world, nonce, job.layout,
+                         wait_s=wait_s)
+        _prune(self.root, self.keep, protect=final)
+
+    def _write_and_publish(self, job: SaveJob, tmp_dir: Path, nonce: str) -> None:
         try:
-            final = _publish(ckpt_root, tmp_dir, name, step, world, nonce)
-            _prune(ckpt_root, keep, protect=final)
-        except Exception as err:  # noqa: BLE001 - every rank raises it below instead of hanging
-            error = [f"{type(err).__name__}: {err}"]
-            if world == 1:
-                raise
-    if world > 1:  # also the barrier: nobody starts the next save (or a load) before `latest` moved
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise CheckpointError(f"saving checkpoint step {step} to {ckpt_root} failed on rank 0: {error[0]}")
-    return final
+            _write_rank_files(tmp_dir, self.rank, job)
+            if self.rank == 0:
+                self._publish(job, tmp_dir, nonce, wait_s=self.publish_timeout_s)
+        except BaseException as err:  # noqa: BLE001 - raised on the main thread by `wait`
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written and published; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"the background checkpoint save failed: {type(err).__name__}: {err}") from err
 
 
 # --------------------------------------------------------------------------- find and load
@@ -359,42 +377,31 @@ def find_latest(run_dir: str | os.PathLike, *, checksums: bool = False) -> Optio
     return None
 
 
-def load_checkpoint(path: str | os.PathLike, rank: int = 0, *, world: Optional[int] = None,
-                    model_rank: Optional[int] = None, verify: bool = True) -> dict[str, Any]:
-    """This rank's part of a checkpoint folder (from `find_latest`), on CPU.
+def load_checkpoint(path: str | os.PathLike, rank: int = 0, *, verify: bool = True) -> dict[str, Any]:
+    """The run-wide state of a checkpoint folder (from `find_latest`) and this rank's own part, on CPU.
 
-    Returns {"step", "world", "model_state" (dict of tensors, or None), "optim_state", "sched_state",
-    "rng_state", "loader_state", "extra", "manifest"}. `world` (when given) must equal the world
-    the checkpoint was saved with: the files are per rank and not resharded. `model_rank` picks
-    whose model file to read (default: `rank`). `verify` checks the sha256 of the files read.
+    Returns {"step", "world", "layout", "state" (schedule, optimizer counters, loader, RNG of rank 0,
+    extra), "rank_state" (this rank's RNG and loader state when the checkpoint has this rank, else
+    None), "folder", "manifest"}. The tensors are read by `state_io.read_state` under any layout.
+    `verify` checks the sha256 of the files read here.
     """
     path = Path(path)
     problem = validate_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"cannot load {path}: {problem}")
     manifest = json.loads((path / MANIFEST).read_text())
-    if world is not None and manifest["world"] != world:
-        raise CheckpointError(f"{path} was saved by {manifest['world']} ranks, this run has {world}; "
-                              f"resume with the same parallel layout (resharding is not supported)")
-    state_name = _state_file(rank)
-    model_name = _model_file(rank if model_rank is None else model_rank)
-    if state_name not in manifest["files"]:
-        raise CheckpointError(f"{path} has no state for rank {rank} (saved with world {manifest['world']})")
-    for fname in (state_name, model_name):
-        info = manifest["files"].get(fname)
-        if verify and info is not None and _sha256(path / fname) != info["sha256"]:
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {manifest.get('format_version')}, this version reads "
+                              f"{FORMAT_VERSION}; resume it with the lingshu-fast version that wrote it")
+    rank_name = _rank_state_file(rank)
+    names = [STATE] + ([rank_name] if rank_name in manifest["files"] else [])
+    loaded = {}
+    for fname in names:
+        if verify and _sha256(path / fname) != manifest["files"][fname]["sha256"]:
             raise CheckpointError(f"{path / fname} is corrupt: its sha256 differs from the manifest")
-    try:
-        state = torch.load(path / state_name, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"cannot read {path / state_name}: {err}") from err
-    model_state = None
-    if model_name in manifest["files"]:
-        model_state = load_file(str(path / model_name))
-        with safe_open(str(path / model_name), framework="pt") as f:
-            none_keys = json.loads((f.metadata() or {}).get("none_keys", "[]"))
-        model_state.update({k: None for k in none_keys})
-        model_state.update(state.pop("model_extra", {}) if model_rank in (None, rank) else {})
-    return {"step": state["step"], "world": state["world"], "model_state": model_state,
-            "optim_state": state["optim"], "sched_state": state["sched"], "rng_state": state["rng"],
-            "loader_state": state["loader"], "extra": state["extra"], "manifest": manifest}
+        try:
+            loaded[fname] = torch.load(path / fname, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - re-raised with the file named
+            raise CheckpointError(f"cannot read {path / fname}: {err}") from err
+    return {"step": manifest["step"], "world": manifest["world"], "layout": manifest.get("layout", {}),
+            "state": loaded[STATE], "rank_state": loaded.get(rank_name), "folder": path, "manifest": manifest}

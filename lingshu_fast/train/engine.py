@@ -10,8 +10,12 @@ vector all-reduced over the whole world: the count and host figures (contributed
 replica, by its first tensor- and pipeline-parallel rank), the loss and the stage's statistics
 (by the first TP rank of the last pipeline stage, which computed them), and the squared gradient
 norm (Megatron's counting rule within a replica: TP-sharded parameters on every TP rank,
-replicated ones on TP rank 0, `shared` ones nowhere else; by the first DP replica, whose gradients
-equal the others' after the DP reduction). The vector's one `tolist()` is the step's host sync.
+replicated ones on TP rank 0, `shared` ones nowhere else; over the shards of every DP rank under the
+distributed optimizer, else by the first DP replica, whose gradients equal the others' after the
+all-reduce). The vector's one `tolist()` is the step's host sync.
+
+Gradients accumulate in fp32 main-gradient buffers whose data-parallel reduction starts during the
+last micro-batch's backward (`parallel.grad_buffer`); the optimizer steps fp32 main parameters.
 
 Normalisation. Losses arrive as sums, so gradients are those of the sum; with N the global count,
 the step's loss is sum / N and the gradient norm |g| / N, and the gradients are scaled once by
@@ -28,7 +32,6 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from lingshu_fast.parallel.data_parallel import allreduce_gradients
 from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.train.metrics import SkipTracker
 from lingshu_fast.train.optim import current_lrs, grad_norm_squared
@@ -50,17 +53,18 @@ class StepEngine:
                  skips: SkipTracker):
         self.model, self.optimizer, self.scheduler, self.runner = model, optimizer, scheduler, runner
         self.dims, self.grad_clip, self.skips = dims, float(grad_clip), skips
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.dp_group = _dp_group(dims)
         self.host_syncs = 0  # device -> host copies the engine made (one per step)
 
     def step(self, micro_batches: Sequence, first_forward: Callable, loss_of: Callable, *, count: float,
              host: Optional[dict[str, float]] = None, stat_keys: Sequence[str] = (), step: int = 0) -> StepResult:
         host = dict(host or {})
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = self.runner.run(micro_batches, first_forward, loss_of, stat_keys=stat_keys)
-        allreduce_gradients(self.params, self.dp_group)
-        norm_sq = grad_norm_squared(self.params, tp_rank=self.dims.tp_rank)
+        buffers = self.optimizer.buffers
+        buffers.zero()
+        totals = self.runner.run(micro_batches, first_forward, loss_of, stat_keys=stat_keys,
+                                 on_last_backward=buffers.start_last_backward)
+        buffers.finish()
+        norm_sq = grad_norm_squared(self.optimizer, tp_rank=self.dims.tp_rank)
         reduced = self._reduce_scalars(count, host, totals, norm_sq)
         global_count = reduced["count"]
         scale = 1.0 / max(global_count, 1.0)
@@ -73,7 +77,7 @@ class StepEngine:
             self.skips.ok()  # nothing to learn from (every RL group filtered or empty): no update
         elif math.isfinite(loss) and math.isfinite(grad_norm):
             clip = min(1.0, self.grad_clip / (grad_norm + 1e-6)) if self.grad_clip > 0 else 1.0
-            self._scale_gradients(scale * clip)
+            buffers.scale_(scale * clip)
             self.optimizer.step()
             updated = True
             self.skips.ok()
@@ -90,21 +94,17 @@ class StepEngine:
         loss_holder = dims.tp_rank == 0 and totals.holds_loss
         device = _collective_device(totals.values.device)
         host_part = torch.tensor([float(count), *map(float, host.values())], dtype=torch.float64, device=device)
+        # each DP rank holds a shard of the reduced gradients under the distributed optimizer, all of them otherwise
+        norm_holder = self.optimizer.buffers.shard or dims.dp_rank == 0
         vector = torch.cat([host_part * float(replica_first),
                             totals.values.to(device) * float(loss_holder),
-                            norm_sq.to(device, torch.float64).reshape(1) * float(dims.dp_rank == 0)])
+                            norm_sq.to(device, torch.float64).reshape(1) * float(norm_holder)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vector)
         values = vector.tolist()  # the step's one host sync
         self.host_syncs += 1
         keys = ["count", *host, *totals.keys, "norm_sq"]
         return dict(zip(keys, values))
-
-    @torch.no_grad()
-    def _scale_gradients(self, factor: float) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads and factor != 1.0:
-            torch._foreach_mul_(grads, factor)
 
 
 def _dp_group(dims: ParallelDims):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from lingshu_fast.config import Config, ConfigError
 from lingshu_fast.model.flops import pipeline_layer_split
+from lingshu_fast.parallel.relay import model_chunks
 from lingshu_fast.parallel.state import LayoutError, ParallelDims, init_parallel
 
 
@@ -57,3 +58,22 @@ def rank_layer_kwargs(hf_config, dims: ParallelDims, cfg: Config) -> list[dict]:
     ranges = stage_layer_ranges(hf_config, dims.pp, dims.pp_rank, cfg.data.max_tokens_per_microbatch,
                                 check_schedule(cfg.parallel))
     return [{"layer_start": start, "layer_end": end} for start, end in ranges]
+
+
+def mark_tied_copies(model, dims: ParallelDims) -> None:
+    """Tied embeddings under PP: the last stage keeps its own copy of the embedding as LM head. Both
+    copies get `tied_group` (Megatron-Core's embedding group: the first and last stage) so the grad
+    buffers sum their gradients over it before the DP reduction and both take the same update; the
+    last stage's copy is marked `shared` so the gradient norm counts it once. Call before the
+    optimizer (its buffers place tied parameters apart)."""
+    from megatron.core import parallel_state as ps
+
+    if dims.pp == 1 or not model.config.tie_word_embeddings or not ps.is_rank_in_embedding_group():
+        return
+    chunks = model_chunks(model)
+    group = ps.get_embedding_group()
+    if chunks[0].pre_process:
+        chunks[0].embed_tokens.weight.tied_group = group
+    if chunks[-1].post_process and not chunks[-1].pre_process:
+        chunks[-1].lm_head.weight.shared = True
+        chunks[-1].lm_head.weight.tied_group = group

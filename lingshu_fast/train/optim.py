@@ -1,4 +1,5 @@
-"""AdamW with per-module-group learning rates, the warm-up + decay schedule, ZeRO-1 and grad clipping.
+"""AdamW with per-module-group learning rates over fp32 main parameters and gradients, the
+distributed optimizer, the warm-up + decay schedule and the gradient norm.
 
 Design choices:
 - One AdamW for the whole model; the vision tower, the merger and the LLM are separate parameter
@@ -7,24 +8,24 @@ Design choices:
   decay, as in most LLM recipes (decaying a norm's gain towards 0 only hurts).
 - Frozen parameters (`requires_grad=False`) are never handed to the optimizer, so they get neither
   state memory nor updates (AdamW's decoupled weight decay would otherwise still move them).
-- fused=True on CUDA (one kernel for all tensors), foreach on CPU (fused has no CPU path in older
-  torch and foreach is the fast multi-tensor path there).
-- bf16/fp16 parameters get fp32 master weights (`MasterAdamW`): small updates would otherwise round
-  away in bf16. fp32 parameters (CPU, tests) use plain AdamW.
-- ZeRO-1: `torch.distributed.optim.ZeroRedundancyOptimizer` over the data-parallel group, so each DP
-  rank keeps Adam moments for 1/DP of the parameters; gradients are still all-reduced in full.
+- Gradients accumulate over micro-batches in fp32 main-gradient buffers (`parallel.grad_buffer`),
+  whose DP reduction overlaps the backward; `MainParamAdamW` steps fp32 main parameters (masters of
+  bf16 parameters) from them. Bytes per trainable bf16 parameter: 2 (parameter) + 4 (main gradient)
+  + 12 / DP (master, Adam m and v) with the distributed optimizer (`optim.distributed`), + 12
+  without. fused=True on CUDA, foreach on CPU.
 - The schedule's warm-up starts at lr * 1/(warmup+1), not 0 as in Hugging Face's
   `get_cosine_schedule_with_warmup`: an LR of 0 on the first step would waste that step's data.
-- `clip_grad_norm` follows Megatron's counting rule so the norm does not depend on the TP layout.
+- `grad_norm_squared` follows Megatron's counting rule so the norm does not depend on the layout.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
+
+from lingshu_fast.parallel.grad_buffer import GradBuffers
 
 MODULE_GROUPS = ("vision", "merger", "llm")
 
@@ -75,145 +76,104 @@ def build_param_groups(param_groups: dict[str, list[torch.nn.Parameter]], optim_
     return groups
 
 
-class MasterAdamW(torch.optim.AdamW):
-    """AdamW that keeps fp32 master copies of low-precision (bf16/fp16) parameters.
+class MainParamAdamW(torch.optim.AdamW):
+    """AdamW over this rank's share of the main parameters, with the grad buffers' main gradients.
 
-    Why: with bf16 weights an update of lr 1e-5 relative to a weight of ~1e-2 is below bf16's
-    resolution (8 mantissa bits, ~4e-3 relative) and rounds away, so training silently stalls.
-    Here AdamW steps fp32 masters (its param_groups hold them) and the model's parameters get the
-    rounded result after each step. Under ZeRO-1 this class is the local optimizer, so masters exist
-    only for the rank's shard. The masters are part of the state dict (exact resume).
-    """
+    The main parameters are fp32: masters of bf16/fp16 parameters (small updates would otherwise round
+    away in bf16: an update of lr 1e-5 relative to a weight of ~1e-2 is below bf16's resolution), or
+    the fp32 parameters themselves (no copy). This rank's share is every bucket's shard under the
+    distributed optimizer, everything otherwise (`GradBuffers.param_pieces`): one optimizer tensor per
+    (parameter, owned range), so each keeps its parameter's group (LR, weight decay) and Adam's
+    moments exist only for the owned ranges. After each step the new values are written into the
+    parameter buffer and, under the distributed optimizer, all-gathered over DP (asynchronously with
+    `overlap_param_gather`: forward pre-hooks wait for each module's parameters)."""
 
-    def __init__(self, params, **kwargs):
-        groups = list(params)
-        if groups and not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        self._model_params: list[torch.Tensor] = []
-        master_groups = []
-        for g in groups:
-            model_params = list(g["params"])
-            self._model_params.extend(model_params)
-            masters = [p.detach().to(torch.float32, copy=True) for p in model_params]
-            master_groups.append({**g, "params": masters})
-        super().__init__(master_groups, **kwargs)
+    def __init__(self, groups: list[dict], buffers: GradBuffers, *, overlap_param_gather: bool = False,
+                 model: Optional[torch.nn.Module] = None, **kwargs):
+        self.buffers, self.overlap_param_gather = buffers, overlap_param_gather
+        group_of = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
+        self.pieces = []  # (param, buffer, lo, hi, main parameter tensor), in buffer order
+        by_group: list[list] = [[] for _ in groups]
+        for p, buf, lo, hi in buffers.param_pieces():
+            if buf.params.dtype == torch.float32:
+                main = buf.params[lo:hi]  # the parameter itself is the main parameter
+            else:
+                main = buf.params[lo:hi].detach().to(torch.float32)
+            main.grad = buf.grads[lo:hi]
+            self.pieces.append((p, buf, lo, hi, main))
+            by_group[group_of[id(p)]].append(main)
+        super().__init__([{**g, "params": ps} for g, ps in zip(groups, by_group)], **kwargs)
+        self.updates = 0  # optimizer steps taken (Adam's step count, the same for every tensor)
+        self._prehooks = buffers.wait_before_forward(model) if overlap_param_gather and model is not None else []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        # The model's parameters hold the gradients (the masters' exist only inside step()).
-        for p in self._model_params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_().zero_()
-
-    def _masters(self) -> list[torch.Tensor]:
-        return [m for g in self.param_groups for m in g["params"]]
+        """The main gradients live in the grad buffers, zeroed by `GradBuffers.zero` at each step."""
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
-            raise ValueError("MasterAdamW does not take a closure")
-        masters = self._masters()
-        for p, m in zip(self._model_params, masters):
-            m.grad = None if p.grad is None else p.grad.detach().to(torch.float32)
+            raise ValueError("MainParamAdamW does not take a closure")
         super().step()
-        for p, m in zip(self._model_params, masters):
-            p.copy_(m)
-            m.grad = None  # the fp32 gradient copy lives only during the step
+        self.updates += 1
+        for _, buf, lo, hi, main in self.pieces:
+            if main.data_ptr() != buf.params[lo:hi].data_ptr():
+                buf.params[lo:hi].copy_(main)
+        self.buffers.gather_params(async_op=self.overlap_param_gather)
         return None
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["master_params"] = [m.detach().clone() for m in self._masters()]
-        return state
+    def step_tensor(self, main: torch.Tensor, updates: int) -> torch.Tensor:
+        """Adam's `step` state for `main` after `updates` steps, as torch's AdamW keeps it."""
+        on_device = self.defaults.get("fused") or self.defaults.get("capturable")
+        return torch.tensor(float(updates), dtype=torch.float32, device=main.device if on_device else "cpu")
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        master_params = state_dict.pop("master_params", None)
-        super().load_state_dict(state_dict)
-        if master_params is None:
-            raise ValueError("the optimizer state has no fp32 master weights (saved from an fp32 model?); "
-                             "resume with the same model.dtype")
-        with torch.no_grad():
-            for p, m, saved in zip(self._model_params, self._masters(), master_params):
-                m.copy_(saved)
-                p.copy_(m)
+    def nbytes(self) -> int:
+        """Bytes of optimizer state on this rank: fp32 masters (when separate) and Adam's moments."""
+        total = 0
+        for _, buf, lo, hi, main in self.pieces:
+            if main.data_ptr() != buf.params[lo:hi].data_ptr():
+                total += main.numel() * main.element_size()
+            total += sum(t.numel() * t.element_size() for t in self.state.get(main, {}).values()
+                         if torch.is_tensor(t) and t.dim() > 0)
+        return total
 
 
-def _needs_master_weights(groups: list[dict]) -> bool:
-    return any(p.dtype in (torch.bfloat16, torch.float16) for g in groups for p in g["params"])
-
-
-def _adamw_kwargs(groups: list[dict], optim_cfg) -> dict:
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+def _adamw_kwargs(device: torch.device, optim_cfg) -> dict:
     kwargs = dict(lr=float(optim_cfg.lr), betas=tuple(optim_cfg.betas), eps=float(optim_cfg.eps),
                   weight_decay=float(optim_cfg.weight_decay))
-    kwargs.update(fused=True) if on_cuda else kwargs.update(foreach=True)
+    # fused on CUDA (one kernel for all tensors); foreach on CPU (the multi-tensor path there)
+    kwargs.update(fused=True) if device.type == "cuda" else kwargs.update(foreach=True)
     return kwargs
 
 
-def build_optimizer(param_groups: dict[str, list[torch.nn.Parameter]], optim_cfg, *,
-                    dp_group: Optional[dist.ProcessGroup] = None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters of `param_groups` (keys vision, merger, llm).
-
-    MasterAdamW (fp32 masters) when any trainable parameter is bf16/fp16, plain AdamW otherwise.
-    With `optim_cfg.zero1` and an initialised process group whose data-parallel group (`dp_group`,
-    default the whole world) has more than one rank, the optimizer state is sharded over it
-    (ZeroRedundancyOptimizer wrapping AdamW); otherwise a plain AdamW.
-    """
+def build_optimizer(param_groups: dict[str, list[torch.nn.Parameter]], optim_cfg, *, dp_group=None,
+                    model: Optional[torch.nn.Module] = None, overlap_grad_reduce: bool = True) -> MainParamAdamW:
+    """AdamW over the trainable parameters of `param_groups` (keys vision, merger, llm), with their
+    main gradients in grad buffers over `dp_group` (None: no data parallelism): sharded over DP with
+    `optim.distributed` (reduce-scattered gradients, a 1/DP shard of masters and moments per rank; the
+    default with DP > 1), all-reduced otherwise.
+    The buffers are the optimizer's `buffers`; the trainable parameters' storage moves into them."""
     groups = build_param_groups(param_groups, optim_cfg)
-    kwargs = _adamw_kwargs(groups, optim_cfg)
-    adamw = MasterAdamW if _needs_master_weights(groups) else torch.optim.AdamW
-    has_params = any(g["params"] for g in groups)
-    if optim_cfg.zero1 and has_params and dist.is_available() and dist.is_initialized():
-        group = dp_group if dp_group is not None else dist.group.WORLD
-        if dist.get_world_size(group) > 1:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            dtypes = sorted({str(p.dtype) for g in groups for p in g["params"]})
-            if len(dtypes) > 1:  # ZeroRedundancyOptimizer's own check says only "same dense type"
-                raise ValueError(f"optim.zero1 needs every trainable parameter in one dtype, got {dtypes}; "
-                                 f"set model.dtype to one type or turn optim.zero1 off")
-
-            return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=group, **kwargs)
-    return adamw(groups, **kwargs)
+    trainable = [p for g in groups for p in g["params"]]
+    order = backward_order(trainable, model)
+    grad_dtype = torch.float32 if optim_cfg.grad_accumulation_dtype == "fp32" else None
+    distributed = optim_cfg.distributed if optim_cfg.distributed is not None else dp_group is not None
+    buffers = GradBuffers(order, dp_group=dp_group, shard=distributed,
+                          grad_dtype=grad_dtype or (order[0].dtype if order else torch.float32),
+                          overlap=overlap_grad_reduce)
+    device = order[0].device if order else torch.device("cpu")
+    return MainParamAdamW(groups, buffers, overlap_param_gather=optim_cfg.overlap_param_gather, model=model,
+                          **_adamw_kwargs(device, optim_cfg))
 
 
-def is_zero(optimizer: torch.optim.Optimizer) -> bool:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return isinstance(optimizer, ZeroRedundancyOptimizer)
-
-
-def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
-    """This rank's optimizer state for a per-rank checkpoint.
-
-    Under ZeRO-1 that is the local shard only (no gather to rank 0: every rank saves its own file),
-    which reloads into the same DP layout; a plain AdamW gives its usual state_dict.
-    """
-    if is_zero(optimizer):
-        # The local AdamW only sees the scheduler's latest LRs at its next step: copy them now, or
-        # the shard would be saved with the previous step's LRs.
-        optimizer._sync_param_groups(optimizer.param_groups, optimizer.optim.param_groups)
-        return {"zero1_local": optimizer.optim.state_dict()}
-    return optimizer.state_dict()
-
-
-def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of `optimizer_state_dict` (same parameters, same DP size)."""
-    if is_zero(optimizer):
-        if "zero1_local" not in state:
-            raise ValueError("the checkpoint holds a plain AdamW state but optim.zero1 is on; "
-                             "resume with the same optim.zero1 setting")
-        optimizer.optim.load_state_dict(state["zero1_local"])
-        # Copy the restored LRs (and scheduler keys such as initial_lr) to the exposed groups.
-        optimizer._sync_param_groups(optimizer.optim.param_groups, optimizer.param_groups)
-        return
-    if "zero1_local" in state:
-        raise ValueError("the checkpoint holds a ZeRO-1 shard but optim.zero1 is off; "
-                         "resume with the same optim.zero1 setting")
-    optimizer.load_state_dict(state)
+def backward_order(params: list[torch.nn.Parameter], model: Optional[torch.nn.Module]) -> list:
+    """`params` in the order backward produces their gradients: the reverse of the model's
+    registration order (the forward's: vision tower, embeddings, layers, norm, head), so the head's
+    bucket fills first and the vision tower's, which a text-only micro-batch never reaches, last."""
+    if model is None:
+        return list(reversed(params))
+    wanted = {id(p) for p in params}
+    registered = [p for p in model.parameters() if id(p) in wanted]
+    return list(reversed(registered))
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -259,7 +219,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int)
     return LambdaLR(optimizer, lr_lambda=[fn] * len(optimizer.param_groups))
 
 
-# --------------------------------------------------------------------------- gradient clipping
+# --------------------------------------------------------------------------- gradient norm
 
 
 def _counts_on_this_rank(p: torch.Tensor, tp_rank: int) -> bool:
@@ -271,43 +231,10 @@ def _counts_on_this_rank(p: torch.Tensor, tp_rank: int) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
 
 
-def grad_norm_squared(params: Iterable[torch.Tensor], *, tp_rank: int = 0) -> torch.Tensor:
-    """Sum of squared gradient entries this rank is responsible for, in fp32 (0-d tensor)."""
-    grads = [p.grad for p in params if p.grad is not None and _counts_on_this_rank(p, tp_rank)]
+def grad_norm_squared(optimizer: MainParamAdamW, *, tp_rank: int = 0) -> torch.Tensor:
+    """Sum of squared main-gradient entries this rank is responsible for, fp32 (0-d tensor): its
+    owned ranges (`param_pieces`) of the parameters it counts by Megatron's rule."""
+    grads = [main.grad for p, _, _, _, main in optimizer.pieces if _counts_on_this_rank(p, tp_rank)]
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm([g.detach() for g in grads], 2.0)
-    return torch.stack([n.float() for n in norms]).square().sum()
-
-
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, *,
-                   tp_group: Optional[dist.ProcessGroup] = None,
-                   pp_group: Optional[dist.ProcessGroup] = None) -> float:
-    """Clip gradients in place to a global L2 norm of `max_norm`; return the norm before clipping.
-
-    The norm is the one of the whole (unsharded) model: squares are summed over this rank's
-    parameters (TP-sharded ones per shard, TP-replicated ones once, see `_counts_on_this_rank`), then
-    over `tp_group` and `pp_group`. Data-parallel ranks hold identical (all-reduced) gradients, so
-    no DP reduction is needed. A non-finite norm is returned as is (inf/nan) and nothing is clipped,
-    so the caller can skip the step. `max_norm <= 0` only measures.
-    """
-    params = [p for p in params if p.grad is not None]
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    total_sq = grad_norm_squared(params, tp_rank=tp_rank)
-    if params:
-        device = params[0].grad.device
-    elif torch.cuda.is_available():  # a frozen pipeline stage still joins the reduction (NCCL: CUDA)
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    total_sq = total_sq.to(device)
-    for group in (tp_group, pp_group):
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=group)
-    total_norm = float(total_sq.sqrt())
-    if not math.isfinite(total_norm) or max_norm <= 0:
-        return total_norm
-    clip_coef = max_norm / (total_norm + 1e-6)
-    if clip_coef < 1.0 and params:
-        torch._foreach_mul_([p.grad for p in params], clip_coef)
-    return total_norm
+    return torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()

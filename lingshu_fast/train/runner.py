@@ -7,6 +7,8 @@
   after the step's one reduction, see engine.py), and a dict of statistics to sum over the step.
 - `StepTotals`: this rank's sums of `loss` and of each statistic, kept on the device (no host
   sync per micro-batch); only the rank holding the last stage computes them (`holds_loss`).
+- `on_last_backward()`: called when this rank's backward of the step's last micro-batch starts (the
+  grad buffers then reduce each bucket as soon as it is complete, overlapping the backward).
 
 `LocalRunner` runs the micro-batches one after the other (TP and DP still apply); `PipelineRunner`
 hands them to the pipeline schedules (`lingshu_fast.parallel.pipeline`). Both pad a micro-batch to
@@ -72,13 +74,15 @@ class LocalRunner:
         return n
 
     def run(self, micro_batches: Sequence, first_forward: Callable, loss_of: Callable,
-            stat_keys: Sequence[str] = ()) -> StepTotals:
+            stat_keys: Sequence[str] = (), on_last_backward: Optional[Callable] = None) -> StepTotals:
         totals = StepTotals(stat_keys, self.device, holds_loss=True)
         for k, mb in enumerate(micro_batches):
             if mb.num_tokens == 0:
                 continue  # every sample of it was dropped (e.g. an image that failed to decode)
             loss, stats = loss_of(first_forward(self.model, k), k)
             if loss.requires_grad:  # False when nothing trainable was reached (frozen LLM, no image)
+                if on_last_backward is not None and k == len(micro_batches) - 1:
+                    on_last_backward()
                 loss.backward()
             totals.add(loss, stats)
         return totals
@@ -98,11 +102,9 @@ class PipelineRunner:
         self.model, self.dims, self.tokens = model, dims, tokens
         self.slots = tokens // SEGMENT_SLOTS_PER_TOKENS + 2
         self.tp_group = ps.get_tensor_model_parallel_group()
-        tied = bool(model.config.tie_word_embeddings)
-        embedding_group = ps.get_embedding_group() if tied and ps.is_rank_in_embedding_group() else None
         self.schedules = PipelineSchedules(chunks, pp=dims.pp, pp_rank=dims.pp_rank,
                                            pp_group=ps.get_pipeline_model_parallel_group(), schedule=schedule,
-                                           tokens=tokens, tied=tied, embedding_group=embedding_group)
+                                           tokens=tokens)
         self.device = self.schedules.device
         self.holds_loss = bool(chunks[-1].post_process)
         self._last = chunks[-1]
@@ -136,7 +138,7 @@ class PipelineRunner:
         return mb.pad_to(self.tokens, self.slots, pad_token_id=pad_token_id)
 
     def run(self, micro_batches: Sequence, first_forward: Callable, loss_of: Callable,
-            stat_keys: Sequence[str] = ()) -> StepTotals:
+            stat_keys: Sequence[str] = (), on_last_backward: Optional[Callable] = None) -> StepTotals:
         """`micro_batches`: padded (`pad`), on the device, as many as `count` says."""
         for mb in micro_batches:
             if mb.num_tokens != self.tokens or mb.cu_seqlens.numel() != self.slots + 1:
@@ -150,7 +152,7 @@ class PipelineRunner:
             totals.add(loss, stats)
             return loss
 
-        self.schedules.step(micro_batches, first_forward, loss_fn)
+        self.schedules.step(micro_batches, first_forward, loss_fn, before_last_backward=on_last_backward)
         return totals
 
 

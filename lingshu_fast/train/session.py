@@ -22,8 +22,9 @@ from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.train import checkpoint as ckpt
 from lingshu_fast.train.engine import StepEngine, StepResult
 from lingshu_fast.train.layout import start_parallel
-from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, mem_gb, mfu, peak_flops_per_s
-from lingshu_fast.train.optim import load_optimizer_state_dict, optimizer_state_dict
+from lingshu_fast.train.memory import memory_metrics, memory_report
+from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, mfu, peak_flops_per_s
+from lingshu_fast.train.state_io import collect_state, read_state, write_tensors
 
 Evaluator = Callable[..., Optional[dict]]
 
@@ -38,37 +39,51 @@ def start_run_dir(cfg: Config, dims: ParallelDims) -> Path:
 
 
 def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> int:
-    """The step to continue after: that of the newest complete checkpoint in run.dir (0: none)."""
+    """The step to continue after: that of the newest complete checkpoint in run.dir (0: none).
+
+    The checkpoint may come from any (TP, PP, DP) layout: the tensors are read by name and sliced
+    for this one; the data position is global; RNG and loader states are each rank's own when the
+    layout is the same, rank 0's (remapped) otherwise."""
     if not cfg.checkpoint.resume:
         return 0
     path = ckpt.find_latest(cfg.run.dir)
     if path is None:
         return 0
-    saved = ckpt.load_checkpoint(path, dims.rank, world=dims.world)
-    state.model.load_state_dict(saved["model_state"])
-    load_optimizer_state_dict(state.optimizer, saved["optim_state"])
-    state.scheduler.load_state_dict(saved["sched_state"])
-    state.loader.load_state_dict(saved["loader_state"])
-    ckpt.restore_rng_state(saved["rng_state"])
-    skips.load_state_dict(saved["extra"]["skips"])
-    step = int(saved["extra"]["step"])
+    saved = ckpt.load_checkpoint(path, dims.rank)
+    run_state = saved["state"]
+    read_state(state.model, state.optimizer, path, updates=int(run_state["updates"]))
+    for group, lr in zip(state.optimizer.param_groups, run_state["group_lrs"]):
+        group["lr"], group["initial_lr"] = lr["lr"], lr["initial_lr"]
+    state.scheduler.load_state_dict(run_state["sched"])
+    same_layout = saved["layout"] == _layout(dims) and saved["rank_state"] is not None
+    own = saved["rank_state"] if same_layout else run_state
+    state.loader.load_state_dict(own["loader"])
+    ckpt.restore_rng_state(own["rng"])
+    skips.load_state_dict(run_state["skips"])
+    step = int(run_state["step"])
     if dims.rank == 0:
-        print(f"lingshu-fast: resumed {cfg.run.dir} at step {step} from {path}", flush=True)
+        moved = "" if same_layout else f" (saved under {saved['layout']}, resharded)"
+        print(f"lingshu-fast: resumed {cfg.run.dir} at step {step} from {path}{moved}", flush=True)
     return step
 
 
-def save_run(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker) -> None:
-    ckpt.save_checkpoint(
-        cfg.run.dir, step,
-        model_state=state.model.state_dict(),
-        optim_state=optimizer_state_dict(state.optimizer),
-        sched_state=state.scheduler.state_dict(),
-        rng_state=ckpt.capture_rng_state(),
-        loader_state=state.loader.state_dict(),
-        extra={"step": step, "stage": cfg.train.stage, "world": dims.world, "tp": dims.tp, "pp": dims.pp,
-               "skips": skips.state_dict()},
-        rank=dims.rank, world=dims.world, keep=cfg.checkpoint.keep,
-    )
+def _layout(dims: ParallelDims) -> dict:
+    return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}
+
+
+def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker) -> ckpt.SaveJob:
+    """Checkpoint `step` gathered into host memory (collective); the files are written by the writer."""
+    tensors = collect_state(state.model, state.optimizer, stage_rank=dims.tp_rank * dims.dp + dims.dp_rank,
+                            stage_size=dims.tp * dims.dp)
+    rank_state = {"rng": ckpt.capture_rng_state(), "loader": state.loader.state_dict()}
+    global_state = None
+    if dims.rank == 0:
+        global_state = {"step": step, "stage": cfg.train.stage, "updates": state.optimizer.updates,
+                        "group_lrs": [{"lr": g["lr"], "initial_lr": g.get("initial_lr", g["lr"])}
+                                      for g in state.optimizer.param_groups],
+                        "sched": state.scheduler.state_dict(), "skips": skips.state_dict(), **rank_state}
+    return ckpt.SaveJob(step=step, write_tensors=lambda folder: write_tensors(tensors, folder, dims.rank),
+                        global_state=global_state, rank_state=rank_state, layout=_layout(dims))
 
 
 class StageRun:
@@ -84,6 +99,8 @@ class StageRun:
         self.start = self.step = resume_run(state, cfg, dims, self.skips)
         self.engine = StepEngine(state.model, state.optimizer, state.scheduler, state.runner, dims,
                                  grad_clip=cfg.optim.grad_clip, skips=self.skips)
+        self.checkpoints = ckpt.CheckpointWriter(cfg.run.dir, rank=dims.rank, world=dims.world,
+                                                 keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_save)
         self.peak = peak_flops_per_s(state.device)
         self.writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
                                     start_step=self.start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
@@ -94,7 +111,10 @@ class StageRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.writer.close()
+        try:
+            self.checkpoints.wait()  # a background save in flight is finished, not abandoned
+        finally:
+            self.writer.close()
 
     def timer(self) -> StepTimer:
         return StepTimer(self.state.device).start()
@@ -105,10 +125,12 @@ class StageRun:
         self.step = step
         tokens, world = int(result.host["tokens"]), self.dims.world
         lrs = result.lrs
+        memory = memory_metrics(memory_report(self.state.model, self.state.optimizer, self.state.device))
         row = dict(step=step, loss=result.loss, lr=max(lrs.values()) if lrs else 0.0, grad_norm=result.grad_norm,
                    tokens=tokens, tokens_per_s_per_gpu=tokens / dt_s / world,
-                   mfu=mfu(result.host["flops"], dt_s, world, self.peak), mem_gb=mem_gb(self.state.device),
-                   skipped_steps=self.skips.total, step_time_s=dt_s, **extra, **{f"lr/{k}": v for k, v in lrs.items()})
+                   mfu=mfu(result.host["flops"], dt_s, world, self.peak), mem_gb=memory["mem_peak_gb"],
+                   **memory, skipped_steps=self.skips.total, step_time_s=dt_s, **extra,
+                   **{f"lr/{k}": v for k, v in lrs.items()})
         evaluated = self._evaluate(step, final=step == self.cfg.train.max_steps) if evaluate else None
         self.writer.log(**row, **(evaluated or {}))
         self.summary.update(steps=step, loss=row["loss"], tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"],
@@ -138,11 +160,13 @@ class StageRun:
         return bool(every) and step % every == 0 and step < self.cfg.train.max_steps
 
     def save(self, step: int) -> None:
-        save_run(self.state, self.cfg, self.dims, step, self.skips)
+        self.state.optimizer.buffers.wait_params()  # the parameter gather of the last step, if overlapped
+        self.checkpoints.save(save_job(self.state, self.cfg, self.dims, step, self.skips))
 
     def finish(self) -> dict:
         """The final checkpoint (when this run made steps) and the HF export the next stage starts from."""
         if self.step > self.start:
             self.save(self.step)
+        self.checkpoints.wait()
         self.state.export(self.run_dir / "hf")
         return self.summary
