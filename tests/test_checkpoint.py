@@ -1,4 +1,7 @@
-"""Atomic per-rank checkpoints (lingshu_fast.train.checkpoint): round trip, crashes, keep-N, ranks."""
+"""Atomic checkpoints (lingshu_fast.train.checkpoint): round trip, crashes, keep-N, ranks, background saves.
+
+The tensors of a real checkpoint come from `state_io` (tested with the trainer in test_resharding.py);
+here a job writes one safetensors file per rank, which is all the protocol sees."""
 from __future__ import annotations
 
 import os
@@ -16,65 +19,58 @@ import torch
 from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.train import checkpoint as ck
 from lingshu_fast.train.checkpoint import (
-    CheckpointError, capture_rng_state, find_latest, load_checkpoint, restore_rng_state, save_checkpoint,
+    CheckpointError, CheckpointWriter, SaveJob, capture_rng_state, find_latest, load_checkpoint, restore_rng_state,
 )
 
 
-def _model_state(seed: int) -> dict:
+def _weights(seed: int) -> dict:
     torch.manual_seed(seed)
-    emb = torch.randn(11, 4)
-    # The LM head tied to the embedding: one storage under two names (safetensors rejects aliases).
-    return {"embed.weight": emb, "lm_head.weight": emb, "norm.weight": torch.ones(4),
-            "proj.weight": torch.randn(4, 6).t(), "step_count": torch.tensor(3),
-            "proj._extra_state": None}  # Megatron-Core layers put None here
+    return {"model.embed_tokens.weight": torch.randn(11, 4), "model.norm.weight": torch.ones(4)}
 
 
-def _optim_state() -> tuple[dict, dict]:
-    lin = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    lin(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    sched.step()
-    sched_state = sched.state_dict()
-    sched_state["lr_lambdas"] = [None]  # a plain lambda is not saved by LambdaLR anyway
-    return opt.state_dict(), sched_state
+def _job(step, seed=0, rank=0, weights=None, rng=None) -> SaveJob:
+    def write(folder: Path) -> list:
+        from safetensors.torch import save_file
+
+        path = folder / "model" / f"part-rank{rank:05d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights if weights is not None else _weights(seed), str(path))
+        return [path]
+
+    rank_state = {"rng": rng if rng is not None else capture_rng_state(), "loader": {"cursor": step * 10 + rank}}
+    global_state = {"step": step, "sched": {"last_epoch": step}, "loader": {"epoch": 1, "order": torch.arange(5)},
+                    "extra": {"stage": 3, "config": {"lr": 1e-5}}} if rank == 0 else None
+    return SaveJob(step=step, write_tensors=write, global_state=global_state, rank_state=rank_state)
 
 
-def _save(run_dir, step, seed=0, **kw):
-    optim_state, sched_state = _optim_state()
-    return save_checkpoint(run_dir, step, model_state=_model_state(seed), optim_state=optim_state,
-                           sched_state=sched_state, loader_state={"epoch": 1, "cursor": step * 10,
-                                                                  "order": torch.arange(5)},
-                           extra={"stage": 3, "config": {"lr": 1e-5}}, **kw)
+def _save(run_dir, step, seed=0, keep=2, rank=0, world=1, **job):
+    writer = CheckpointWriter(run_dir, rank=rank, world=world, keep=keep)
+    writer.save(_job(step, seed, rank, **job))
+    return Path(run_dir) / "checkpoints" / ck.step_dir_name(step)
+
+
+def _weights_of(path: Path, rank: int = 0) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model" / f"part-rank{rank:05d}.safetensors"))
 
 
 def test_round_trip_and_rng_restore(tmp_path):
-    """Pins: every piece comes back equal (tied weights included, saved as separate copies), the
-    state file loads under weights_only=True, and restoring the RNG state replays python, numpy
-    and torch draws exactly."""
+    """Pins: every piece comes back equal, the state files load under weights_only=True, and
+    restoring the RNG state replays python, numpy and torch draws exactly."""
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     rng = capture_rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(3))
-    path = save_checkpoint(tmp_path, 7, model_state=_model_state(0), optim_state=_optim_state()[0],
-                           sched_state={"last_epoch": 7}, rng_state=rng, loader_state={"cursor": 70},
-                           extra={"stage": 1})
-    assert path == tmp_path / "checkpoints" / "step_000007" and find_latest(tmp_path) == path
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000007"
-    got = load_checkpoint(path, rank=0, world=1)
-    ref = _model_state(0)
-    assert set(got["model_state"]) == set(ref)
-    for k, v in ref.items():
-        assert (got["model_state"][k] is None) if v is None else torch.equal(got["model_state"][k], v), k
-    assert got["step"] == 7 and got["extra"] == {"stage": 1} and got["loader_state"] == {"cursor": 70}
-    assert torch.equal(got["optim_state"]["state"][0]["exp_avg"], _optim_state()[0]["state"][0]["exp_avg"])
-    torch.load(path / "state_rank00000.pt", weights_only=True)  # raises if anything is not plain data
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    restore_rng_state(got["rng_state"])
-    again = (random.random(), np.random.rand(), torch.rand(3))
-    assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
-    with pytest.raises(CheckpointError, match="saved by 1 ranks, this run has 2"):
-        load_checkpoint(path, rank=0, world=2)
+    path = _save(tmp_path, 7, rng=rng)
+    got = load_checkpoint(find_latest(tmp_path))
+    assert got["step"] == 7 and got["folder"] == path and got["state"]["sched"] == {"last_epoch": 7}
+    assert torch.equal(got["state"]["loader"]["order"], torch.arange(5)) and got["rank_state"]["loader"] == {"cursor": 70}
+    for name, tensor in _weights(0).items():
+        assert torch.equal(_weights_of(path)[name], tensor)
+    restore_rng_state(got["rank_state"]["rng"])
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+    assert sorted(got["manifest"]["files"]) == ["model/part-rank00000.safetensors", "rank_state/rank00000.pt",
+                                                "state.pt"]
 
 
 def test_keep_n_and_resave_same_step(tmp_path):
@@ -86,7 +82,8 @@ def test_keep_n_and_resave_same_step(tmp_path):
     assert names == ["latest", "step_000004", "step_000005"]
     _save(tmp_path, 5, seed=1, keep=2)
     got = load_checkpoint(find_latest(tmp_path))
-    assert torch.equal(got["model_state"]["embed.weight"], _model_state(1)["embed.weight"])
+    assert torch.equal(_weights_of(got["folder"])["model.embed_tokens.weight"],
+                       _weights(1)["model.embed_tokens.weight"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == names
 
 
@@ -105,7 +102,7 @@ def test_crash_points_leave_previous_checkpoint(tmp_path, monkeypatch):
         _save(tmp_path, 2)
     monkeypatch.setattr(ck.torch, "save", real_save)
     root = tmp_path / "checkpoints"
-    assert [p for p in root.glob("step_000002.tmp-*")]  # the model file was written, then the crash
+    assert [p for p in root.glob("step_000002.tmp-*")]  # the tensors were written, then the crash
     assert find_latest(tmp_path).name == "step_000001"
     assert load_checkpoint(find_latest(tmp_path))["step"] == 1
 
@@ -159,16 +156,20 @@ def test_recency_not_step_number_decides(tmp_path):
 def test_corrupt_latest_falls_back(tmp_path):
     """Pins: a truncated file or a missing manifest in the newest checkpoint makes find_latest fall
     back to the previous one with a warning; a same-size bit flip is caught by checksums (in
-    find_latest(checksums=True) and in load_checkpoint's verify)."""
+    find_latest(checksums=True), and in load_checkpoint's verify of the state files it reads)."""
     _save(tmp_path, 1, keep=5)
     p2 = _save(tmp_path, 2, keep=5)
-    model_file = p2 / "model_rank00000.safetensors"
+    model_file = p2 / "model" / "part-rank00000.safetensors"
     data = bytearray(model_file.read_bytes())
     data[-1] ^= 0xFF
     model_file.write_bytes(bytes(data))
     assert find_latest(tmp_path) == p2  # sizes still match
     with pytest.warns(UserWarning, match="sha256.*falling back"):
         assert find_latest(tmp_path, checksums=True).name == "step_000001"
+    state_file = p2 / "state.pt"
+    state_bytes = bytearray(state_file.read_bytes())
+    state_bytes[-1] ^= 0xFF
+    state_file.write_bytes(bytes(state_bytes))
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(p2)
     model_file.write_bytes(bytes(data[:-10]))
@@ -182,31 +183,43 @@ def test_corrupt_latest_falls_back(tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch
+    from pathlib import Path
+    from safetensors.torch import save_file
     from lingshu_fast.train import checkpoint as ck
-    run_dir = sys.argv[1]
-    big = {"w": torch.randn(256, 1024)}
-    ck.save_checkpoint(run_dir, 1, model_state=big, optim_state={"x": torch.ones(3)})
-    real_fsync = ck._fsync_file
-    def slow_fsync(path):
-        real_fsync(path)
-        print("WRITING", flush=True)
-        time.sleep(60)  # the parent SIGKILLs us here, between the model file and the state file
-    ck._fsync_file = slow_fsync
-    ck.save_checkpoint(run_dir, 2, model_state={"w": torch.zeros(256, 1024)},
-                       optim_state={"x": torch.zeros(3)})
+    run_dir, asynchronous = sys.argv[1], sys.argv[2] == "async"
+
+    def job(step, fill, slow):
+        def write(folder):
+            path = folder / "model" / "part-rank00000.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"w": torch.full((256, 1024), fill)}, str(path))
+            if slow:
+                print("WRITING", flush=True)
+                time.sleep(60)  # the parent SIGKILLs us here, between the tensors and the state files
+            return [path]
+        return ck.SaveJob(step, write, {"step": step}, {"loader": {}})
+
+    writer = ck.CheckpointWriter(run_dir, rank=0, world=1, asynchronous=asynchronous)
+    writer.save(job(1, 1.0, False))
+    writer.save(job(2, 0.0, True))
+    if asynchronous:  # the step loop goes on while the background thread writes
+        print("STEPPING", flush=True)
+        time.sleep(60)
 """)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_save(tmp_path):
-    """Pins: a process killed with SIGKILL in the middle of a save (no Python cleanup runs) leaves
-    step 1 as the latest valid checkpoint with its original contents, and the next save removes the
-    half-written folder."""
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_mid_save(tmp_path, mode):
+    """Pins: a process killed with SIGKILL in the middle of a save (no Python cleanup runs; with
+    checkpoint.async the kill lands while the background thread writes and the main thread has
+    gone on) leaves step 1 as the latest valid checkpoint with its original contents, and the next
+    save removes the half-written folder."""
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), mode], stdout=subprocess.PIPE,
                             text=True)
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "WRITING", line
+        lines = {proc.stdout.readline().strip() for _ in range(2 if mode == "async" else 1)}
+        assert "WRITING" in lines, lines
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -217,9 +230,38 @@ def test_sigkill_mid_save(tmp_path):
     latest = find_latest(tmp_path)
     assert latest.name == "step_000001"
     got = load_checkpoint(latest)
-    assert got["model_state"]["w"].abs().sum() > 0 and torch.equal(got["optim_state"]["x"], torch.ones(3))
+    assert got["step"] == 1 and bool((_weights_of(latest)["w"] == 1.0).all())
     _save(tmp_path, 2)
     assert not list(root.glob("*.tmp-*")) and find_latest(tmp_path).name == "step_000002"
+
+
+def test_background_save_publishes_and_reports_errors(tmp_path, monkeypatch):
+    """Pins checkpoint.async: `save` returns before the files exist (a thread writes them), `wait`
+    publishes the checkpoint exactly as a synchronous save would, and an error in the thread (disk
+    full) reaches the caller at the next `wait` instead of vanishing with the thread."""
+    import threading
+
+    gate = threading.Event()
+    writer = CheckpointWriter(tmp_path, rank=0, world=1, asynchronous=True)
+    job = _job(1)
+    inner = job.write_tensors
+    job.write_tensors = lambda folder: (gate.wait(30), inner(folder))[1]
+    writer.save(job)
+    assert find_latest(tmp_path) is None  # still writing in the background
+    gate.set()
+    writer.wait()
+    assert find_latest(tmp_path).name == "step_000001"
+    assert torch.equal(_weights_of(find_latest(tmp_path))["model.norm.weight"], torch.ones(4))
+
+    def disk_full(folder):
+        raise OSError(28, "No space left on device (simulated)")
+
+    failing = _job(2)
+    failing.write_tensors = disk_full
+    writer.save(failing)
+    with pytest.raises(CheckpointError, match="background checkpoint save failed.*No space left"):
+        writer.wait()
+    assert find_latest(tmp_path).name == "step_000001"
 
 
 def _two_rank_save_load(dims, run_dir: str):
@@ -227,11 +269,7 @@ def _two_rank_save_load(dims, run_dir: str):
 
     r = dims.rank
     for step in (1, 2):
-        # Rank 1 plays a DP replica: it saves no model (rank 0's file holds the weights).
-        weights = {"w": torch.full((3,), float(10 * step))} if r == 0 else None
-        save_checkpoint(run_dir, step, model_state=weights,
-                        optim_state={"shard": torch.full((2,), float(r + step))},
-                        loader_state={"cursor": 100 * step + r}, rank=r, world=dims.world, keep=1)
+        _save(run_dir, step, keep=1, rank=r, world=dims.world, weights={"w": torch.full((3,), float(10 * step + r))})
     dist.barrier()
     # Rank 0 fails while publishing step 3: every rank must get the error instead of hanging.
     real_publish = ck._publish
@@ -241,30 +279,30 @@ def _two_rank_save_load(dims, run_dir: str):
 
     ck._publish = failing_publish
     try:
-        save_checkpoint(run_dir, 3, optim_state={}, rank=r, world=dims.world)
+        _save(run_dir, 3, rank=r, world=dims.world)
         publish_error = None
     except CheckpointError as err:
         publish_error = str(err)
     finally:
         ck._publish = real_publish
     latest = find_latest(run_dir)
-    got = load_checkpoint(latest, rank=r, world=dims.world, model_rank=0)
-    return dict(latest=latest.name, publish_error=publish_error, w=got["model_state"]["w"].tolist(),
-                shard=got["optim_state"]["shard"].tolist(),
-                cursor=got["loader_state"]["cursor"], files=sorted(got["manifest"]["files"]),
+    got = load_checkpoint(latest, rank=r)
+    return dict(latest=latest.name, publish_error=publish_error, w=_weights_of(latest, 1 - r)["w"].tolist(),
+                cursor=got["rank_state"]["loader"]["cursor"], files=sorted(got["manifest"]["files"]),
                 dirs=sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir()))
 
 
 @pytest.mark.dist
 def test_two_ranks_gloo(tmp_path):
     """Pins: with 2 ranks the manifest lists both ranks' files, each rank reads back its own
-    optimizer shard and loader cursor, a rank without model weights reads rank 0's, keep=1
-    prunes step 1 for both, and a failure on rank 0 while publishing reaches every rank as a
-    CheckpointError (not a hang at a barrier) with step 2 still the latest."""
+    loader cursor and the other rank's tensors are there, keep=1 prunes step 1 for both, and a
+    failure on rank 0 while publishing reaches every rank as a CheckpointError (not a hang at a
+    barrier) with step 2 still the latest."""
     res = spawn(_two_rank_save_load, 2, str(tmp_path))
     for r, out in enumerate(res):
-        assert out["latest"] == "step_000002" and out["w"] == [20.0] * 3
-        assert out["shard"] == [float(r + 2)] * 2 and out["cursor"] == 200 + r
-        assert out["files"] == ["model_rank00000.safetensors", "state_rank00000.pt", "state_rank00001.pt"]
+        assert out["latest"] == "step_000002" and out["w"] == [float(20 + 1 - r)] * 3
+        assert out["cursor"] == 20 + r
+        assert out["files"] == ["model/part-rank00000.safetensors", "model/part-rank00001.safetensors",
+                                "rank_state/rank00000.pt", "rank_state/rank00001.pt", "state.pt"]
         assert [d for d in out["dirs"] if ".tmp-" not in d] == ["latest", "step_000002"]
         assert "failed on rank 0: OSError: no space left" in out["publish_error"]
