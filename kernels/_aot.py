@@ -122,10 +122,10 @@ def compile_spec(spec: AotSpec, capability: int, workdir: str) -> dict:
     return row
 
 
-def run_all(capabilities=(80, 90), modules=KERNEL_MODULES) -> dict:
+def run_all(capabilities=(80, 90), modules=KERNEL_MODULES, only: str = "") -> dict:
     import triton
 
-    specs = discover_specs(modules)
+    specs = [s for s in discover_specs(modules) if only in s.name]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lingshu_aot_") as workdir:
         for spec in specs:
@@ -134,18 +134,20 @@ def run_all(capabilities=(80, 90), modules=KERNEL_MODULES) -> dict:
     return {"triton": triton.__version__, "results": rows, "ok": bool(rows) and all(not r["problems"] for r in rows)}
 
 
-def main() -> int:
-    """`python -m lingshu_fast.kernels._aot`: compile every spec, print a JSON report, exit 1 on failure.
+def main(argv=None) -> int:
+    """`python -m lingshu_fast.kernels._aot [NAME_PART]`: compile every spec (or those whose name holds
+    NAME_PART), print a JSON report, exit 1 on failure.
 
     Runs the real compiler, so TRITON_INTERPRET must be unset and the cache must be fresh (a temp
     dir), which is why tests launch this in a subprocess."""
+    args = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the AOT check needs the real compiler", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="lingshu_aot_cache_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         try:
-            report = run_all()
+            report = run_all(only=args[0] if args else "")
         except AotDiscoveryError as err:
             print(f"AOT check: {err}", file=sys.stderr)
             return 1

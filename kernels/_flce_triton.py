@@ -57,8 +57,8 @@ BWD_CONFIGS = {("16bit", 90): BwdConfig(128, 128, 64, 128, 8, 3, 3),
                ("16bit", 80): BwdConfig(128, 128, 32, 128, 8, 3, 2),
                ("tf32", 90): BwdConfig(64, 128, 32, 64, 8, 3, 3),
                ("tf32", 80): BwdConfig(64, 128, 32, 64, 8, 3, 2),
-               ("ieee", 90): BwdConfig(64, 128, 16, 64, 8, 2, 2),
-               ("ieee", 80): BwdConfig(64, 128, 16, 64, 8, 2, 2)}
+               ("ieee", 90): BwdConfig(64, 64, 16, 32, 8, 2, 2),  # FMA dots hold operands in registers:
+               ("ieee", 80): BwdConfig(64, 64, 16, 32, 8, 2, 2)}  # 64-wide K steps, 32-wide outputs
 # Under TRITON_INTERPRET small tiles make the tests' tiny shapes span several ragged tiles.
 INTERPRET_FWD = FwdConfig(16, 32, 16, 4, 1)
 INTERPRET_BWD = BwdConfig(16, 32, 16, 16, 4, 1, 1, group=2)
