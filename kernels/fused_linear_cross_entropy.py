@@ -5,17 +5,37 @@
 `x_i = hidden_i @ weight.T`, `lse_i = logsumexp_j x_ij` (eps = label smoothing as torch defines it,
 z = the PaLM z-loss weight), and 0 for ignored rows.
 
-Design (after Apple's Cut Cross-Entropy and Liger's FLCE; no code taken from either):
-- Forward: one Triton kernel per (row block, vocabulary split) sweeps its vocabulary tiles, builds each
-  logits tile with `tl.dot` over H chunks, and keeps an online max / sum-exp in fp32 plus the target
-  logit (and the row sum of logits for smoothing). Partial log-sum-exps of the splits are merged in
-  torch ([splits, N] floats): more programs than row blocks alone, no atomics, deterministic.
-- Backward recomputes each logits tile (nothing of size N*V is saved), forms
-  `dlogits = (p * (1 + 2 z lse) - (1 - eps) onehot - eps / V) * g_row` and adds `dlogits @ W_tile` into
-  grad_hidden and `dlogits^T @ hidden_tile` into grad_weight with fp32 atomics. Tiles whose dlogits
-  are all zero (ignored rows, zero upstream gradient, underflowed softmax) are skipped exactly;
-  `grad_filter_eps > 0` also skips tiles with max |dlogits| <= eps (CCE's gradient filtering: an
-  approximation, off by default).
+Design (after Apple's Cut Cross-Entropy and Liger's FLCE; no code taken from either). The Triton
+kernels live in `_flce_triton.py`; `bench/roofline.py` models them (a model, not a measurement).
+- Forward: one program per (row block, vocabulary split), splits varying fastest in a 1-D grid, so the
+  programs of one wave share a few row blocks whose hidden states stay in L2 while each split streams
+  its weight tiles (read once per wave). Each program keeps an online max / sum-exp in fp32 plus the
+  target logit (and the row sum of logits for smoothing); the splits' partials are merged in torch.
+  The split count (`plan_splits`) keeps a wave's hidden states within a quarter of L2 and fills the
+  last wave of SMs as far as it can.
+- Backward, vocabulary STRIPE by stripe (S columns, a D [N, S] buffer of ~64 MB on GPU): kernel 1
+  recomputes each logits tile of the stripe (grouped super-tiles of 8 row blocks), forms
+  `dlogits = g (p (1 + 2 z lse) - (1 - eps) onehot - eps / V)` and stores it; kernel 2 writes the
+  stripe's grad_weight = D^T @ hidden once, accumulated in fp32 registers over all N rows and stored in
+  the weight's dtype (no fp32 [V, H] buffer, no cast copy); kernel 3 adds D @ weight[stripe] into an
+  fp32 grad_hidden, each program owning its output tile. No atomics anywhere: every sum runs in a fixed
+  order inside one program, so the gradients are bit-stable run to run (there is no separate
+  deterministic mode because there is no non-deterministic one).
+  Why this scheme (roofline model at N=16,384, H=3,584, V=152,064, bf16, H100): the previous fused
+  backward (fp32 atomics per row block into [V, H], vocabulary-fastest grid) was put at ~540 ms by an
+  earlier traffic model; with larger row tiles and grouping (option A) the fp32 atomics of dW and dE
+  still move ~1.1 TB through L2 (L2-bound, ~100 ms) and need the fp32 dW buffer; a split into a dE kernel looping over the
+  vocabulary and a dW kernel looping over rows without a stored D (option B) cannot hold a [rows, H]
+  accumulator for H=3,584 on chip, so it recomputes the logits once per H tile (28x). The stripes
+  keep all four GEMMs (forward, recompute, dW, dE) on tensor cores at ~72 ms modelled, compute-bound.
+  The price: the D stripe and the fp32 grad_hidden (~0.3 GB extra at this shape), and one read-add-
+  write of grad_hidden per stripe, which gradient filtering cannot skip. No design without stored
+  logits does fewer than these four GEMMs; Liger does three by keeping [512, V] logits chunks.
+- Gradient filtering (`filter_eps` > 0, off by default; CCE's rule): a dlogits tile is skipped (not
+  stored, and left out of kernels 2 and 3) when every entry of its rows that have a gradient is below
+  eps in magnitude before the upstream scale g. Tiles whose rows all have g = 0 (ignored rows) are
+  skipped exactly. The reference applies the same rule on the same tile grid.
+- Frozen head (weight.requires_grad False): kernel 2 is not launched and no grad_weight is allocated.
 - The plain-PyTorch reference does the same maths in row chunks (at most ~16 MB of fp32 logits at a
   time) and is the CPU path. `use_triton` picks the path once per call.
 - Vocab-parallel (`tp_group`): `weight` is this rank's contiguous shard, rows
