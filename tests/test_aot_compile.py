@@ -23,7 +23,7 @@ _CHECKED_MODULES = ("fused_linear_cross_entropy", "grpo_advantages", "fused_line
 def aot_report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "lingshu_fast.kernels._aot"], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
+                          env=env, timeout=1500, check=False)  # ~60 compiles: minutes on 2 cores
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError:

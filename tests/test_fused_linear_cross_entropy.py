@@ -209,7 +209,7 @@ def test_backward_is_bit_stable_across_runs_and_launch_orders(monkeypatch):
     are bit-identical run to run and under any grouping of the launch order (group 1 = row-major,
     3 = ragged super-tiles). bf16 inputs, the path training takes."""
     monkeypatch.setenv("LINGSHU_KERNELS", "triton")
-    hidden, weight, labels = _inputs(37, 45, 150, dtype=torch.bfloat16, ignored=(3,))
+    hidden, weight, labels = _inputs(37, 24, 100, dtype=torch.bfloat16, ignored=(3,))  # 3 row blocks, 4 tiles
     g = _grad_out(37, "none")
     runs = []
     for group in (2, 2, 1, 3):
