@@ -1,9 +1,13 @@
 """LM-head cross-entropy, side by side: lingshu_fast's fused_linear_cross_entropy vs torch on materialised
 logits vs the same under torch.compile vs Liger's FLCE vs Apple's Cut Cross-Entropy (when importable);
-forward, backward and both; time (pytest-benchmark) and peak memory (extra_info).
+forward, backward and both; time (pytest-benchmark) and peak memory (extra_info). Gradient filtering
+is compared at identical settings: `lingshu` and `cce` with it off, `lingshu_filter` and `cce_filter`
+with CCE's 2**-12 (CCE filters by default: its off row passes filter_eps=None).
+On a modelled card (A100/H100/H200) each row of lingshu, Liger and CCE also records the roofline
+model's prediction (bench/roofline.py, keep=1 for the off rows) and measured / predicted.
 
 Shapes: CPU N=4096, H=512, V=32,768 fp32 (the issue's memory target: our peak growth <= 15% of the
-materialised-logits baseline); CUDA the Qwen2.5-7B head, N=16,384, H=3584, V=151,936, bf16.
+materialised-logits baseline); CUDA the Qwen2.5-7B head, N=16,384, H=3584, V=152,064, bf16.
 "torch" is what a trainer writes without a fused op: `F.cross_entropy((hidden @ weight.T).float(), labels)`.
 
 Peak memory is the growth of one step over its inputs. CUDA: `max_memory_allocated` after
@@ -30,9 +34,10 @@ import torch.nn.functional as F
 
 SHAPES = {
     "cpu": dict(n=4096, h=512, v=32768, dtype=torch.float32),
-    "cuda": dict(n=16384, h=3584, v=151936, dtype=torch.bfloat16),
+    "cuda": dict(n=16384, h=3584, v=152064, dtype=torch.bfloat16),
 }
-PROVIDERS = ("lingshu", "torch", "torch_compile", "liger", "cce")
+PROVIDERS = ("lingshu", "lingshu_filter", "torch", "torch_compile", "liger", "cce", "cce_filter")
+FILTER_EPS = 2.0**-12  # CCE's threshold for bf16, used by both *_filter rows
 PASSES = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -61,9 +66,10 @@ _COMPILED = {}
 
 
 def loss_fn(provider: str):
-    if provider == "lingshu":
+    if provider in ("lingshu", "lingshu_filter"):
         from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-        return fused_linear_cross_entropy
+        eps = FILTER_EPS if provider == "lingshu_filter" else 0.0
+        return lambda hidden, weight, labels: fused_linear_cross_entropy(hidden, weight, labels, filter_eps=eps)
     if provider == "torch":
         return _torch_materialised
     if provider == "torch_compile":
@@ -73,16 +79,18 @@ def loss_fn(provider: str):
     if provider == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         return liger_fused_linear_cross_entropy
-    if provider == "cce":
+    if provider in ("cce", "cce_filter"):
         from cut_cross_entropy import linear_cross_entropy
-        return lambda hidden, weight, labels: linear_cross_entropy(hidden, weight, labels, ignore_index=-100)
+        eps = FILTER_EPS if provider == "cce_filter" else None
+        return lambda hidden, weight, labels: linear_cross_entropy(hidden, weight, labels, ignore_index=-100,
+                                                                   filter_eps=eps)
     raise ValueError(f"unknown provider {provider!r}")
 
 
 def skip_reason(provider: str, device: str) -> str | None:
     if provider == "liger" and device == "cpu":
         return "Liger's kernels run on CPU only through the Triton interpreter: not a speed figure"
-    if provider == "cce":
+    if provider in ("cce", "cce_filter"):
         if device == "cpu":
             return "Cut Cross-Entropy's Triton kernels need CUDA"
         try:
@@ -194,6 +202,24 @@ def test_bench_flce(benchmark, bench_info, provider, pass_name, inputs_and_refer
         benchmark.pedantic(backward, setup=setup_backward, rounds=3, warmup_rounds=0)
     else:
         benchmark.pedantic(lambda: backward(forward()), rounds=3, warmup_rounds=0)
+    record_model_ratio(bench_info, benchmark, provider, pass_name, s)
+
+
+def record_model_ratio(info: dict, benchmark, provider: str, pass_name: str, shape: dict) -> None:
+    """predicted_ms (the roofline model of this row on this card) and measured_over_predicted (best time
+    over it): the first GPU run tells how far the model is off. Filtered rows use keep=1 (an upper
+    bound: the model cannot know the data's fraction of kept tiles)."""
+    import roofline
+
+    card = roofline.card_of(info.get("device", "")) if _device() == "cuda" else None
+    model_provider = provider.removesuffix("_filter")
+    if card is None or model_provider not in ("lingshu", "liger", "cce"):
+        return
+    predicted = roofline.predicted_ms(model_provider, pass_name, card, shape["n"], shape["h"], shape["v"])
+    best_s = benchmark.stats.stats.min
+    info.update(predicted_ms=round(predicted, 3), model_card=card)
+    if predicted > 0:
+        info["measured_over_predicted"] = round(best_s * 1e3 / predicted, 3)
 
 
 if __name__ == "__main__":  # the fresh-process memory probe used by measure_peak_mib on CPU

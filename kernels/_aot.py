@@ -4,7 +4,9 @@ Each kernel module exposes `aot_specs() -> list[AotSpec]`, one entry per (kernel
 autotune config) it launches at the 7B model's shapes. tests/test_aot_compile.py compiles every spec
 for both targets with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` and checks:
 it compiles, fits shared memory (A100 163 KB, H100 227 KB per block), spills no registers
-(ptxas -v), and, where `expects_wgmma`, its sm_90a SASS/PTX uses wgmma.
+(ptxas -v), and, where `expects_wgmma`, its sm_90a SASS/PTX uses wgmma. A module listed in
+KERNEL_MODULES that is missing, fails to import or declares no specs fails the check.
+`scripts/aot_check.sh` runs it under the newest triton and under triton 3.6 (the GPU machines').
 """
 from __future__ import annotations
 
@@ -39,21 +41,26 @@ _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS_RE = re.compile(r"Used (\d+) registers")
 
 
-def discover_specs() -> tuple[list[AotSpec], list[str]]:
-    """AOT specs of every kernel module that exists; modules still missing are listed, not failed."""
-    specs, missing = [], []
-    for name in KERNEL_MODULES:
+class AotDiscoveryError(RuntimeError):
+    """A kernel module that CI must check could not be imported or declares no AOT specs."""
+
+
+def discover_specs(modules=KERNEL_MODULES) -> list[AotSpec]:
+    """The AOT specs of every kernel module. A module that cannot be imported, has no `aot_specs` or
+    returns none is an error: every Triton kernel in kernels/ must be compiled by CI."""
+    specs = []
+    for name in modules:
         full = f"lingshu_fast.kernels.{name}"
         try:
             module = importlib.import_module(full)
-        except ModuleNotFoundError as err:
-            if err.name != full:  # the module exists but one of its imports does not: a real error
-                raise
-            missing.append(name)
-            continue
-        if hasattr(module, "aot_specs"):
-            specs.extend(module.aot_specs())
-    return specs, missing
+        except Exception as err:  # noqa: BLE001 - any import failure is a CI failure, named
+            raise AotDiscoveryError(f"kernels/{name}.py: cannot import {full}: {type(err).__name__}: {err}") from err
+        found = module.aot_specs() if hasattr(module, "aot_specs") else []
+        if not found:
+            raise AotDiscoveryError(f"kernels/{name}.py declares no AOT specs: add `aot_specs()` listing the "
+                                    f"launches of its Triton kernels (see kernels/_aot.py)")
+        specs.extend(found)
+    return specs
 
 
 def _ptxas_verbose(ptx: str, capability: int, arch: str, workdir: str) -> str:
@@ -115,27 +122,35 @@ def compile_spec(spec: AotSpec, capability: int, workdir: str) -> dict:
     return row
 
 
-def run_all(capabilities=(80, 90)) -> dict:
-    specs, missing = discover_specs()
+def run_all(capabilities=(80, 90), modules=KERNEL_MODULES, only: str = "") -> dict:
+    import triton
+
+    specs = [s for s in discover_specs(modules) if only in s.name]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lingshu_aot_") as workdir:
         for spec in specs:
             for cc in (c for c in capabilities if c in spec.capabilities):
                 rows.append(compile_spec(spec, cc, workdir))
-    return {"missing_modules": missing, "results": rows, "ok": all(not r["problems"] for r in rows)}
+    return {"triton": triton.__version__, "results": rows, "ok": bool(rows) and all(not r["problems"] for r in rows)}
 
 
-def main() -> int:
-    """`python -m lingshu_fast.kernels._aot`: compile every spec, print a JSON report, exit 1 on failure.
+def main(argv=None) -> int:
+    """`python -m lingshu_fast.kernels._aot [NAME_PART]`: compile every spec (or those whose name holds
+    NAME_PART), print a JSON report, exit 1 on failure.
 
     Runs the real compiler, so TRITON_INTERPRET must be unset and the cache must be fresh (a temp
     dir), which is why tests launch this in a subprocess."""
+    args = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the AOT check needs the real compiler", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="lingshu_aot_cache_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        report = run_all()
+        try:
+            report = run_all(only=args[0] if args else "")
+        except AotDiscoveryError as err:
+            print(f"AOT check: {err}", file=sys.stderr)
+            return 1
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 

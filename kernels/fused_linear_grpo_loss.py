@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from ._flce_triton import flce_aot_specs
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -166,3 +167,9 @@ def fused_linear_grpo_loss(
             "logp_mean": _masked_mean(logp_now, loss_mask, n_masked),
         }
     return loss, stats
+
+
+def aot_specs() -> list:
+    """The Triton launches of this loss on the GPU: the fused CE's kernels as `token_logprobs` calls them
+    (bf16, no label smoothing so no logit sum, no gradient filter), at the 7B head's shapes."""
+    return flce_aot_specs(prefix="grpo_loss", variants=(("bf16", "tf32"),), sumx=(False,), filters=(False,))

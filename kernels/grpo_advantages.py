@@ -35,6 +35,7 @@ from ._aot import AotSpec
 from ._dispatch import use_triton
 
 _BLOCK = 128  # rollouts read per loop step by a segment's head program
+_NUM_WARPS, _NUM_STAGES = 4, 3  # as launched (3: triton's default); the AOT spec compiles the same
 
 
 def _check(rewards: torch.Tensor, group_index: torch.Tensor, eps: float) -> None:
@@ -135,7 +136,7 @@ def _grpo_advantages_triton(
     _grpo_advantages_kernel[(n,)](
         rewards.to(torch.float32).contiguous(), perm.contiguous(), seg_end.contiguous(),
         is_head.to(torch.int8), out, float(eps),
-        STD_NORMALIZE=bool(std_normalize), BLOCK=_BLOCK,
+        STD_NORMALIZE=bool(std_normalize), BLOCK=_BLOCK, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
     return out.to(rewards.dtype)
 
@@ -161,8 +162,8 @@ def aot_specs() -> list[AotSpec]:
             fn=_grpo_advantages_kernel,
             signature=signature,
             constexprs={"STD_NORMALIZE": std, "BLOCK": _BLOCK},
-            num_warps=4,
-            num_stages=1,
+            num_warps=_NUM_WARPS,
+            num_stages=_NUM_STAGES,
         )
         for std in (True, False)
     ]

@@ -6,12 +6,14 @@ Cut Cross-Entropy's bar: |ours - fp32 truth| <= |torch native bf16 - fp32 truth|
 Shapes stay tiny (the interpreter is slow); the interpreter's tiles are 16x32x16, so H=45 and V=150 span
 ragged tiles, V=20 is smaller than one tile, and N=1 is a single partial row block.
 """
+import dataclasses
 import importlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from lingshu_fast.parallel.spawn import spawn
@@ -19,6 +21,7 @@ from lingshu_fast.parallel.spawn import spawn
 PATHS = ("torch", "triton")
 # By module path: kernels/__init__ re-exports a function of the same name as this module.
 flce_mod = importlib.import_module("lingshu_fast.kernels.fused_linear_cross_entropy")
+tk = importlib.import_module("lingshu_fast.kernels._flce_triton")
 
 
 def _inputs(n, h, v, dtype=torch.float32, ignored=(), seed=0):
@@ -146,27 +149,112 @@ def test_bf16_meets_cce_bar(monkeypatch, path):
 
 
 def test_triton_production_tiles_under_interpreter(monkeypatch):
-    """The GPU tiles (128/64 rows x 128 vocab x 64 hidden) on a shape far smaller than one tile: every
-    load and store must be masked, which the small interpreter tiles of the other tests do not prove."""
+    """The GPU tiles (128 rows x 128 vocab, 64-wide H steps, 128-wide grad tiles) on a shape far smaller
+    than one tile: every load and store must be masked, which the small interpreter tiles of the other
+    tests do not prove."""
     monkeypatch.setenv("LINGSHU_KERNELS", "triton")
-    monkeypatch.setattr(flce_mod, "_INTERPRET_CONFIG", flce_mod._BWD_CONFIGS[("16bit", 90)])
+    monkeypatch.setattr(tk, "INTERPRET_FWD", tk.FWD_CONFIGS[("16bit", 90)])
+    monkeypatch.setattr(tk, "INTERPRET_BWD", tk.BWD_CONFIGS[("16bit", 90)])
     hidden, weight, labels = _inputs(5, 30, 70, ignored=(2,))
     g = _grad_out(5, "none")
     for a, b in zip(_ours(hidden, weight, labels, "none", g), _truth(hidden, weight, labels, "none", g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_grad_filter_skips_only_negligible_tiles(monkeypatch):
-    """CCE-style gradient filtering: with eps far below the gradient scale the result is unchanged
-    within 10 * eps * V per element; the exact path (eps=0) is what every other test checks."""
-    monkeypatch.setenv("LINGSHU_KERNELS", "triton")
-    hidden, weight, labels = _inputs(32, 32, 200)
+def test_filter_rule_drops_whole_tiles_below_eps():
+    """CCE's rule on the tile grid: a tile goes only when EVERY entry is below eps; one entry at eps keeps
+    the whole tile (an element-wise filter, the old behaviour, would zero the small entries too)."""
+    d = torch.full((5, 7), 1e-4)
+    d[3, 6] = 2e-3  # the ragged bottom-right tile (rows 4.., cols 4..) stays below; this one is kept
+    got = flce_mod.filter_tiles_(d.clone(), 4, 4, 1e-3)
+    want = torch.zeros(5, 7)
+    want[:4, 4:] = d[:4, 4:]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _peaky_inputs(dtype):
+    """Logits of std ~6 over the first 96 ids (every label among them) and ~0 over the last 104: the tiles
+    of those columns hold probabilities near e**-16, far below 2**-12, the others are kept."""
+    hidden, weight, labels = _inputs(40, 32, 200, ignored=(5,), seed=7)
+    weight = weight.detach() * 4
+    weight[96:] *= 0.02
+    labels = torch.where(labels >= 0, labels % 96, labels)
+    return hidden.detach().to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_filter_triton_equals_reference_with_the_same_filter(monkeypatch, dtype):
+    """Filtering is an approximation, so its oracle is the reference with the same filter on the same
+    tiles (not the exact gradient). Pins: the kernel's tile rule, the judgement before the upstream scale
+    (reduction='mean' scales g to 1/n; judging g-scaled values would drop every tile), and that some
+    tiles really were dropped (else the test could pass with the filter off). Tolerance: fp32 as the
+    exact tests; bf16: the kernel rounds dlogits to bf16 before its dots (as on the GPU) and the fp32
+    reference does not, so one bf16 ulp (2**-7 relative) of the output's largest entry."""
+    hidden, weight, labels = _peaky_inputs(dtype)
     g = torch.tensor(1.0)
-    eps = 1e-7
-    got = _ours(hidden, weight, labels, "sum", g, grad_filter_eps=eps)
-    want = _truth(hidden, weight, labels, "sum", g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=10 * eps * 200)
+    eps = flce_mod.FILTER_EPS_BF16
+    runs = {}
+    for path, path_eps in (("triton", eps), ("torch", eps), ("torch", 0.0)):
+        monkeypatch.setenv("LINGSHU_KERNELS", path)
+        runs[(path, path_eps)] = _ours(hidden, weight, labels, "mean", g, filter_eps=path_eps)
+    filtered, reference, exact = runs[("triton", eps)], runs[("torch", eps)], runs[("torch", 0.0)]
+    assert (reference[2].float() != exact[2].float()).any(), "no tile was filtered: the test proves nothing"
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    for a, b in zip(filtered, reference):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item())
+
+
+def test_backward_is_bit_stable_across_runs_and_launch_orders(monkeypatch):
+    """No atomics: every sum in the backward runs in a fixed order inside one program, so the gradients
+    are bit-identical run to run and under any grouping of the launch order (group 1 = row-major,
+    3 = ragged super-tiles). bf16 inputs, the path training takes."""
+    monkeypatch.setenv("LINGSHU_KERNELS", "triton")
+    hidden, weight, labels = _inputs(37, 24, 100, dtype=torch.bfloat16, ignored=(3,))  # 3 row blocks, 4 tiles
+    g = _grad_out(37, "none")
+    runs = []
+    for group in (2, 2, 1, 3):
+        monkeypatch.setattr(tk, "INTERPRET_BWD", dataclasses.replace(tk.INTERPRET_BWD, group=group))
+        runs.append(_ours(hidden, weight, labels, "none", g))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+class _AllocationLog(TorchDispatchMode):
+    """Records shape and dtype of every tensor an aten op returns in NEW storage (views and the
+    interpreter's re-wrapping of existing storage, e.g. `set_`, share an input's storage: skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        owned = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
+                self.seen.append((func.__name__, tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_frozen_head_computes_and_allocates_no_weight_grad(monkeypatch, path):
+    """A frozen head (stage 1, the reference model) must not pay for grad_weight: no [V, H] tensor of any
+    dtype may be created in the backward (the weight itself is fp32 here, so the reference's fp32 view
+    of it is no copy), and grad_hidden must equal the trainable-head run bit for bit."""
+    monkeypatch.setenv("LINGSHU_KERNELS", path)
+    hidden, weight, labels = _inputs(21, 24, 70, ignored=(4,))
+    g = _grad_out(21, "none")
+    (want_gh, _) = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels, reduction="none"),
+                                       (hidden, weight), g)
+    frozen = weight.detach()
+    loss = fused_linear_cross_entropy(hidden, frozen, labels, reduction="none")
+    with _AllocationLog() as log:
+        (got_gh,) = torch.autograd.grad(loss, (hidden,), g)
+    assert torch.equal(got_gh, want_gh)
+    assert log.seen, "the dispatch log saw nothing: it would miss a [V, H] buffer too"
+    assert not [s for s in log.seen if s[1] == tuple(weight.shape)], log.seen
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -47,10 +47,10 @@ import torch
 import torch.distributed as dist
 
 from lingshu_fast.config import Config, ConfigError
-from lingshu_fast.kernels import grpo_advantages
 from lingshu_fast.model import training_flops
 from lingshu_fast.parallel.data_parallel import allreduce_floats
 from lingshu_fast.parallel.state import ParallelDims
+from lingshu_fast.rl.advantages import rollout_advantages
 from lingshu_fast.rl.rewards import parse_reward_spec
 from lingshu_fast.rl.rollout import PromptDataset, Rollout, collect_rollout
 from lingshu_fast.rl.step import STAT_KEYS, grpo_closures, norm_count, pack_sequences, sequence_logprobs
@@ -137,9 +137,7 @@ def _plan_updates(ro: Rollout, cfg: Config, *, token_multiple: int = 1,
                   pad_token_id: int = 0) -> tuple[list[list], int]:
     """Advantages, optional equal-group filtering, and the packed micro-batches of each update."""
     g = cfg.rl.num_generations
-    groups = torch.from_numpy(ro.seq_prompt)
-    rewards = torch.from_numpy(ro.rewards)
-    advantages = grpo_advantages(rewards, groups).numpy()
+    advantages = rollout_advantages(ro.rewards, ro.seq_prompt)
     n_groups = len(ro.prompts)
     per_group = ro.rewards.reshape(n_groups, g)
     keep = np.ones(n_groups, dtype=bool)

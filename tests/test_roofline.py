@@ -1,0 +1,67 @@
+"""bench/roofline.py: the arithmetic of the roofline model on cases small enough to count by hand.
+
+The model's predictions are only as good as its counts: these pin the wave L2 model, the launch order
+it reads, the forward's FLOPs and bytes from the kernel's own tiles and split planner, Liger's chunk
+rule and the roofline max. Exact equality: every figure is an integer count or a ratio of them.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "roofline.py"
+_spec = importlib.util.spec_from_file_location("roofline", _PATH)
+roofline = importlib.util.module_from_spec(_spec)
+sys.modules["roofline"] = roofline  # dataclasses look their module up while the file executes
+_spec.loader.exec_module(roofline)
+
+
+def test_grouped_order_is_the_kernels_super_tile_order():
+    """4 row blocks x 3 vocabulary tiles in super-tiles of 2 row blocks: row blocks vary fastest inside
+    a group, then the vocabulary tile, then the group (as _flce_triton._grouped)."""
+    assert roofline.grouped_order(4, 3, 2) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2),
+                                               (2, 0), (3, 0), (2, 1), (3, 1), (2, 2), (3, 2)]
+    assert roofline.grouped_order(3, 2, 2)[4:] == [(2, 0), (2, 1)]  # the ragged last group
+
+
+def test_wave_model_counts_panels_per_wave_with_and_without_carry_over():
+    """Waves of 4 programs over the order above, a panel = 1 byte, b panel = 100 bytes.
+    Without carry-over: wave 1 {a0,a1,b0,b1}, wave 2 {a0..a3, b0,b2}, wave 3 {a2,a3,b1,b2}: 2a+2b,
+    4a+2b, 2a+2b = 8 + 600 = 608. With an L2 large enough to
+    carry a wave: wave 2 pays only a2, a3, b2 and wave 3 only b1: 4a + 4b = 404."""
+    order = roofline.grouped_order(4, 3, 2)
+    assert roofline.wave_panel_bytes(order, 4, 0.0, 1.0, 100.0) == 608.0
+    assert roofline.wave_panel_bytes(order, 4, 1e9, 1.0, 100.0) == 404.0
+
+
+def test_lingshu_forward_counts_from_its_tiles():
+    """N=256, H=64, V=256 bf16 on the H100 (128x128 tiles): 2 row blocks x 2 tiles; the planner picks
+    2 splits (4 programs fill more of the 132 SMs than 2), one wave. FLOPs 2*256*256*64 = 8,388,608;
+    bytes: 2 hidden panels (128*64*2 = 16,384 each) + 2 weight panels (1 tile * 128*64*2) + lse and
+    target partials (2 arrays * 2 splits * 256 rows * 4 B, written and read) = 73,728. Memory-bound."""
+    card = roofline.CARDS["H100"]
+    cost = roofline.lingshu_flce_forward(card, 256, 64, 256)
+    assert cost.flops == 8_388_608
+    assert cost.hbm_bytes == 73_728
+    assert cost.ms == pytest.approx(1e3 * 73_728 / 3.35e12)
+
+
+def test_liger_chunking_and_roofline_max():
+    """Liger's chunk at the 7B head: ceil(152064 / 3584) = 43, ceil(16384 / 43) = 382 -> 512 rows, 32
+    chunks. At N=2, H=4, V=8: ceil(8 / 4) = 2, ceil(2 / 2) = 1 -> chunks of 1 row; each chunk's logits
+    GEMM is 2*1*8*4 = 64 FLOPs reading W (32) + h (4) and writing logits (8) elements, bf16; the kernel
+    time is the larger of the compute and memory times."""
+    assert roofline.liger_chunk_rows(16384, 3584, 152064) == 512
+    card = roofline.CARDS["A100"]
+    cost = roofline.liger_flce(card, 2, 4, 8)
+    logits = cost.parts[1]
+    assert logits.name == "logits" and logits.flops == 64 and logits.hbm_bytes == (32 + 4 + 8) * 2
+    assert logits.ms == pytest.approx(1e3 * max(64 / 312e12, 88 / 2.039e12))
+    assert cost.flops == 2 * 3 * 64  # two chunks of logits, grad_input, grad_weight: Liger never recomputes
+
+
+def test_table_says_it_is_a_model():
+    text = roofline.table(0.1)
+    assert text.startswith("MODEL:") and "not measurements" in text
+    assert all(card in text for card in ("A100", "H100", "H200"))
