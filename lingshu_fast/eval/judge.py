@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import urllib.parse
@@ -141,3 +142,21 @@ def _cut(conn: http.client.HTTPConnection) -> None:
         except OSError:
             pass
     conn.close()
+
+
+def judge_from_config(eval_cfg) -> Optional[Judge]:
+    """The LLM judge of `eval.judge_url`, or None. The API key comes only from the environment
+    variable `eval.judge_api_key_env` names (none sent without it); naming an unset variable is a
+    ConfigError rather than a silent unauthenticated request."""
+    from lingshu_fast.config import ConfigError
+
+    if not eval_cfg.judge_url:
+        return None
+    key = None
+    if eval_cfg.judge_api_key_env:
+        key = os.environ.get(eval_cfg.judge_api_key_env)
+        if not key:
+            raise ConfigError(f"eval.judge_api_key_env: the environment variable {eval_cfg.judge_api_key_env} "
+                              "is not set; export it or drop the key to send no API key")
+    return Judge(url=eval_cfg.judge_url, model=eval_cfg.judge_model, timeout_s=eval_cfg.judge_timeout_s,
+                 api_key=key)

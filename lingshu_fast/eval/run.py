@@ -23,7 +23,6 @@ steps and at the end of a stage) and what `lingshu-fast eval RECIPE [key=value .
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -32,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lingshu_fast.eval.benchmark_files import BenchmarkError, build_eval_messages
-from lingshu_fast.eval.judge import Judge
+from lingshu_fast.eval.judge import Judge, judge_from_config
 from lingshu_fast.eval.report import format_table, report, report_metrics, write_report
 from lingshu_fast.eval.scoring import score_predictions
 from lingshu_fast.eval.suite import load_benchmarks
@@ -190,24 +189,6 @@ def scheduled_eval(cfg, model, tokenizer, *, step: int, final: bool = False) -> 
     rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
                    tag=f"stage{cfg.train.stage}_step{step}", **eval_settings(cfg))
     return report_metrics(rep)
-
-
-def judge_from_config(eval_cfg) -> Optional[Judge]:
-    """The LLM judge of `eval.judge_url`, or None. The API key comes only from the environment
-    variable `eval.judge_api_key_env` names (none sent without it); naming an unset variable is a
-    ConfigError rather than a silent unauthenticated request."""
-    from lingshu_fast.config import ConfigError
-
-    if not eval_cfg.judge_url:
-        return None
-    key = None
-    if eval_cfg.judge_api_key_env:
-        key = os.environ.get(eval_cfg.judge_api_key_env)
-        if not key:
-            raise ConfigError(f"eval.judge_api_key_env: the environment variable {eval_cfg.judge_api_key_env} "
-                              "is not set; export it or drop the key to send no API key")
-    return Judge(url=eval_cfg.judge_url, model=eval_cfg.judge_model, timeout_s=eval_cfg.judge_timeout_s,
-                 api_key=key)
 
 
 def eval_settings(cfg) -> dict:
