@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -107,9 +108,10 @@ def image_path(value, root: Path, cache: Optional[Path], where: str) -> str:
         target = cache / (hashlib.sha1(data).hexdigest() + suffix)
         if not target.is_file():
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".tmp")
+            # atomic, and per process: every rank of a run loads the benchmarks and may write the same image
+            tmp = target.with_suffix(f"{target.suffix}.{os.getpid()}.tmp")
             tmp.write_bytes(data)
-            tmp.replace(target)  # atomic: a half-written image is never read back
+            tmp.replace(target)
         return str(target)
     if isinstance(value, dict):
         value = value.get("path")
