@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -145,10 +146,17 @@ class RLConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
+    # our JSONL files, release folders of the Lingshu suite, folders of them, or NAME=FOLDER
     benchmarks: list[str] = field(default_factory=list)
     max_new_tokens: int = 256
     batch_size: int = 8
-    judge_url: Optional[str] = None
+    # medevalkit: MedEvalKit's rules per benchmark (comparable with Lingshu's table); lenient: ours
+    scoring: Literal["medevalkit", "lenient"] = "medevalkit"
+    reasoning: bool = False           # MedEvalKit's REASONING prompts (answer in \\boxed{})
+    judge_url: Optional[str] = None   # OpenAI-compatible endpoint for open questions (off when null)
+    judge_model: str = "gpt-4.1-2025-04-14"
+    judge_timeout_s: float = 60.0     # total per request, not per socket read
+    judge_api_key_env: Optional[str] = None  # the env variable whose value is sent as the API key
 
 
 @dataclass
@@ -385,6 +393,11 @@ def validate(cfg: Config) -> None:
         (cfg.rl.clip_high >= 0.0, "rl.clip_high must be >= 0"),
         (cfg.rl.num_generations >= 1, "rl.num_generations must be >= 1"),
         (cfg.rl.vllm_timeout_s > 0, "rl.vllm_timeout_s must be > 0"),
+        (cfg.eval.judge_timeout_s > 0, "eval.judge_timeout_s must be > 0 (seconds per judge request)"),
+        (cfg.eval.judge_api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.eval.judge_api_key_env)
+         is not None, "eval.judge_api_key_env must be an environment variable name (e.g. OPENAI_API_KEY)"),
+        (cfg.eval.judge_url is None or cfg.eval.judge_url.startswith(("http://", "https://")),
+         "eval.judge_url must be an http(s) URL (e.g. https://api.openai.com/v1)"),
         (cfg.rl.backend != "vllm" or bool(cfg.rl.vllm_url),
          "rl.backend=vllm needs rl.vllm_url (the vLLM server you started, e.g. http://localhost:8000)"),
         (cfg.rl.backend != "vllm" or bool(cfg.rl.vllm_sync_dir),

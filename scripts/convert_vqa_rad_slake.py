@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from lingshu_fast.rl.extract import normalize_yes_no
+from lingshu_fast.answers import normalize_yes_no
 
 _IMAGE_KEYS = ("image_name", "img_name", "image")
 

@@ -125,7 +125,8 @@ def test_cli_main_runs_a_recipe_and_rejects_bad_layouts(setup, capsys):
         "eval": {"benchmarks": [bench], "max_new_tokens": 2, "batch_size": 16}}))
     assert cli_main(["eval", str(recipe)]) == 0
     assert (root / "cli_run" / "eval" / "eval_report.json").is_file()
-    assert "overall (micro)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "overall (micro)" in printed and "Lingshu-7B" in printed and "scoring: medevalkit" in printed
     assert cli_main(["eval", str(recipe), "eval.benchmarks=[]"]) == 2
     assert "eval.benchmarks is empty" in capsys.readouterr().err
     assert cli_main(["eval", str(recipe), "parallel.pp=2"]) == 2  # one process cannot hold two stages

@@ -1,11 +1,11 @@
-"""Answer extraction shared by the RL verifiers and the eval scorer (lingshu_fast/rl/extract.py).
+"""Answer extraction shared by the RL verifiers and the eval scorer (lingshu_fast/answers.py).
 
 Each table row pins one way a model writes an answer; a wrong row means a reward or an eval
 accuracy silently counts a wrong answer as right (or the reverse). Exact string results: no tolerance.
 """
 import pytest
 
-from lingshu_fast.rl.extract import (
+from lingshu_fast.answers import (
     extract_answer_span, extract_boxed, extract_choice, extract_number, extract_yes_no,
     final_answer, gold_choice, normalize_text, normalize_yes_no, options_as_dict,
 )

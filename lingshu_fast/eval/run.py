@@ -1,8 +1,10 @@
-"""Evaluation: benchmark files -> greedy generation on our own model -> MedEvalKit-style scores.
+"""Evaluation: benchmarks -> greedy generation on our own model -> MedEvalKit's scores.
 
 `evaluate(model, tokenizer, benchmarks, out_dir=...)` is what the trainer calls (every `eval.every`
 steps and at the end of a stage) and what `lingshu-fast eval RECIPE [key=value ...]` runs.
 
+- Benchmarks: our JSONL files and the Lingshu suite's release folders (`eval.suite`); images
+  embedded in Parquet releases are written once under `out_dir/images`.
 - Prompts: `build_eval_messages` (MedEvalKit's wording) rendered by the training chat template
   (`ChatTemplate.render_prompt`), images preprocessed exactly as in training (`data.min_pixels`,
   `data.max_pixels`), M-RoPE ids from `data.rope`: the model sees what it was trained on.
@@ -11,8 +13,12 @@ steps and at the end of a stage) and what `lingshu-fast eval RECIPE [key=value .
 - Layouts: TP ranks generate the same batch together; pipeline stages relay each step to the next
   (`parallel/relay.py`), interleaved chunks included; data-parallel ranks take every dp-th item
   and the predictions are gathered, so the scores do not depend on the layout.
+- Scoring: `eval.scoring` (`medevalkit`, the default, or `lenient`), with the
+  optional LLM judge (`eval.judge_url`, total deadline `eval.judge_timeout_s`, key only from the
+  variable `eval.judge_api_key_env` names).
 - Output (global rank 0): `<tag>_report.json`, `<tag>_wrong.jsonl`, `<tag>_predictions.jsonl` (every
-  item with its prediction) under `out_dir`, and the table printed. Every rank returns the report.
+  item with its prediction) under `out_dir`, and the table printed with Lingshu-7B's published
+  figure beside each benchmark. Every rank returns the report.
 """
 from __future__ import annotations
 
@@ -24,15 +30,16 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from lingshu_fast.eval.bench_format import (
-    BenchmarkError, build_eval_messages, format_table, load_benchmark, report, report_metrics, write_report,
-)
+from lingshu_fast.eval.benchmark_files import BenchmarkError, build_eval_messages
+from lingshu_fast.eval.judge import Judge, judge_from_config
+from lingshu_fast.eval.report import format_table, report, report_metrics, write_report
 from lingshu_fast.eval.scoring import score_predictions
+from lingshu_fast.eval.suite import load_benchmarks
 from lingshu_fast.model.generate import PromptInput, generate
 
 
 def eval_prompt(item: dict, template, hf_config, *, min_pixels: int, max_pixels: int,
-                reasoning: bool = False, system_prompt: Optional[str] = None) -> PromptInput:
+                system_prompt: Optional[str] = None) -> PromptInput:
     """One benchmark item -> the generation prompt (ids, M-RoPE positions, pixels)."""
     from lingshu_fast.data.images import preprocess
     from lingshu_fast.data.rope import sample_position_ids
@@ -43,7 +50,7 @@ def eval_prompt(item: dict, template, hf_config, *, min_pixels: int, max_pixels:
     if item.get("images"):
         pixel_values, grid = preprocess(item["images"], min_pixels=min_pixels, max_pixels=max_pixels)
         counts = (grid.prod(-1) // merge ** 2).tolist()
-    messages = build_eval_messages(item, reasoning=reasoning)
+    messages = build_eval_messages(item)
     ids = template.render_prompt(messages, counts, system_prompt=system_prompt)
     positions = sample_position_ids(ids, None if grid is None else grid.numpy(),
                                     image_token_id=hf_config.image_token_id,
@@ -72,14 +79,14 @@ def _data_parallel():
 
 
 def _generate_predictions(model, tokenizer, template, items, *, max_new_tokens, batch_size, min_pixels,
-                          max_pixels, reasoning, system_prompt) -> tuple[list[str], int]:
+                          max_pixels, system_prompt) -> tuple[list[str], int]:
     stop_ids = sorted({template.ids["im_end_id"], template.ids["eos_token_id"], template.ids["endoftext_id"]})
     predictions: list[str] = []
     new_tokens = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         prompts = [eval_prompt(item, template, model.config, min_pixels=min_pixels, max_pixels=max_pixels,
-                               reasoning=reasoning, system_prompt=system_prompt) for item in chunk]
+                               system_prompt=system_prompt) for item in chunk]
         outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
                            pad_token_id=template.ids["pad_token_id"])
         for out in outputs:
@@ -90,14 +97,15 @@ def _generate_predictions(model, tokenizer, template, items, *, max_new_tokens, 
 
 def evaluate(model, tokenizer, benchmarks: Sequence[Union[str, Path]], *, out_dir: Union[str, Path],
              max_new_tokens: int = 256, batch_size: int = 8, min_pixels: int = 3136,
-             max_pixels: int = 12845056, judge_url: Optional[str] = None, tag: str = "eval",
+             max_pixels: int = 12845056, judge: Optional[Judge] = None, tag: str = "eval",
              reasoning: bool = False, system_prompt: Optional[str] = None, image_root=None,
-             verbose: bool = True) -> dict:
-    """Greedy-generate an answer for every item of every benchmark file and score it.
+             scoring: str = "medevalkit", verbose: bool = True) -> dict:
+    """Greedy-generate an answer for every item of every benchmark (file, release folder or
+    NAME=PATH; see `eval.suite`) and score it.
 
-    Returns `bench_format.report(...)` plus `generation` = {items, new_tokens, seconds}; the same
-    dict on every rank. All ranks must call it (it is collective under TP/DP). `reasoning=True`
-    asks for <think>/<answer> output (RL-tuned models). Raises BenchmarkError on a bad file.
+    Returns `report.report(...)` plus `generation` = {items, new_tokens, seconds}; the same dict on
+    every rank. All ranks must call it (it is collective under TP/DP). `reasoning=True` uses
+    MedEvalKit's REASONING prompts (answer in \\boxed{}). Raises BenchmarkError on a bad benchmark.
     """
     from lingshu_fast.data.template import ChatTemplate
 
@@ -105,7 +113,9 @@ def evaluate(model, tokenizer, benchmarks: Sequence[Union[str, Path]], *, out_di
         raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
     if not benchmarks:
         raise ValueError("no benchmark files given (eval.benchmarks=[a.jsonl,b.jsonl])")
-    items = [item for path in benchmarks for item in load_benchmark(path, image_root=image_root)]
+    items = [item for entry in benchmarks
+             for item in load_benchmarks(entry, image_cache=Path(out_dir) / "images", reasoning=reasoning,
+                                         image_root=image_root)]
     template = ChatTemplate(tokenizer)
     _check_tokenizer(template, model.config)
     dp_rank, dp_size, dp_group = _data_parallel()
@@ -116,8 +126,7 @@ def evaluate(model, tokenizer, benchmarks: Sequence[Union[str, Path]], *, out_di
     try:
         local, new_tokens = _generate_predictions(
             model, tokenizer, template, [items[i] for i in mine], max_new_tokens=max_new_tokens,
-            batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels, reasoning=reasoning,
-            system_prompt=system_prompt)
+            batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels, system_prompt=system_prompt)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start_s
@@ -136,7 +145,7 @@ def evaluate(model, tokenizer, benchmarks: Sequence[Union[str, Path]], *, out_di
     rank = dist.get_rank() if dist.is_initialized() else 0
     payload = [None]
     if rank == 0:  # score once (an LLM judge is asked once per item), write, print
-        rows = score_predictions(items, predictions, judge_url=judge_url)
+        rows = score_predictions(items, predictions, scoring=scoring, judge=judge)
         rep = report(rows)
         rep["generation"] = {"items": len(items), "new_tokens": new_tokens, "seconds": seconds}
         paths = write_report(rep, rows, out_dir, tag=tag)
@@ -159,15 +168,6 @@ def eval_metrics_rows(rep: dict, stage: int, step: int) -> list[dict]:
     return [{"stage": stage, "step": step, **report_metrics(rep)}]
 
 
-def append_metrics_rows(run_dir: Union[str, Path], rows: Sequence[dict]) -> None:
-    """Append rows to run_dir/metrics.jsonl (call on global rank 0 only)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-
-
 def scheduled_eval(cfg, model, tokenizer, *, step: int, final: bool = False) -> Optional[dict]:
     """The trainer's hook, called by every rank after a step: evaluates `eval.benchmarks` when
     `final` (end of a stage) or when `eval.every` divides `step`; returns the flat metrics
@@ -178,10 +178,15 @@ def scheduled_eval(cfg, model, tokenizer, *, step: int, final: bool = False) -> 
     if not cfg.eval.benchmarks or not due:
         return None
     rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
-                   max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                   min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, judge_url=cfg.eval.judge_url,
-                   tag=f"stage{cfg.train.stage}_step{step}", system_prompt=cfg.data.system_prompt)
+                   tag=f"stage{cfg.train.stage}_step{step}", **eval_settings(cfg))
     return report_metrics(rep)
+
+
+def eval_settings(cfg) -> dict:
+    """evaluate()'s keyword arguments from a config (everything but the benchmarks and outputs)."""
+    return dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, judge=judge_from_config(cfg.eval),
+                system_prompt=cfg.data.system_prompt, scoring=cfg.eval.scoring, reasoning=cfg.eval.reasoning)
 
 
 def main(args) -> int:
@@ -194,11 +199,12 @@ def main(args) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     if not cfg.eval.benchmarks:
-        raise ConfigError("eval.benchmarks is empty: give one or more benchmark JSONL files "
-                          "(eval.benchmarks=[vqa_rad.jsonl,slake.jsonl])")
-    missing = [b for b in cfg.eval.benchmarks if not Path(b).is_file()]
+        raise ConfigError("eval.benchmarks is empty: give benchmark JSONL files or release folders "
+                          "(eval.benchmarks=[/data/VQA_RAD,/data/SLAKE,my_bench.jsonl])")
+    missing = [b for b in cfg.eval.benchmarks if not Path(b.split("=", 1)[-1]).exists()]
     if missing:
-        raise ConfigError(f"eval.benchmarks: file(s) not found: {missing}")
+        raise ConfigError(f"eval.benchmarks: not found: {missing}")
+    settings = eval_settings(cfg)  # a judge key problem stops here, before the model is built
     dims = start_parallel(cfg)
     device = pick_device(dims)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -206,10 +212,7 @@ def main(args) -> int:
     model = build_rank_model(cfg, dims, resolve_model_path(cfg, tokenizer), dtype=pick_dtype(cfg, device),
                              device=device, frozen=True)
     try:
-        rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval",
-                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                       min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                       judge_url=cfg.eval.judge_url, system_prompt=cfg.data.system_prompt)
+        rep = evaluate(model, tokenizer, cfg.eval.benchmarks, out_dir=Path(cfg.run.dir) / "eval", **settings)
     except BenchmarkError as err:
         raise ConfigError(str(err)) from None
     return 0 if rep["overall"]["total"] else 1

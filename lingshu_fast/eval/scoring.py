@@ -1,66 +1,69 @@
-"""Scoring eval predictions the way MedEvalKit scores Lingshu, on the extraction code the RL
-verifiers use (`lingshu_fast.rl.extract`, one implementation).
+"""Scoring eval predictions: `eval.scoring: medevalkit` (default) or `lenient`.
 
-- mcq: the letter, or an option's text, from the `<answer>`/`\\boxed{}` span or the text; when no
-  rule matches, the most similar option by difflib ratio (MedEvalKit's fallback; RL rewards do not
-  use it). Several different letters count as wrong.
-- yesno: whole-word yes/no rules (`extract_yes_no`).
-- open: normalised exact match (lower case, no punctuation/articles) against any accepted answer;
-  with `judge_url`, an answer that does not match exactly is asked of an LLM judge behind an
-  OpenAI-compatible chat-completions endpoint (off by default; a judge error keeps the exact-match
-  verdict and is logged, so a flaky judge never stops an eval).
+- medevalkit: MedEvalKit's own rules, benchmark by benchmark (`eval.medevalkit`): each item names its
+  flow (mcq, mcq_raw, vqa, slake, mmmu) and carries what that flow reads (`mek`). These are the
+  numbers Lingshu's table was made with. With a judge (`eval.judge_url`), open questions take the
+  judge's verdict instead of exact match, as MedEvalKit's `use_llm_judge` does.
+- lenient: our extractor (`lingshu_fast.answers`, the one the RL rewards use): mcq reads the letter or
+  an option's text from the `<answer>`/`\\boxed{}` span or the text, falling back to the most similar
+  option; yes/no by whole words; open by normalised exact match (case, punctuation and articles
+  ignored), the judge asked only when that fails.
+A judge that fails (network, HTTP, deadline, bad reply) keeps the rule's verdict and is logged, so a
+flaky judge never stops an eval.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import urllib.error
-import urllib.request
+from pathlib import Path
 from typing import Optional, Sequence
 
-from lingshu_fast.eval.bench_format import TASKS, infer_bench_task
-from lingshu_fast.rl.extract import (
-    extract_choice, extract_yes_no, final_answer, gold_choice, normalize_text, normalize_yes_no,
-)
+from lingshu_fast.answers import extract_choice, extract_yes_no, final_answer, normalize_text
+from lingshu_fast.eval import medevalkit
+from lingshu_fast.eval.benchmark_files import TASKS, validate_item
+from lingshu_fast.eval.judge import Judge
 
 logger = logging.getLogger(__name__)
 
-_JUDGE_PROMPT = """You grade answers to medical questions. Decide whether the candidate answer means the
-same as the reference answer (synonyms, abbreviations and equivalent phrasings count as the same;
-a different or less specific finding does not).
-
-Question: {question}
-Reference answer: {answer}
-Candidate answer: {prediction}
-
-Reply with exactly one word: correct or incorrect."""
+SCORING_MODES = ("medevalkit", "lenient")
+_JUDGE_ERRORS = (OSError, ValueError, KeyError, TimeoutError)
 
 
-def _task(item: dict) -> str:
-    task = str(item.get("task") or "").strip().lower()
-    return task if task in TASKS else infer_bench_task(item)
+def prepared(item: dict) -> dict:
+    """An item from a loader as is; a bare dict ({question, answer, options?, task?}) validated
+    into one (task, gold, flow, mek) without checking images."""
+    if "flow" in item and "mek" in item and item.get("task") in TASKS:
+        return item
+    return validate_item(item, f"item {item.get('id', '?')}", image_root=Path("."), check_images=False)
 
 
-def _gold(item: dict):
-    """The item's gold label; items from `load_benchmark` carry it as `gold` already."""
-    if "gold" in item:
-        return item["gold"]
-    task = _task(item)
-    if task == "mcq":
-        return gold_choice(str(item["answer"]), item.get("options"))
-    if task == "yesno":
-        return normalize_yes_no(str(item["answer"]))
-    answer = item["answer"]
-    return [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
+def score_item(prediction: Optional[str], item: dict, *, scoring: str = "medevalkit",
+               judge: Optional[Judge] = None) -> tuple[bool, Optional[str]]:
+    """(correct, what the rule extracted) for one prediction."""
+    item = prepared(item)
+    if scoring == "medevalkit":
+        return _medevalkit(prediction, item, judge)
+    if scoring == "lenient":
+        return _lenient(prediction, item, judge)
+    raise ValueError(f"eval.scoring {scoring!r}: choose one of {', '.join(SCORING_MODES)}")
 
 
-def score_item(prediction: Optional[str], item: dict, *, judge_url: Optional[str] = None,
-               judge_model: str = "gpt-4o-mini", judge_timeout_s: float = 60.0) -> tuple[bool, Optional[str]]:
-    """(correct, extracted answer or None) for one prediction; `item` needs `answer` (and
-    `options` for mcq); `task` is inferred when absent or not mcq/yesno/open."""
-    task = _task(item)
-    gold = _gold(item)
+def _medevalkit(prediction: Optional[str], item: dict, judge: Optional[Judge]) -> tuple[bool, Optional[str]]:
+    mek = item["mek"]
+    golds = mek["answer"] if isinstance(mek["answer"], list) else [mek["answer"]]
+    seed = f"{item.get('benchmark', '')}:{item.get('id', '')}"
+    verdicts = [medevalkit.score(item["flow"], prediction, {**mek, "answer": g}, seed=seed) for g in golds]
+    verdict = next((v for v in verdicts if v.correct), verdicts[0])
+    if judge is not None and verdict.judge_response is not None:
+        try:
+            return judge.medevalkit_verdict(item["question"], verdict.judge_response, " | ".join(map(str, golds))), \
+                verdict.extracted
+        except _JUDGE_ERRORS as err:
+            logger.warning("LLM judge failed for item %s (%s); using the exact-match verdict", item.get("id"), err)
+    return verdict.correct, verdict.extracted
+
+
+def _lenient(prediction: Optional[str], item: dict, judge: Optional[Judge]) -> tuple[bool, Optional[str]]:
+    task, gold = item["task"], item.get("gold")
     if task == "mcq":
         choice = extract_choice(prediction, item.get("options"), similar_fallback=True)
         return choice is not None and choice == gold, choice
@@ -70,55 +73,32 @@ def score_item(prediction: Optional[str], item: dict, *, judge_url: Optional[str
     answer = final_answer(prediction)
     if not answer:
         return False, None
+    golds = gold if isinstance(gold, list) else [str(gold)]
     predicted = normalize_text(answer)
-    if any(predicted == normalize_text(g) for g in gold):
+    if any(predicted == normalize_text(g) for g in golds):
         return True, answer
-    if judge_url:
+    if judge is not None:
         try:
-            return llm_judge(item["question"], answer, " | ".join(gold), url=judge_url, model=judge_model,
-                             timeout_s=judge_timeout_s), answer
-        except (OSError, ValueError, KeyError) as err:  # network, HTTP, bad JSON: keep the exact verdict
+            return judge.lenient_verdict(item["question"], answer, " | ".join(golds)), answer
+        except _JUDGE_ERRORS as err:
             logger.warning("LLM judge failed for item %s (%s); using exact match", item.get("id"), err)
     return False, answer
 
 
-def llm_judge(question: str, prediction: str, answer: str, *, url: str, model: str = "gpt-4o-mini",
-              timeout_s: float = 60.0, api_key: Optional[str] = None) -> bool:
-    """Ask an OpenAI-compatible endpoint whether `prediction` means `answer`. `url` is the API
-    base (".../v1") or the full ".../chat/completions"; the key comes from `api_key` or the
-    OPENAI_API_KEY environment variable (none sent when neither is set)."""
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/chat/completions"):
-        endpoint += "/chat/completions"
-    body = {"model": model, "temperature": 0, "max_tokens": 8, "messages": [
-        {"role": "user", "content": _JUDGE_PROMPT.format(question=question, answer=answer, prediction=prediction)}]}
-    headers = {"Content-Type": "application/json"}
-    key = api_key or os.environ.get("OPENAI_API_KEY")
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        reply = json.loads(response.read().decode("utf-8"))
-    verdict = normalize_text(reply["choices"][0]["message"]["content"])
-    if verdict.startswith("incorrect") or verdict.startswith("not correct"):
-        return False
-    if verdict.startswith("correct"):
-        return True
-    raise ValueError(f"judge reply is neither 'correct' nor 'incorrect': {verdict[:80]!r}")
-
-
 def score_predictions(items: Sequence[dict], predictions: Sequence[Optional[str]], *,
-                      judge_url: Optional[str] = None, judge_model: str = "gpt-4o-mini") -> list[dict]:
-    """Score aligned items and predictions -> result rows for `bench_format.report`:
-    {benchmark, id, task, category, question, options, answer, images, prediction, extracted, correct}."""
+                      scoring: str = "medevalkit", judge: Optional[Judge] = None) -> list[dict]:
+    """Score aligned items and predictions -> result rows for `report.report`:
+    {benchmark, id, task, category, flow, scoring, question, options, answer, images, prediction,
+    extracted, correct}."""
     if len(items) != len(predictions):
         raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
     rows = []
-    for item, prediction in zip(items, predictions):
-        correct, extracted = score_item(prediction, item, judge_url=judge_url, judge_model=judge_model)
+    for raw, prediction in zip(items, predictions):
+        item = prepared(raw)
+        correct, extracted = score_item(prediction, item, scoring=scoring, judge=judge)
         rows.append({"benchmark": item.get("benchmark", "benchmark"), "id": item.get("id"),
-                     "task": _task(item), "category": item.get("category"),
-                     "question": item.get("question"), "options": item.get("options"),
+                     "task": item["task"], "category": item.get("category"), "flow": item["flow"],
+                     "scoring": scoring, "question": item.get("question"), "options": item.get("options"),
                      "answer": item.get("answer"), "images": item.get("images", []),
                      "prediction": prediction, "extracted": extracted, "correct": bool(correct)})
     return rows

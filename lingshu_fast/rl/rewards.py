@@ -46,7 +46,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from lingshu_fast.config import ConfigError
-from lingshu_fast.rl import extract as ex
+from lingshu_fast import answers as ex
 
 
 class RewardFunction(Protocol):

@@ -1,7 +1,10 @@
-"""Answer extraction and matching: the ONE implementation shared by the RL verifiers
-(`lingshu_fast.rl.rewards`) and the evaluation scorer (`lingshu_fast.eval.scoring`).
+"""Lenient answer extraction and matching, shared by the RL verifiers (`lingshu_fast.rl.rewards`)
+and the evaluation scorer under `eval.scoring: lenient` (`lingshu_fast.eval.scoring`).
 
-The rules follow MedEvalKit (the Lingshu authors' evaluation kit), with these deliberate changes:
+A bottom-layer module: standard library only, nothing from lingshu_fast. `eval.scoring: medevalkit`
+(the default) does not use it: `lingshu_fast.eval.medevalkit` restates MedEvalKit's own rules, quirks
+included. The rules here start from MedEvalKit's and change them on purpose, so that a reward never
+punishes formatting and never rewards text that merely resembles an answer:
 - Span: `<answer>…</answer>` is looked at first and `\\boxed{…}` second (MedEvalKit: boxed first).
   Our RL format puts the final answer in the tags, and a `\\boxed{}` inside the reasoning must not win
   over it; a `\\boxed{}` *inside* the tags is still unwrapped. Of several tag pairs the LAST one counts
@@ -12,9 +15,9 @@ The rules follow MedEvalKit (the Lingshu authors' evaluation kit), with these de
   the last one, as in MedEvalKit.
 - Multiple choice: an explicit letter ("C", "(C)", "C.", "**C**", "answer is (C)") or an option's text
   wins; different letters in one answer mean "no answer" (None), never the first or the last. The
-  most-similar-option fallback (difflib ratio, as MedEvalKit) is opt-in (`similar_fallback=True`):
-  evaluation uses it to match MedEvalKit's numbers, RL rewards do not, because a policy would learn
-  to emit text that is merely similar to an option.
+  most-similar-option fallback (difflib ratio on normalised option texts) is opt-in
+  (`similar_fallback=True`): lenient evaluation uses it, RL rewards do not, because a policy would
+  learn to emit text that is merely similar to an option.
 - Yes/no: whole words only (MedEvalKit tests the substring "no", which also fires on "node", "not"
   and "nodule"); a leading "Yes"/"No" decides, else exactly one of them must occur.
 All regexes here are linear-time (no nested quantifiers), so they are safe on long responses.
