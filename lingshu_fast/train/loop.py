@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 from lingshu_fast.config import Config, ConfigError
-from lingshu_fast.parallel.data_parallel import allreduce_floats
 from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.train.build import build_state
 from lingshu_fast.train.session import Evaluator, StageRun
@@ -27,18 +26,17 @@ def microbatches_per_rank(cfg: Config, dims: ParallelDims) -> int:
     return g // dims.dp
 
 
-def _next_microbatches(loader, n: int, dp_group) -> Optional[list]:
-    """This rank's next `n` micro-batches, or None when any data-parallel rank ran out."""
+def _next_microbatches(loader, n: int) -> Optional[list]:
+    """This rank's next `n` micro-batches, or None when the data ran out. Every rank runs out at
+    the same step without asking the others: each epoch's plan gives every DP rank the same number
+    of micro-batches (the loader's `epochs` and its per-rank split), so no collective is needed."""
     mbs = []
     for _ in range(n):
         try:
             mbs.append(next(loader))
         except StopIteration:
-            break
-    short = [float(len(mbs) < n)]
-    if dp_group is not None:
-        short = allreduce_floats(short, dp_group)
-    return None if short[0] else mbs
+            return None
+    return mbs
 
 
 def train(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optional[Evaluator] = None) -> dict:
@@ -47,7 +45,7 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optional[E
         state, per_rank = run.state, microbatches_per_rank(cfg, run.dims)
         opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
         for step in range(run.start + 1, cfg.train.max_steps + 1):
-            mbs = _next_microbatches(state.loader, per_rank, run.engine.dp_group)
+            mbs = _next_microbatches(state.loader, per_rank)
             if mbs is None:
                 run.stop_early("data exhausted")
                 break

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from lingshu_fast.parallel.grad_buffer import GradBuffers
+from lingshu_fast.parallel.grad_buffer import DEFAULT_BUCKET_NUMEL, GradBuffers
 
 MODULE_GROUPS = ("vision", "merger", "llm")
 
@@ -99,7 +99,8 @@ class MainParamAdamW(torch.optim.AdamW):
                 main = buf.params[lo:hi]  # the parameter itself is the main parameter
             else:
                 main = buf.params[lo:hi].detach().to(torch.float32)
-            main.grad = buf.grads[lo:hi]
+            if buf.grads.dtype == main.dtype:
+                main.grad = buf.grads[lo:hi]  # a view: the reduced main gradient, no copy
             self.pieces.append((p, buf, lo, hi, main))
             by_group[group_of[id(p)]].append(main)
         super().__init__([{**g, "params": ps} for g, ps in zip(groups, by_group)], **kwargs)
@@ -113,6 +114,9 @@ class MainParamAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MainParamAdamW does not take a closure")
+        for _, buf, lo, hi, main in self.pieces:
+            if buf.grads.dtype != main.dtype:  # optim.grad_accumulation_dtype=param: upcast for the step
+                main.grad = buf.grads[lo:hi].to(main.dtype)
         super().step()
         self.updates += 1
         for _, buf, lo, hi, main in self.pieces:
@@ -146,7 +150,8 @@ def _adamw_kwargs(device: torch.device, optim_cfg) -> dict:
 
 
 def build_optimizer(param_groups: dict[str, list[torch.nn.Parameter]], optim_cfg, *, dp_group=None,
-                    model: Optional[torch.nn.Module] = None, overlap_grad_reduce: bool = True) -> MainParamAdamW:
+                    model: Optional[torch.nn.Module] = None, overlap_grad_reduce: bool = True,
+                    bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> MainParamAdamW:
     """AdamW over the trainable parameters of `param_groups` (keys vision, merger, llm), with their
     main gradients in grad buffers over `dp_group` (None: no data parallelism): sharded over DP with
     `optim.distributed` (reduce-scattered gradients, a 1/DP shard of masters and moments per rank; the
@@ -159,7 +164,7 @@ def build_optimizer(param_groups: dict[str, list[torch.nn.Parameter]], optim_cfg
     distributed = optim_cfg.distributed if optim_cfg.distributed is not None else dp_group is not None
     buffers = GradBuffers(order, dp_group=dp_group, shard=distributed,
                           grad_dtype=grad_dtype or (order[0].dtype if order else torch.float32),
-                          overlap=overlap_grad_reduce)
+                          overlap=overlap_grad_reduce, bucket_numel=bucket_numel)
     device = order[0].device if order else torch.device("cpu")
     return MainParamAdamW(groups, buffers, overlap_param_gather=optim_cfg.overlap_param_gather, model=model,
                           **_adamw_kwargs(device, optim_cfg))
@@ -234,7 +239,7 @@ def _counts_on_this_rank(p: torch.Tensor, tp_rank: int) -> bool:
 def grad_norm_squared(optimizer: MainParamAdamW, *, tp_rank: int = 0) -> torch.Tensor:
     """Sum of squared main-gradient entries this rank is responsible for, fp32 (0-d tensor): its
     owned ranges (`param_pieces`) of the parameters it counts by Megatron's rule."""
-    grads = [main.grad for p, _, _, _, main in optimizer.pieces if _counts_on_this_rank(p, tp_rank)]
+    grads = [buf.grads[lo:hi] for p, buf, lo, hi, _ in optimizer.pieces if _counts_on_this_rank(p, tp_rank)]
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     return torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()

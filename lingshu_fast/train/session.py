@@ -43,7 +43,9 @@ def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> in
 
     The checkpoint may come from any (TP, PP, DP) layout: the tensors are read by name and sliced
     for this one; the data position is global; RNG and loader states are each rank's own when the
-    layout is the same, rank 0's (remapped) otherwise."""
+    layout is the same, rank 0's (remapped) otherwise. The LR schedule is this run's config's
+    (optim.*, train.max_steps) at the checkpoint's step, so a longer `train.max_steps` extends the
+    schedule instead of replaying the old one."""
     if not cfg.checkpoint.resume:
         return 0
     path = ckpt.find_latest(cfg.run.dir)
@@ -52,9 +54,7 @@ def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> in
     saved = ckpt.load_checkpoint(path, dims.rank)
     run_state = saved["state"]
     read_state(state.model, state.optimizer, path, updates=int(run_state["updates"]))
-    for group, lr in zip(state.optimizer.param_groups, run_state["group_lrs"]):
-        group["lr"], group["initial_lr"] = lr["lr"], lr["initial_lr"]
-    state.scheduler.load_state_dict(run_state["sched"])
+    resume_schedule(state.scheduler, int(run_state["sched"]["last_epoch"]))
     same_layout = saved["layout"] == _layout(dims) and saved["rank_state"] is not None
     own = saved["rank_state"] if same_layout else run_state
     state.loader.load_state_dict(own["loader"])
@@ -65,6 +65,13 @@ def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> in
         moved = "" if same_layout else f" (saved under {saved['layout']}, resharded)"
         print(f"lingshu-fast: resumed {cfg.run.dir} at step {step} from {path}{moved}", flush=True)
     return step
+
+
+def resume_schedule(scheduler, last_epoch: int) -> None:
+    """Put a freshly built LambdaLR at `last_epoch` steps, group LRs included."""
+    scheduler.last_epoch, scheduler._step_count = last_epoch, last_epoch + 1
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(last_epoch)
 
 
 def _layout(dims: ParallelDims) -> dict:
@@ -79,9 +86,8 @@ def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTrack
     global_state = None
     if dims.rank == 0:
         global_state = {"step": step, "stage": cfg.train.stage, "updates": state.optimizer.updates,
-                        "group_lrs": [{"lr": g["lr"], "initial_lr": g.get("initial_lr", g["lr"])}
-                                      for g in state.optimizer.param_groups],
-                        "sched": state.scheduler.state_dict(), "skips": skips.state_dict(), **rank_state}
+                        "sched": {"last_epoch": state.scheduler.last_epoch}, "skips": skips.state_dict(),
+                        **rank_state}
     return ckpt.SaveJob(step=step, write_tensors=lambda folder: write_tensors(tensors, folder, dims.rank),
                         global_state=global_state, rank_state=rank_state, layout=_layout(dims))
 
