@@ -55,7 +55,8 @@ if [ -n "$OUT_DIR" ] && [ "$DRY" = 0 ]; then
   RUN_ARGS+=(--out "$OUT_DIR")
 fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/lingshu_gpu.XXXXXX")"
-trap 'rm -rf "$WORK/site" "$WORK/deps"; [ "$DRY" = 0 ] || rm -rf "$WORK"' EXIT  # a run keeps $WORK/parts
+# a run keeps $WORK/parts (per-step rows, JSON, logs); the rest goes
+trap 'rm -rf "$WORK/site" "$WORK/deps"; if [ "$DRY" = 1 ] || [ ! -d "$WORK/parts" ]; then rm -rf "$WORK"; fi' EXIT
 # PYTHONSAFEPATH: `python -m pytest` from the repo root would put the root on sys.path, where the
 # source folder lingshu_fast/ (without kernels/ and parallel/) would shadow the link folder below
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONSAFEPATH=1

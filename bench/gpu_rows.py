@@ -3,7 +3,8 @@
 pytest-benchmark writes its `--benchmark-json` only when the session ends, and a session stopped
 by a timeout ends with an exception inside the plugin (the interrupted benchmark has no rounds), so
 nothing is written. bench/gpu_run.py stops every part at its time budget; to keep what finished,
-this plugin appends to the file named by LINGSHU_ROWS, as each test finishes:
+this plugin appends to the file named by LINGSHU_ROWS, as each test starts and finishes:
+- `{"start": nodeid}` when a test starts;
 - `{"test": nodeid, "outcome": "passed"|"failed"|"skipped", "duration_s", "message"}` (the
   message is the skip reason or the last lines of the failure);
 - `{"benchmark": <pytest-benchmark's own per-benchmark dict>, "datetime": UTC ISO time}` for a
@@ -33,6 +34,10 @@ def _message(report) -> str:
         return str(report.longrepr[2])  # (file, line, "Skipped: reason")
     text = getattr(report, "longreprtext", "") or ""
     return text[-_MESSAGE_CHARS:]
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _append({"start": nodeid})  # a step stopped at its budget names the test it was in
 
 
 def pytest_runtest_logreport(report):

@@ -83,6 +83,7 @@ class Outcome:
     wall_s: float = 0.0
     tests: dict = field(default_factory=dict)  # nodeid -> row of the worst phase
     benchmarks: list = field(default_factory=list)
+    unfinished: str = ""  # the test that had started but not finished when the step ended
 
     def count(self, outcome: str) -> int:
         return sum(r["outcome"] == outcome for r in self.tests.values())
@@ -106,11 +107,12 @@ def step_env(step: Step, work: Path) -> dict:
     return env
 
 
-def read_rows(path: Path) -> tuple[dict, list]:
-    """(tests by nodeid, benchmark dicts) from a gpu_rows file; a truncated last line is dropped."""
-    tests, benchmarks, rank = {}, [], {"passed": 0, "skipped": 1, "failed": 2}
+def read_rows(path: Path) -> tuple[dict, list, str]:
+    """(tests by nodeid, benchmark dicts, the last test started and never reported) from a gpu_rows
+    file; a truncated last line is dropped."""
+    tests, benchmarks, started, rank = {}, [], "", {"passed": 0, "skipped": 1, "failed": 2}
     if not path.exists():
-        return tests, benchmarks
+        return tests, benchmarks, started
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
@@ -118,11 +120,13 @@ def read_rows(path: Path) -> tuple[dict, list]:
             continue
         if "benchmark" in row:
             benchmarks.append(row["benchmark"])
+        elif "start" in row:
+            started = row["start"]
         elif "test" in row:
             old = tests.get(row["test"])
             if old is None or rank[row["outcome"]] > rank[old["outcome"]]:
                 tests[row["test"]] = row
-    return tests, benchmarks
+    return tests, benchmarks, (started if started and started not in tests else "")
 
 
 def budgets(plan, quick: bool, parts: str) -> list[tuple[Step, int]]:
@@ -149,7 +153,7 @@ def run_step(python: str, step: Step, budget_s: int, quick: bool, work: Path) ->
             log.write(line)
         rc = proc.wait()
     out.wall_s = time.monotonic() - start
-    out.tests, out.benchmarks = read_rows(work / f"{step.name}.jsonl")
+    out.tests, out.benchmarks, out.unfinished = read_rows(work / f"{step.name}.jsonl")
     official = work / f"{step.name}.json"
     if official.exists():  # the complete file when the step ended by itself
         try:
@@ -186,6 +190,9 @@ def summary(outcomes: list[Outcome], device: str) -> str:
             best, mean = stats.get("min"), stats.get("mean")
             lines.append(f"| `{name.split('::')[-1]}` | {_ms(best)} | {_ms(mean)} | "
                          f"{figures_text(b.get('extra_info') or {})} |")
+    unfinished = [f"- {o.step.name} ({o.status}): in `{o.unfinished}`" for o in outcomes if o.unfinished]
+    if unfinished:
+        lines += ["", "Stopped inside a test:"] + unfinished
     failed = [(o.step.name, r) for o in outcomes for r in o.tests.values() if r["outcome"] == "failed"]
     if failed:
         lines += ["", "Failures:"]

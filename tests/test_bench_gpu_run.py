@@ -55,10 +55,11 @@ def test_read_rows_keeps_the_worst_phase_and_drops_a_torn_line(tmp_path):
              {"test": "t::a", "outcome": "failed", "when": "teardown", "duration_s": 0, "message": "boom"},
              {"test": "t::b", "outcome": "skipped", "when": "setup", "duration_s": 0, "message": "no GPU"},
              {"benchmark": {"name": "t::a", "stats": {"min": 1.0}}, "datetime": "2026-01-01T00:00:00"}]
-    rows.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"test": "t::c", "outc')
-    tests, benchmarks = gpu_run.read_rows(rows)
+    rows.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"start": "t::c"}\n{"test": "t::c", "outc')
+    tests, benchmarks, unfinished = gpu_run.read_rows(rows)
     assert {k: v["outcome"] for k, v in tests.items()} == {"t::a": "failed", "t::b": "skipped"}
     assert benchmarks == [{"name": "t::a", "stats": {"min": 1.0}}]
+    assert unfinished == "t::c"
 
 
 _FAKE_TESTS = '''
@@ -101,12 +102,13 @@ def test_a_step_stopped_at_its_budget_keeps_what_finished(tmp_path, monkeypatch)
     assert outcome.count("passed") == 1 and outcome.count("skipped") == 1 and outcome.count("failed") == 0
     assert [b["name"] for b in outcome.benchmarks] == ["test_fast"]
     assert not (work / "fake.json").exists()  # what the rows file is for
+    assert outcome.unfinished.endswith("test_past_the_budget")
     doc = gpu_run.save_results([outcome], work, out, "2026-01-01T00:00:00+00:00", "Fake GPU")
     rows = record.rows_from_json(json.loads(doc.read_text()))
     assert rows[0]["machine"] == "Fake GPU" and rows[0]["figures"]["tokens_per_s_per_gpu"] == 123.0
     text = (out / "summary.md").read_text()
     assert "| b | fake | 25 s |" in text and "timed out" in text and "tokens_per_s_per_gpu=123" in text
-    assert "1 x" in text and "nothing to see" in text
+    assert "1 x" in text and "nothing to see" in text and "in `" in text
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "results.tar.gz", "summary.md"]
 
 

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 _DRIVER = """
 import sys, torch
@@ -50,7 +49,8 @@ def _env(device: str) -> dict:
     return env
 
 
-def train_run(run_dir: Path, device: str, dtype: str, data: Path, steps: int, *extra: str, timeout_s: int = 600) -> dict:
+def train_run(run_dir: Path, device: str, dtype: str, data: Path, steps: int, *extra: str,
+              timeout_s: int = 600) -> dict:
     """`lingshu-fast train tiny-sft` in a fresh process on `device`: its metrics rows and output."""
     args = ["train", "tiny-sft", f"run.dir={run_dir}", f"data.train=[{data}]", f"train.max_steps={steps}",
             "run.progress=false", f"model.dtype={dtype}", *extra]
