@@ -21,3 +21,52 @@ def world_of_one():
         from lingshu_fast.parallel.state import init_parallel
 
         init_parallel(1, 1, backend="gloo")
+
+
+def cuda_skip_reason() -> str | None:
+    """Why the tests marked `cuda` cannot run in this process, or None when they can.
+
+    They need a CUDA device and compiled Triton kernels: a kernel module imported under
+    TRITON_INTERPRET=1 (what this file sets by default for the CPU tests) holds interpreted kernels
+    for the whole process, so `pytest -m cuda` must be started with TRITON_INTERPRET=0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (its CPU twin runs here)"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "needs compiled Triton kernels: run `TRITON_INTERPRET=0 pytest -m cuda` (bench/gpu.sh does)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    reason = cuda_skip_reason() if marked else None
+    if reason:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    """`use_kernels(mode)` sets LINGSHU_KERNELS for what follows in the test (restored afterwards):
+    checks switch between the plain-PyTorch reference ("torch") and the kernels ("triton", "auto")."""
+    return lambda mode: monkeypatch.setenv("LINGSHU_KERNELS", mode)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """`count_calls(owner, name)` wraps `owner.name` and returns a list that gets one entry per call:
+    checks use it to prove that the path they compare (a Triton launch, a Liger op) really ran."""
+
+    def wrap(owner, name):
+        calls = []
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return wrap

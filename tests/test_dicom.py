@@ -8,14 +8,17 @@ per pixel, so a mismatch means a wrong window, rescale, frame, inversion or roun
 import math
 
 import numpy as np
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
-from lingshu_fast.data.dicom import read_dicom
-from lingshu_fast.data.images import ImageError
+# pydicom is a dependency of the package, but a machine may lack it (the lent GPU machines do):
+# skip the module there instead of breaking the whole session's collection.
+pydicom = pytest.importorskip("pydicom", reason="pydicom is not installed (pip install pydicom)")
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.sequence import Sequence  # noqa: E402
+
+from lingshu_fast.data.dicom import read_dicom  # noqa: E402
+from lingshu_fast.data.images import ImageError  # noqa: E402
 
 
 def _round_half_up(y: float) -> int:

@@ -99,7 +99,7 @@ def test_preprocess_equals_transformers_files(tmp_path):
 def test_preprocess_dicom_equals_transformers_on_rendered_uint8(name):
     """DICOM CT/MR from pydicom's test files: rendered to 8-bit RGB by read_dicom, then both
     pipelines get that same uint8 image (transformers cannot read DICOM itself)."""
-    from pydicom.data import get_testdata_file
+    get_testdata_file = pytest.importorskip("pydicom.data", reason="pydicom is not installed").get_testdata_file
 
     from lingshu_fast.data.dicom import read_dicom
 
@@ -207,7 +207,7 @@ def test_load_image_missing_and_corrupt_files(tmp_path):
 
 def test_load_image_sniffs_extensionless_dicom(tmp_path):
     """A DICOM file without a .dcm suffix is recognised by the 'DICM' magic at byte 128."""
-    from pydicom.data import get_testdata_file
+    get_testdata_file = pytest.importorskip("pydicom.data", reason="pydicom is not installed").get_testdata_file
 
     from lingshu_fast.data.dicom import read_dicom
 
