@@ -38,7 +38,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from lingshu_fast.train.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.hf_dir)
+    export_checkpoint(args.checkpoint, args.hf_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
     e = sub.add_parser("export", help="write a Hugging Face folder from a training checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("hf_dir")
+    e.add_argument("hf_dir", help="a new or empty folder (or a previous export, with --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace a previous export in HF_DIR (never anything else)")
     e.set_defaults(fn=_cmd_export)
     v = sub.add_parser("eval", help="evaluate a model on local benchmark files")
     v.add_argument("recipe")

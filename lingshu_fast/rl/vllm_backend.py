@@ -68,6 +68,7 @@ import numpy as np
 import torch.distributed as dist
 
 from lingshu_fast.data.template import IMAGE_MARKER
+from lingshu_fast.model.checkpoint_io import EXPORT_MARKER
 from lingshu_fast.model.generate import GenerationOutput
 
 SERVER_COMMAND = ("VLLM_SERVER_DEV_MODE=1 vllm serve RL_VLLM_SYNC_DIR --port 8000 --enable-prefix-caching "
@@ -331,6 +332,7 @@ class VLLMClient:
     def push_weights(self, model, step: int) -> None:
         """Write the policy to rl.vllm_sync_dir and make the server reload it. Collective over all ranks."""
         from lingshu_fast.model import save_pretrained
+        from lingshu_fast.model.checkpoint_io import adopt_folder
 
         if not self.sync_dir:
             raise VLLMError("rl.backend=vllm needs rl.vllm_sync_dir: the folder the vLLM server was started on")
@@ -340,16 +342,20 @@ class VLLMClient:
         if rank == 0:
             try:  # an unreadable folder must not leave the other ranks waiting in save_pretrained
                 kept = _read_side_files(self.sync_dir)
+                adopt_folder(self.sync_dir)  # its weights are ours to replace; every other file is carried over
             except OSError as err:
                 error = f"weight push of step {step}: cannot read {self.sync_dir}: {err}"
-        save_pretrained(model, self.sync_dir)
+
+        def side_files(folder: str) -> None:  # rank 0, inside the export before it is published
+            for name, blob in kept.items():
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(blob)
+            if self.tokenizer is not None and not kept:
+                self.tokenizer.save_pretrained(folder)
+
+        save_pretrained(model, self.sync_dir, extra_files=side_files if rank == 0 else None)
         if rank == 0 and error is None:
             try:
-                for name, blob in kept.items():
-                    with open(os.path.join(self.sync_dir, name), "wb") as f:
-                        f.write(blob)
-                if self.tokenizer is not None and not kept:
-                    self.tokenizer.save_pretrained(self.sync_dir)
                 self._call("POST", "/collective_rpc", {"method": "reload_weights"})
                 self._call("POST", "/reset_prefix_cache")
             except (VLLMError, OSError) as err:
@@ -374,13 +380,14 @@ def _token_id(token, where: str) -> int:
 
 
 def _read_side_files(folder: str) -> dict[str, bytes]:
-    """The folder's tokenizer/processor/template files (everything but the weights and configs we write)."""
+    """The folder's tokenizer/processor/template files (everything but the weights, the configs we write
+    and our export marker)."""
     if not os.path.isdir(folder):
         return {}
     out = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and not name.endswith(".safetensors") and name not in _WEIGHT_FILES:
+        if os.path.isfile(path) and not name.endswith(".safetensors") and name not in _WEIGHT_FILES + (EXPORT_MARKER,):
             with open(path, "rb") as f:
                 out[name] = f.read()
     return out
