@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 # was never imported cannot have raised, and the CLI stays free of heavy imports.
 _USER_ERRORS = (
     ("lingshu_fast.data.formats", "DataError", "data error"),
+    ("lingshu_fast.train.checkpoint", "DiskFullError", ""),  # "no space left on device: PATH (needs ~X GB ...)"
     ("lingshu_fast.train.checkpoint", "CheckpointError", "checkpoint error"),
     ("lingshu_fast.model.checkpoint_io", "CheckpointError", "checkpoint error"),
     ("lingshu_fast.train.metrics", "TrainingDiverged", ""),  # its message starts "training diverged"

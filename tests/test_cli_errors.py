@@ -33,7 +33,7 @@ def _run(capsys, argv) -> str:
 
 def _train(tmp_path, data, *overrides) -> list[str]:
     return ["train", "tiny-sft", f"run.dir={tmp_path / 'run'}", f"data.train=[{data}]", "run.progress=false",
-            "train.max_steps=2", *overrides]
+            "train.max_steps=2", "train.global_microbatches=1", *overrides]
 
 
 @pytest.mark.parametrize("override, needle", [

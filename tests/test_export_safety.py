@@ -50,7 +50,8 @@ def trained_run(tmp_path_factory):
     run_dir = root / "run"
     for steps in (2, 3):
         train(load_config("tiny-sft", [f"run.dir={run_dir}", f"data.train=[{data['instruct']}]", "run.progress=false",
-                                       f"train.max_steps={steps}", "checkpoint.every=0"]), current_dims())
+                                       f"train.max_steps={steps}", "checkpoint.every=0", "train.global_microbatches=1"]),
+              current_dims())
     return run_dir
 
 

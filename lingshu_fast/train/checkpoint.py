@@ -14,6 +14,17 @@ checkpoint (not yet named by `latest`, so the previous one stays current). `find
 folder only when its manifest lists files of the right sizes, and falls back to the previous valid
 one with a warning otherwise.
 
+Resume (`train.resume.load_latest`): the candidates in that order are loaded until one loads on every rank -
+each rank verifies the sha256 of the files it reads, and the ranks agree - so a same-size
+corruption of the newest checkpoint falls back to the previous one instead of blocking every
+restart. Step folders that all fail stop the run with one error naming each and why
+(`checkpoint.allow_fresh_start=true` starts from step 0 instead).
+
+Disk space (`train.save_guard`): before writing, rank 0 compares the free space with the size of
+what all ranks are about to write and stops with `DiskFullError` (nothing written) when it does not
+fit; a write that fails anyway (another process filled the disk) removes the temp folder and says
+`no space left on device`.
+
 Everything in `state_rank*.pt` is plain data (tensors, dicts, lists, numbers, strings) so it loads
 with `torch.load(weights_only=True)`; RNG states are stored as tensors for the same reason.
 Multi-node runs need `run_dir` on a shared filesystem (every rank writes into the same folder).
@@ -38,6 +49,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lingshu_fast.train import save_guard as guard
+
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -47,6 +60,12 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message says which file and why."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint does not fit on its disk: `no space left on device: <path> (needs ~X GB ...)`."""
+
+
 
 
 def step_dir_name(step: int) -> str:
@@ -169,18 +188,6 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _agree_on_nonce(world: int) -> str:
-    nonce = [secrets.token_hex(6)]
-    if world > 1:
-        dist.broadcast_object_list(nonce, src=0)
-    return nonce[0]
-
-
 def _clean_leftovers(ckpt_root: Path) -> None:
     for p in ckpt_root.glob("*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -254,16 +261,24 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: Optio
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         _clean_leftovers(ckpt_root)  # before the new nonce exists, so no rank's fresh files are hit
-    nonce = _agree_on_nonce(world)
-    name = step_dir_name(step)
-    tmp_dir = ckpt_root / f"{name}.tmp-{nonce}"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
     state = {"format_version": FORMAT_VERSION, "step": step, "rank": rank, "world": world,
              "optim": optim_state, "sched": sched_state,
              "rng": rng_state if rng_state is not None else capture_rng_state(),
              "loader": loader_state, "extra": extra or {}}
-    _write_rank_files(tmp_dir, rank, model_state, state)
-    _barrier(world)
+    nonce, need_bytes, no_space = guard.agree_to_save(ckpt_root, rank, world,
+                                                      guard.payload_bytes(model_state) + guard.payload_bytes(state))
+    if no_space is not None:
+        raise DiskFullError(f"{no_space}; free space, lower checkpoint.keep or point run.dir elsewhere")
+    name = step_dir_name(step)
+    tmp_dir = ckpt_root / f"{name}.tmp-{nonce}"
+    failed = guard.write_on_all_ranks(tmp_dir, rank, world, lambda: _write_rank_files(tmp_dir, rank, model_state, state))
+    if failed is not None:
+        where, detail, disk_full = failed
+        if disk_full:
+            raise DiskFullError(f"no space left on device: {ckpt_root} (needs ~{guard.human_bytes(need_bytes)} for "
+                                f"checkpoint step {step}; the partial save was removed); free space, lower "
+                                f"checkpoint.keep or point run.dir elsewhere")
+        raise CheckpointError(f"saving checkpoint step {step} to {ckpt_root} failed on rank {where}: {detail}")
     final = ckpt_root / name
     error = [None]
     if rank == 0:

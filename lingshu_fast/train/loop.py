@@ -27,6 +27,7 @@ from lingshu_fast.train import checkpoint as ckpt
 from lingshu_fast.train.build import TrainState, build_state
 from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, all_finite, mem_gb, mfu, peak_flops_per_s
 from lingshu_fast.train.optim import clip_grad_norm, current_lrs, load_optimizer_state_dict, optimizer_state_dict
+from lingshu_fast.train.resume import load_latest
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,10 @@ def _step_microbatches(state: TrainState, per_rank: int) -> list:
 def resume_run(state: TrainState, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> int:
     if not cfg.checkpoint.resume:
         return 0
-    path = ckpt.find_latest(cfg.run.dir)
-    if path is None:
+    found = load_latest(cfg.run.dir, dims.rank, world=dims.world, allow_fresh_start=cfg.checkpoint.allow_fresh_start)
+    if found is None:
         return 0
-    saved = ckpt.load_checkpoint(path, dims.rank, world=dims.world)
+    path, saved = found
     state.model.load_state_dict(saved["model_state"])
     load_optimizer_state_dict(state.optimizer, saved["optim_state"])
     state.scheduler.load_state_dict(saved["sched_state"])
