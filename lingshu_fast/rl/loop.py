@@ -129,7 +129,8 @@ def _rollout_stats(ro: Rollout, dp_group, generate_s: float) -> dict:
     stats.update(response_len=tokens / max(n, 1), rollout_tokens_per_s=tokens / max(slowest_s, 1e-9),
                  rollout_time_s=slowest_s,
                  finished_rate=allreduce_scalar(float(ro.finished.sum()), dp_group) / max(n, 1),
-                 reward_failures=int(allreduce_scalar(ro.failures, dp_group)))
+                 reward_failures=int(allreduce_scalar(ro.failures, dp_group)),
+                 skipped_samples=ro.skipped_samples)
     return stats
 
 
