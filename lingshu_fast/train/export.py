@@ -45,8 +45,8 @@ def export_checkpoint(checkpoint: str, hf_dir: str, *, overwrite: bool = False) 
     if problem is not None:  # before anything loads; save_pretrained checks again
         raise ConfigError(problem)
     run_of = path.parent if path.name == "checkpoints" else path if (path / "checkpoints").is_dir() else None
-    if run_of is not None:  # a run folder or its checkpoints folder: take the newest complete checkpoint
-        latest = ckpt.find_latest(run_of)
+    if run_of is not None:  # a run folder or its checkpoints folder: the newest checkpoint that verifies
+        latest = ckpt.find_latest(run_of, checksums=True)
         if latest is None:
             raise ConfigError(f"no complete checkpoint under {path}")
         path = latest
