@@ -82,7 +82,7 @@ def test_slow_drip_cannot_outlast_the_deadline(drip):
     would restart the drip: the deadline covers the call, retries included)."""
     client = VLLMClient(drip.url, vocab_size=100, timeout_s=1.0, retries=3, retry_wait_s=0.1)
     start = time.monotonic()
-    with pytest.raises(VLLMError, match=r"no complete answer in 1 s \(rl.vllm_timeout_s\)"):
+    with pytest.raises(VLLMError, match=r"got no answer in 1 s \(rl.vllm_timeout_s\)"):
         client.generate([ChatPrompt(messages=[{"role": "user", "content": "hi"}])], n=1, max_new_tokens=1,
                         temperature=1.0, top_p=1.0, stop_token_ids=[2])
     elapsed_s = time.monotonic() - start

@@ -12,11 +12,9 @@ model.safetensors.index.json, config.json and generation_config.json (and what `
 e.g. the tokenizer) and renames the folder into place (a crash leaves any previous export intact).
 Multi-node saving needs a shared filesystem.
 
-An export never deletes anything but a previous export: it writes `lingshu_export.json` (the list of
-its files) inside the folder before the rename, so the marker and the files appear together. A
-target that exists must be missing, empty, or such an export holding nothing beyond its listed
-files (replaced only with `overwrite=True`); anything else is refused (`ExportTargetError`) before
-a byte is written.
+An export never deletes anything but a previous export (`export_folder.py`: the marker written
+inside the folder before the rename, and which targets may be replaced); anything else is refused
+(`ExportTargetError`) before a byte is written.
 
 Random init (`build_model`) draws each full HF tensor from a generator seeded by (seed, name) and
 slices it like a checkpoint, so a random model is identical under any TP/PP layout.
@@ -33,23 +31,18 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from lingshu_fast.config import ConfigError
 from lingshu_fast.model.config import load_hf_config
+from lingshu_fast.model.export_folder import (PARTIAL_MARKER, ExportTargetError, clean_leftovers,
+                                              export_target_problem, write_marker)
 from lingshu_fast.model.qwen2_5_vl import Qwen25VLModel
 from lingshu_fast.model.shard_specs import ParamSpec, canonical_name, hf_tensor_shapes, param_specs, saved_specs
 
 INDEX_FILE = "model.safetensors.index.json"
-EXPORT_MARKER = "lingshu_export.json"  # written last inside the temp folder: names every file of the export
-_PARTIAL_MARKER = ".lingshu_export_partial"  # inside a temp folder being written (safe to delete later)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder does not match its config (names every offending tensor)."""
-
-
-class ExportTargetError(ConfigError):
-    """The export folder holds something that is not a previous export of ours (one line)."""
 
 
 # ---------------- parallel context ----------------
@@ -260,74 +253,6 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: str, prefix: str, ma
         save_file(batch, os.path.join(folder, f"{prefix}-{k:05d}.part"), metadata={"format": "pt"})
 
 
-def _export_files(path: str) -> Optional[set[str]]:
-    """The files a previous export of ours wrote into `path` (from its marker), or None if it has none."""
-    try:
-        with open(os.path.join(path, EXPORT_MARKER)) as f:
-            marker = json.load(f)
-        return set(marker["files"]) if marker.get("format") == "lingshu-fast export" else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def export_target_problem(path: str, *, overwrite: bool) -> Optional[str]:
-    """None when an export may be written to `path` (missing, empty, or with `overwrite` a previous
-    export of ours and nothing else); otherwise why not, in one line that says what to do."""
-    path = path.rstrip("/") or "/"
-    if not os.path.lexists(path):
-        return None
-    if os.path.islink(path) or not os.path.isdir(path):
-        return f"export folder {path} exists and is not a folder; pick a new or empty folder"
-    entries = sorted(os.listdir(path))
-    if not entries:
-        return None
-    ours = _export_files(path)
-    if ours is None:
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        return (f"export folder {path} is not empty ({shown}) and is not a lingshu-fast export: nothing was "
-                f"written or deleted; pick a new or empty folder")
-    extra = [e for e in entries if e not in ours and e != EXPORT_MARKER]
-    if extra:
-        return (f"export folder {path} holds a previous export plus files that are not part of it "
-                f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): move them out or pick another folder")
-    if not overwrite:
-        return (f"export folder {path} holds a previous export: replace it with `lingshu-fast export --overwrite`, "
-                f"or pick another folder")
-    return None
-
-
-def adopt_folder(path: str) -> None:
-    """Mark `path` (a folder of plain files, no marker yet) as ours to replace: for a folder whose every
-    non-weight file the caller carries into the new export (the vLLM sync folder). A folder with
-    sub-folders is left alone (the export would then refuse it)."""
-    if not os.path.isdir(path) or _export_files(path) is not None:
-        return
-    entries = sorted(os.listdir(path))
-    if entries and all(os.path.isfile(os.path.join(path, e)) and not os.path.islink(os.path.join(path, e))
-                       for e in entries):
-        _write_marker(path, entries)
-
-
-def _write_marker(folder: str, files: list[str]) -> None:
-    tmp = os.path.join(folder, f".{EXPORT_MARKER}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": "lingshu-fast export", "version": 1, "files": sorted(files)}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, EXPORT_MARKER))
-
-
-def _clean_leftovers(path: str) -> None:
-    """Temp and set-aside folders of earlier exports to `path` that a crash left behind (ours only)."""
-    parent, name = os.path.split(path)
-    for entry in os.listdir(parent or "."):
-        full = os.path.join(parent, entry)
-        if not (entry.startswith(f"{name}.tmp-") or entry.startswith(f"{name}.old-")) or not os.path.isdir(full):
-            continue
-        if os.path.exists(os.path.join(full, _PARTIAL_MARKER)) or _export_files(full) is not None:
-            shutil.rmtree(full, ignore_errors=True)
-
-
 def _finalize(tmp: str, path: str, config, dtype, *, overwrite: bool,
               extra_files: Optional[Callable[[str], None]], nonce: str) -> None:
     from safetensors import safe_open
@@ -352,8 +277,8 @@ def _finalize(tmp: str, path: str, config, dtype, *, overwrite: bool,
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
     if extra_files is not None:
         extra_files(tmp)
-    os.remove(os.path.join(tmp, _PARTIAL_MARKER))
-    _write_marker(tmp, os.listdir(tmp))
+    os.remove(os.path.join(tmp, PARTIAL_MARKER))
+    write_marker(tmp, os.listdir(tmp))
     problem = export_target_problem(path, overwrite=overwrite)  # again: the folder may have changed meanwhile
     if problem is not None:
         raise ExportTargetError(problem)
@@ -364,7 +289,7 @@ def _finalize(tmp: str, path: str, config, dtype, *, overwrite: bool,
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _share(value, world_rank: int):
+def _share(value):
     """Rank 0's `value` on every rank (a barrier too)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [value]
@@ -392,10 +317,10 @@ def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3, o
         problem = export_target_problem(path, overwrite=overwrite)
         if problem is None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            _clean_leftovers(path)
+            clean_leftovers(path)
             os.makedirs(f"{path}.tmp-{nonce}")
-            open(os.path.join(f"{path}.tmp-{nonce}", _PARTIAL_MARKER), "w").close()
-    problem, nonce = _share((problem, nonce), world_rank)
+            open(os.path.join(f"{path}.tmp-{nonce}", PARTIAL_MARKER), "w").close()
+    problem, nonce = _share((problem, nonce))
     if problem is not None:
         raise ExportTargetError(problem)
     tmp = f"{path}.tmp-{nonce}"
@@ -417,7 +342,7 @@ def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3, o
             if not dist.is_initialized() or dist.get_world_size() == 1:
                 raise
             error = err if isinstance(err, ExportTargetError) else f"{type(err).__name__}: {err}"
-    error = _share(error, world_rank)
+    error = _share(error)
     if isinstance(error, ExportTargetError):
         raise error
     if error is not None:

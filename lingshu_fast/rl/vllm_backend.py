@@ -75,7 +75,7 @@ import torch.distributed as dist
 
 from lingshu_fast import net
 from lingshu_fast.data.template import IMAGE_MARKER
-from lingshu_fast.model.checkpoint_io import EXPORT_MARKER
+from lingshu_fast.model.export_folder import EXPORT_MARKER
 from lingshu_fast.model.generate import GenerationOutput
 
 SERVER_COMMAND = ("VLLM_SERVER_DEV_MODE=1 vllm serve RL_VLLM_SYNC_DIR --port 8000 --enable-prefix-caching "
@@ -219,8 +219,8 @@ class VLLMClient:
                 raise VLLMError(f"vLLM server {self.url}: {method} {path} failed with HTTP {err.code}: "
                                 f"{detail}{hint}") from None
             except (TimeoutError, socket.timeout):  # the whole call, retries included, is over time
-                raise VLLMError(f"vLLM server {self.url}: {method} {path} got no complete answer in "
-                                f"{timeout_s:g} s (rl.vllm_timeout_s); raise it for long generations") from None
+                raise VLLMError(f"vLLM server {self.url}: {method} {path} got no answer in {timeout_s:g} s "
+                                f"(rl.vllm_timeout_s); raise it for long generations") from None
             except (OSError, http.client.HTTPException) as err:  # refused, reset, cut short
                 if attempt < self.retries and self._wait(attempt, deadline):
                     continue
@@ -343,7 +343,7 @@ class VLLMClient:
     def push_weights(self, model, step: int) -> None:
         """Write the policy to rl.vllm_sync_dir and make the server reload it. Collective over all ranks."""
         from lingshu_fast.model import save_pretrained
-        from lingshu_fast.model.checkpoint_io import adopt_folder
+        from lingshu_fast.model.export_folder import adopt_folder
 
         if not self.sync_dir:
             raise VLLMError("rl.backend=vllm needs rl.vllm_sync_dir: the folder the vLLM server was started on")

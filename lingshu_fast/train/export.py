@@ -32,7 +32,7 @@ def _run_dir_of(checkpoint: Path) -> Path:
 def export_checkpoint(checkpoint: str, hf_dir: str, *, overwrite: bool = False) -> Path:
     from lingshu_fast.data.tokenizer import load_tokenizer
     from lingshu_fast.model import build_model, load_hf_config, save_pretrained
-    from lingshu_fast.model.checkpoint_io import export_target_problem
+    from lingshu_fast.model.export_folder import export_target_problem
     from lingshu_fast.parallel.pipeline import rank_layer_kwargs, rank_model
     from lingshu_fast.parallel.state import init_parallel, shutdown_parallel
     from lingshu_fast.train import checkpoint as ckpt
