@@ -100,7 +100,8 @@ def user_error_message(err: BaseException) -> str | None:
         if cls is not None and isinstance(err, cls):
             return f"{label}: {err}" if label else str(err)
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"no space left on device: {err.filename or err}; free space or point run.dir elsewhere"
+        detail = f" ({err.strerror})" if err.strerror and err.strerror != os.strerror(errno.ENOSPC) else ""
+        return f"no space left on device: {err.filename or err}{detail}; free space or write elsewhere"
     return None
 
 

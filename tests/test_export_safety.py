@@ -129,3 +129,20 @@ def test_save_pretrained_spares_neighbours_and_foreign_folders(tmp_path):
     with pytest.raises(ExportTargetError, match="not a lingshu-fast export"):
         M.save_pretrained(model, str(foreign), overwrite=True)
     assert os.listdir(foreign) == ["a.txt"] and not list(tmp_path.glob("foreign.tmp-*"))
+
+
+def test_export_checks_free_space_first(tmp_path, monkeypatch):
+    """Pins: an export that cannot fit stops before writing (no temp folder left to fill the disk),
+    and the CLI words it as `no space left on device: FOLDER (an export needs ~X GB, Y GB are free)`."""
+    import errno
+
+    from lingshu_fast.cli import user_error_message
+
+    model = M.build_model(M.tiny_hf_config(num_hidden_layers=1), seed=0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(OSError) as info:
+        M.save_pretrained(model, str(tmp_path / "export"))
+    assert info.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
+    message = user_error_message(info.value)
+    assert message.startswith(f"no space left on device: {tmp_path} (an export needs ~") and "GB are free" in message

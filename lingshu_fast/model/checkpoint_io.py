@@ -21,6 +21,7 @@ slices it like a checkpoint, so a random model is identical under any TP/PP layo
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from lingshu_fast.model.config import load_hf_config
 from lingshu_fast.model.export_folder import (PARTIAL_MARKER, ExportTargetError, clean_leftovers,
-                                              export_target_problem, write_marker)
+                                              export_target_problem, free_space_problem, write_marker)
 from lingshu_fast.model.qwen2_5_vl import Qwen25VLModel
 from lingshu_fast.model.shard_specs import ParamSpec, canonical_name, hf_tensor_shapes, param_specs, saved_specs
 
@@ -306,23 +307,29 @@ def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3, o
     `path` must be missing, empty or a previous export of ours (replaced only with `overwrite`);
     anything else raises ExportTargetError on every rank before anything is written.
     `extra_files(folder)` (rank 0) adds files to the export before it is published (e.g. a
-    tokenizer's `save_pretrained`), so they are part of it."""
+    tokenizer's `save_pretrained`), so they are part of it. Too little free space for the weights
+    raises OSError(ENOSPC) on every rank, also before anything is written."""
     from megatron.core import parallel_state as ps
 
     path = path.rstrip("/")
     tp, tp_rank, group = _tp_info()
     world_rank = dist.get_rank() if dist.is_initialized() else 0
-    problem, nonce = None, secrets.token_hex(4)
+    problem, no_space, nonce = None, None, secrets.token_hex(4)
     if world_rank == 0:
         problem = export_target_problem(path, overwrite=overwrite)
         if problem is None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             clean_leftovers(path)
+            need = sum(torch.Size(s).numel() for s in hf_tensor_shapes(model.config).values()) * model.dtype.itemsize
+            no_space = free_space_problem(os.path.dirname(path) or ".", need)
+        if problem is None and no_space is None:
             os.makedirs(f"{path}.tmp-{nonce}")
             open(os.path.join(f"{path}.tmp-{nonce}", PARTIAL_MARKER), "w").close()
-    problem, nonce = _share((problem, nonce))
+    problem, no_space, nonce = _share((problem, no_space, nonce))
     if problem is not None:
         raise ExportTargetError(problem)
+    if no_space is not None:
+        raise OSError(errno.ENOSPC, no_space, os.path.dirname(path) or ".")
     tmp = f"{path}.tmp-{nonce}"
     if ps.get_data_parallel_rank() == 0:
         stage = ps.get_pipeline_model_parallel_rank()

@@ -95,3 +95,11 @@ def clean_leftovers(path: str) -> None:
             continue
         if os.path.exists(os.path.join(full, PARTIAL_MARKER)) or _export_files(full) is not None:
             shutil.rmtree(full, ignore_errors=True)
+
+
+def free_space_problem(folder: str, need_bytes: int) -> Optional[str]:
+    """None when `folder`'s disk has room for `need_bytes` (+5% and 1 MB for headers and configs)."""
+    need, free = int(need_bytes * 1.05) + (1 << 20), shutil.disk_usage(folder).free
+    if free >= need:
+        return None
+    return f"an export needs ~{need / 1e9:.3g} GB, {free / 1e9:.3g} GB are free"
