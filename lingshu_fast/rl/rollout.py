@@ -78,7 +78,7 @@ class PromptDataset:
         lengths = np.asarray([len(x) for x in self.ids], dtype=np.int64)
         self.fingerprint = zlib.crc32(lengths.tobytes()) ^ len(lengths)
         self.position = 0  # global position in the prompt stream
-        self.bad: set[int] = set()  # prompts whose images failed to decode during a rollout (this rank)
+        self.bad: set[int] = set()  # prompts whose images failed to decode in a rollout (any DP rank)
         self._perms: dict[int, np.ndarray] = {}
 
     def _add(self, sample, limit: int) -> None:
