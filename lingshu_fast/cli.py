@@ -1,11 +1,16 @@
 """`lingshu-fast` command line: train, demo, export, eval.
 
-Also runnable as `python -m lingshu_fast.cli` (what torchrun launches). Configuration mistakes are
-printed as one line and exit with status 2; they never show a traceback.
+Also runnable as `python -m lingshu_fast.cli` (what torchrun launches). Mistakes a user can fix -
+configuration, data, checkpoints, a diverged run, an unreachable server, a full disk - are printed
+as one line (a data.strict report as one block) and exit with status 2; they never show a
+traceback. Under torchrun, rank 0 prints a configuration error (every rank hits the same one);
+other errors may be one rank's own, so each rank prints them, prefixed with its rank.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import warnings
 
@@ -32,7 +37,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from lingshu_fast.train.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.hf_dir)
+    export_checkpoint(args.checkpoint, args.hf_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -55,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
     e = sub.add_parser("export", help="write a Hugging Face folder from a training checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("hf_dir")
+    e.add_argument("hf_dir", help="a new or empty folder (or a previous export, with --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace a previous export in HF_DIR (never anything else)")
     e.set_defaults(fn=_cmd_export)
     v = sub.add_parser("eval", help="evaluate a model on local benchmark files")
     v.add_argument("recipe")
@@ -64,12 +70,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# (module, class, label): errors the user can act on. Looked up in sys.modules only: a module that
+# was never imported cannot have raised, and the CLI stays free of heavy imports.
+_USER_ERRORS = (
+    ("lingshu_fast.data.formats", "DataError", "data error"),
+    ("lingshu_fast.train.checkpoint", "DiskFullError", ""),  # "no space left on device: PATH (needs ~X GB ...)"
+    ("lingshu_fast.train.checkpoint", "CheckpointError", "checkpoint error"),
+    ("lingshu_fast.model.checkpoint_io", "CheckpointError", "checkpoint error"),
+    ("lingshu_fast.train.metrics", "TrainingDiverged", ""),  # its message starts "training diverged"
+    ("lingshu_fast.rl.vllm_backend", "VLLMError", "vLLM error"),
+)
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line (or one-block) message for an error the user can fix, None for a bug."""
+    if isinstance(err, ConfigError):
+        return f"config error: {err}"
+    for module, name, label in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return f"{label}: {err}" if label else str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        detail = f" ({err.strerror})" if err.strerror and err.strerror != os.strerror(errno.ENOSPC) else ""
+        return f"no space left on device: {err.filename or err}{detail}; free space or write elsewhere"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as err:
-        print(f"lingshu-fast: config error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a user error becomes one line; anything else re-raises
+        message = user_error_message(err)
+        if message is None:
+            raise
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == 0 or not isinstance(err, ConfigError):
+            if world > 1 and rank != 0:  # rank 0 prints any long report once
+                message = f"[rank {rank}] " + message.splitlines()[0]
+            print(f"lingshu-fast: {message}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import typing
@@ -28,12 +29,41 @@ class ConfigError(ValueError):
     """A user-facing configuration error; its message is one line."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key (bounds None: open on that side). Floats must also be finite."""
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    hint: str = ""  # what a boundary value means, e.g. "0 keeps all"
+
+    def allows(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        low = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
+        high = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
+        text = " and ".join(x for x in (low, high) if x) or "finite"
+        return text + (f" ({self.hint})" if self.hint else "")
+
+
+def num(default: Any = None, *, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+        lt: Optional[float] = None, hint: str = "") -> Any:
+    """A numeric config key with its allowed range, checked wherever a value is set (recipe, override)
+    and again by `validate`. Every int/float key is declared with `num` (a test enforces it)."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt, hint)})
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
     dir: str = "runs/default"
-    seed: int = 1234
-    log_every: int = 1
+    seed: int = num(1234, ge=0, lt=2**63)
+    log_every: int = num(1, ge=1)
     progress: bool = True
     tensorboard: bool = False
 
@@ -55,15 +85,15 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # JSONL files (messages or caption pairs)
     image_root: Optional[str] = None  # relative image paths resolve against this (else the JSONL's folder)
     tokenizer: str = "tiny"  # a local HF tokenizer folder, or "tiny"
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
-    max_length: int = 8192
-    max_tokens_per_microbatch: int = 8192
+    min_pixels: int = num(3136, gt=0)
+    max_pixels: int = num(12845056, gt=0)
+    max_length: int = num(8192, ge=1)
+    max_tokens_per_microbatch: int = num(8192, ge=1)
     pack: bool = True
-    shuffle_window: int = 1024
+    shuffle_window: int = num(1024, ge=1)
     strict: bool = False
     system_prompt: Optional[str] = None
-    num_workers: int = 0
+    num_workers: int = num(0, ge=0, hint="0 decodes images in the training process")
     # how images travel to the device: "uint8" ships the resized bytes and normalises + patchifies
     # them there (image_pack kernel; 8x fewer bytes than float32 patches), "float32" packs on the
     # host; "auto": uint8 when CUDA is available
@@ -72,16 +102,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    lr_vision: Optional[float] = None  # defaults to lr
-    lr_merger: Optional[float] = None  # defaults to lr
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 100
+    lr: float = num(1e-5, ge=0)
+    lr_vision: Optional[float] = num(None, ge=0)  # defaults to lr
+    lr_merger: Optional[float] = num(None, ge=0)  # defaults to lr
+    weight_decay: float = num(0.0, ge=0)
+    betas: tuple[float, float] = num((0.9, 0.999), ge=0, lt=1)  # each of the two
+    eps: float = num(1e-8, gt=0)
+    warmup_steps: int = num(100, ge=0)
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    min_lr_ratio: float = num(0.0, ge=0, le=1, hint="the final LR as a fraction of optim.lr")
+    grad_clip: float = num(1.0, ge=0, hint="0 measures the gradient norm without clipping")
     # the distributed optimizer: gradients reduce-scattered over DP, each DP rank keeps a 1/DP shard of the
     # fp32 masters and Adam moments (2 + 4 + 12/DP bytes per bf16 parameter); null: on when DP > 1
     distributed: Optional[bool] = None
@@ -92,70 +122,73 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: int = 3
-    max_steps: int = 100
-    epochs: int = 1
+    stage: int = num(3, ge=1, le=4, hint="the four Lingshu stages")
+    max_steps: int = num(100, ge=0)
+    epochs: int = num(1, ge=1)
     # The global batch: micro-batches per step summed over all data-parallel ranks.
-    global_microbatches: int = 1
-    max_consecutive_skips: int = 5
-    loss_z_weight: float = 0.0
-    label_smoothing: float = 0.0
+    global_microbatches: int = num(1, ge=1)
+    max_consecutive_skips: int = num(5, ge=1)
+    loss_z_weight: float = num(0.0, ge=0)
+    label_smoothing: float = num(0.0, ge=0, lt=1)
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = num(1, ge=1)
+    pp: int = num(1, ge=1)
     sequence_parallel: bool = False
     pp_schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
-    virtual_stages: int = 1
+    virtual_stages: int = num(1, ge=1)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end
-    keep: int = 2
+    every: int = num(0, ge=0, hint="0 saves only at the end")
+    keep: int = num(2, ge=0, hint="0 keeps all")
     resume: bool = True
     # write the files in a background thread: the step loop stalls only while the tensors are gathered
     # into host memory; `async` in recipes and overrides (a Python keyword, hence the field's name)
     async_save: bool = False
+    # When run.dir holds checkpoints but none of them loads, start from step 0 anyway (default: stop
+    # with an error naming each checkpoint and why it failed)
+    allow_fresh_start: bool = False
 
 
 @dataclass
 class RLConfig:
-    num_generations: int = 16
-    rollout_batch: int = 512
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 1e-3
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    num_generations: int = num(16, ge=1)
+    rollout_batch: int = num(512, ge=1)
+    max_new_tokens: int = num(1024, ge=1)
+    temperature: float = num(1.0, gt=0)
+    top_p: float = num(1.0, gt=0, le=1)
+    beta: float = num(1e-3, ge=0, hint="0 drops the KL term and the reference model")
+    clip_low: float = num(0.2, ge=0, lt=1)
+    clip_high: float = num(0.2, ge=0)
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    updates_per_rollout: int = 1
+    updates_per_rollout: int = num(1, ge=1)
     filter_equal_groups: bool = False
     rewards: list[str] = field(default_factory=lambda: ["format:0.5", "accuracy:1.0"])
-    reward_timeout_s: float = 5.0
+    reward_timeout_s: float = num(5.0, gt=0)
     backend: Literal["native", "vllm"] = "native"
     vllm_url: Optional[str] = None  # rl.backend=vllm: the server, e.g. http://localhost:8000
     vllm_sync_dir: Optional[str] = None  # rl.backend=vllm: the folder the server was started on (weights pushed there)
-    vllm_timeout_s: float = 600.0  # one HTTP request (a prompt's n samples), before a clear error
+    vllm_timeout_s: float = num(600.0, gt=0)  # one HTTP request (a prompt's n samples), before a clear error
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0
+    every: int = num(0, ge=0, hint="0 evaluates only at the end")
     # our JSONL files, release folders of the Lingshu suite, folders of them, or NAME=FOLDER
     benchmarks: list[str] = field(default_factory=list)
-    max_new_tokens: int = 256
-    batch_size: int = 8
+    max_new_tokens: int = num(256, ge=1)
+    batch_size: int = num(8, ge=1)
     # medevalkit: MedEvalKit's rules per benchmark (comparable with Lingshu's table); lenient: ours
     scoring: Literal["medevalkit", "lenient"] = "medevalkit"
     reasoning: bool = False           # MedEvalKit's REASONING prompts (answer in \\boxed{})
     judge_url: Optional[str] = None   # OpenAI-compatible endpoint for open questions (off when null)
     judge_model: str = "gpt-4.1-2025-04-14"
-    judge_timeout_s: float = 60.0     # total per request, not per socket read
+    judge_timeout_s: float = num(60.0, gt=0, hint="total seconds per judge request, not per socket read")
     judge_api_key_env: Optional[str] = None  # the env variable whose value is sent as the API key
 
 
@@ -289,7 +322,23 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     keys = _section_types(type(sec_obj))
     if key not in keys:
         raise _unknown(key, list(keys), where, f"key in [{section}]")
-    setattr(sec_obj, key, _coerce(value, keys[key], f"{where}: {section}.{key}"))
+    value = _coerce(value, keys[key], f"{where}: {section}.{key}")
+    _check_range(value, _key_range(type(sec_obj), key), f"{section}.{key}", f"{where}: ")
+    setattr(sec_obj, key, value)
+
+
+def _key_range(section_cls, key: str) -> Optional[Range]:
+    return next((f.metadata.get("range") for f in dataclasses.fields(section_cls) if f.name == key), None)
+
+
+def _check_range(value: Any, allowed: Optional[Range], name: str, where: str = "") -> None:
+    """ConfigError unless `value` (each element of a list/tuple; None passes) lies in `allowed`."""
+    if allowed is None:
+        return
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is not None and not allowed.allows(v):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{where}{name} must be {allowed.describe()}, got {shown}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -348,7 +397,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key (e.g. parallel.tp=2)")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {text!r}: cannot read the value {raw!r} ({problem}); write lists as "
+                          f"[a.jsonl,b.jsonl] and close every bracket and quote") from None
     return parts[0], parts[1], value
 
 
@@ -372,7 +426,12 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
 
 
 def validate(cfg: Config) -> None:
-    """Cross-key checks that a type alone cannot express (and the deprecated aliases)."""
+    """Every numeric key's declared range (also for a Config built in code), then the deprecated
+    aliases and the cross-key checks that a type alone cannot express."""
+    for section in dataclasses.fields(cfg):
+        body = getattr(cfg, section.name)
+        for key in dataclasses.fields(body):
+            _check_range(getattr(body, key.name), key.metadata.get("range"), f"{section.name}.{key.name}")
     if cfg.optim.zero1 is not None:
         if cfg.optim.distributed is not None and cfg.optim.distributed != cfg.optim.zero1:
             raise ConfigError(f"optim.zero1={cfg.optim.zero1} contradicts optim.distributed={cfg.optim.distributed}; "
@@ -381,19 +440,7 @@ def validate(cfg: Config) -> None:
               "optimizer: reduce-scattered gradients, sharded fp32 masters and Adam moments)", file=sys.stderr)
         cfg.optim.distributed, cfg.optim.zero1 = cfg.optim.zero1, None
     checks = [
-        (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
-        (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),
-        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
-        (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)"),
-        (cfg.data.min_pixels > 0, "data.min_pixels must be > 0"),
         (cfg.data.max_pixels >= cfg.data.min_pixels, "data.max_pixels must be >= data.min_pixels"),
-        (cfg.data.max_tokens_per_microbatch > 0, "data.max_tokens_per_microbatch must be > 0"),
-        (cfg.train.global_microbatches >= 1, "train.global_microbatches must be >= 1"),
-        (0.0 <= cfg.rl.clip_low < 1.0, "rl.clip_low must be in [0, 1)"),
-        (cfg.rl.clip_high >= 0.0, "rl.clip_high must be >= 0"),
-        (cfg.rl.num_generations >= 1, "rl.num_generations must be >= 1"),
-        (cfg.rl.vllm_timeout_s > 0, "rl.vllm_timeout_s must be > 0"),
-        (cfg.eval.judge_timeout_s > 0, "eval.judge_timeout_s must be > 0 (seconds per judge request)"),
         (cfg.eval.judge_api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.eval.judge_api_key_env)
          is not None, "eval.judge_api_key_env must be an environment variable name (e.g. OPENAI_API_KEY)"),
         (cfg.eval.judge_url is None or cfg.eval.judge_url.startswith(("http://", "https://")),

@@ -145,7 +145,7 @@ def test_stage1_freezing_keeps_llm_weights_bit_identical(tmp_path, demo_data):
 
     # `lingshu-fast export` of the final checkpoint writes the same weights as the stage's own export
     for source in (run_dir / "checkpoints" / "step_000002", run_dir):  # a checkpoint, or a run's newest
-        cmd, env = _cli("export", str(source), str(tmp_path / "exported"))
+        cmd, env = _cli("export", str(source), str(tmp_path / "exported"), "--overwrite")  # the 2nd replaces the 1st
         _run_ok(cmd, env, 300)
         exported = tensors(tmp_path / "exported")
         assert exported.keys() == after.keys() and all(exported[k].equal(after[k]) for k in after)

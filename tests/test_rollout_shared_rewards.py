@@ -29,8 +29,13 @@ class _Dataset:
     token_ids = {"im_end_id": 7, "image_token_id": 90, "video_token_id": 91, "vision_start_token_id": 92,
                  "vision_end_token_id": 93}
 
+    bad, skipped = set(), 0  # no unreadable prompts
+
     def prompt(self, i):
         return PromptPart(np.arange(4, dtype=np.int64), np.tile(np.arange(4, dtype=np.int64), (3, 1)))
+
+    def usable_prompts(self, indices):
+        return [(i, self.prompt(i)) for i in indices]
 
     def verifier_sample(self, i):
         return {"answer": "x"}

@@ -8,23 +8,33 @@ one CheckpointError); then each parameter reads only this rank's rows/columns th
 Save (`save_pretrained`): every TP group with DP rank 0 all-gathers each parameter to its TP rank 0,
 which writes its pipeline stage's tensors (HF names, HF layout) into safetensors files in a
 temporary folder beside the target; global rank 0 then names the shards, writes
-model.safetensors.index.json, config.json and generation_config.json, and renames the folder into
-place (a crash leaves any previous export intact). Multi-node saving needs a shared filesystem.
+model.safetensors.index.json, config.json and generation_config.json (and what `extra_files` adds,
+e.g. the tokenizer) and renames the folder into place (a crash leaves any previous export intact).
+Multi-node saving needs a shared filesystem.
+
+An export never deletes anything but a previous export (`export_folder.py`: the marker written
+inside the folder before the rename, and which targets may be replaced); anything else is refused
+(`ExportTargetError`) before a byte is written.
 
 Random init (`build_model`) draws each full HF tensor from a generator seeded by (seed, name) and
 slices it like a checkpoint, so a random model is identical under any TP/PP layout.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
 import zlib
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from lingshu_fast.model.config import load_hf_config
+from lingshu_fast.model.export_folder import (PARTIAL_MARKER, ExportTargetError, clean_leftovers,
+                                              export_target_problem, free_space_problem, write_marker)
 from lingshu_fast.model.qwen2_5_vl import Qwen25VLModel
 from lingshu_fast.model.shard_specs import ParamSpec, canonical_name, hf_tensor_shapes, param_specs, saved_specs
 
@@ -244,7 +254,8 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: str, prefix: str, ma
         save_file(batch, os.path.join(folder, f"{prefix}-{k:05d}.part"), metadata={"format": "pt"})
 
 
-def _finalize(tmp: str, path: str, config, dtype) -> None:
+def _finalize(tmp: str, path: str, config, dtype, *, overwrite: bool,
+              extra_files: Optional[Callable[[str], None]], nonce: str) -> None:
     from safetensors import safe_open
     from transformers import GenerationConfig
 
@@ -265,27 +276,95 @@ def _finalize(tmp: str, path: str, config, dtype) -> None:
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.save_pretrained(tmp)
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    old = path.rstrip("/") + ".old"
+    if extra_files is not None:
+        extra_files(tmp)
+    os.remove(os.path.join(tmp, PARTIAL_MARKER))
+    write_marker(tmp, os.listdir(tmp))
+    problem = export_target_problem(path, overwrite=overwrite)  # again: the folder may have changed meanwhile
+    if problem is not None:
+        raise ExportTargetError(problem)
+    old = f"{path}.old-{nonce}"
     if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+def _share(value):
+    """Rank 0's `value` on every rank (a barrier too)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _begin_export(path: str, *, overwrite: bool, need_bytes: int, rank: int = 0) -> tuple[str, str]:
+    """Rank 0 checks the target (a previous export of ours or nothing) and the free space, then makes
+    the temporary folder; every rank gets (temporary folder, nonce) or the same error."""
+    problem, no_space, nonce = None, None, secrets.token_hex(4)
+    if rank == 0:
+        problem = export_target_problem(path, overwrite=overwrite)
+        if problem is None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            clean_leftovers(path)
+            no_space = free_space_problem(os.path.dirname(path) or ".", need_bytes)
+        if problem is None and no_space is None:
+            os.makedirs(f"{path}.tmp-{nonce}")
+            open(os.path.join(f"{path}.tmp-{nonce}", PARTIAL_MARKER), "w").close()
+    problem, no_space, nonce = _share((problem, no_space, nonce))
+    if problem is not None:
+        raise ExportTargetError(problem)
+    if no_space is not None:
+        raise OSError(errno.ENOSPC, no_space, os.path.dirname(path) or ".")
+    return f"{path}.tmp-{nonce}", nonce
+
+
+def export_tensor_folder(source: str, path: str, config, dtype: torch.dtype, *, overwrite: bool = False,
+                         extra_files: Optional[Callable[[str], None]] = None,
+                         max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+    """One process: whole HF-named tensors in `source` (a checkpoint's `model/` folder, any layout)
+    streamed into an HF folder at `path`, shard by shard (never the whole model in memory), published
+    as `save_pretrained` publishes."""
+    from safetensors.torch import save_file
+
+    path = path.rstrip("/")
+    tensors = _SafetensorsSource(source)
+    need = sum(torch.Size(shape).numel() for shape in tensors.shapes().values()) * dtype.itemsize
+    tmp, nonce = _begin_export(path, overwrite=overwrite, need_bytes=need)
+    try:
+        batch, size, k = {}, 0, 0
+        for name in sorted(tensors.location):
+            tensor = tensors.slice(name)[:].to(dtype)
+            if batch and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
+                save_file(batch, os.path.join(tmp, f"model-{k:05d}.part"), metadata={"format": "pt"})
+                batch, size, k = {}, 0, k + 1
+            batch[name], size = tensor, size + tensor.numel() * tensor.element_size()
+        if batch:
+            save_file(batch, os.path.join(tmp, f"model-{k:05d}.part"), metadata={"format": "pt"})
+        _finalize(tmp, path, config, dtype, overwrite=overwrite, extra_files=extra_files, nonce=nonce)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export must not keep the disk full
+        raise
+
+
+def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3, overwrite: bool = True,
+                    extra_files: Optional[Callable[[str], None]] = None) -> None:
     """Write the whole model (all TP shards and PP stages) as an HF folder at `path`. Call on every rank.
-    `model` is a Qwen25VLModel or a rank's pipeline chunks (`.chunks`, each a Qwen25VLModel)."""
+    `model` is a Qwen25VLModel or a rank's pipeline chunks (`.chunks`, each a Qwen25VLModel).
+
+    `path` must be missing, empty or a previous export of ours (replaced only with `overwrite`);
+    anything else raises ExportTargetError on every rank before anything is written.
+    `extra_files(folder)` (rank 0) adds files to the export before it is published (e.g. a
+    tokenizer's `save_pretrained`), so they are part of it. Too little free space for the weights
+    raises OSError(ENOSPC) on every rank, also before anything is written."""
     from megatron.core import parallel_state as ps
 
+    path = path.rstrip("/")
     tp, tp_rank, group = _tp_info()
     world_rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp = path.rstrip("/") + ".tmp"
-    if world_rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if dist.is_initialized():
-        dist.barrier()
+    need = sum(torch.Size(s).numel() for s in hf_tensor_shapes(model.config).values()) * model.dtype.itemsize
+    tmp, nonce = _begin_export(path, overwrite=overwrite, need_bytes=need, rank=world_rank)
     if ps.get_data_parallel_rank() == 0:
         stage = ps.get_pipeline_model_parallel_rank()
         # several chunks per rank under the interleaved pipeline schedule: one file prefix per chunk
@@ -295,7 +374,17 @@ def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -
                 _write_shards(tensors, tmp, f"stage{stage:03d}-layer{chunk.layer_start:04d}", max_shard_bytes)
     if dist.is_initialized():
         dist.barrier()
+    error = None
     if world_rank == 0:
-        _finalize(tmp, path, model.config, model.dtype)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            _finalize(tmp, path, model.config, model.dtype, overwrite=overwrite, extra_files=extra_files, nonce=nonce)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed export must not keep the disk full
+            if not dist.is_initialized() or dist.get_world_size() == 1:
+                raise
+            error = err if isinstance(err, ExportTargetError) else f"{type(err).__name__}: {err}"
+    error = _share(error)
+    if isinstance(error, ExportTargetError):
+        raise error
+    if error is not None:
+        raise RuntimeError(f"exporting to {path} failed on rank 0: {error}")

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lingshu_fast.config import ConfigError  # a ValueError: the CLI prints it as one line
+
 _TOP_LEVEL_KEYS = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings",
 )
@@ -115,7 +117,7 @@ def check_tensor_parallel(config, tp: int) -> int:
     }
     bad = [f"{name}={value}" for name, value in text_checks.items() if value % tp != 0]
     if bad:
-        raise ValueError(f"tensor parallel size {tp} does not divide: {', '.join(bad)}; choose a smaller parallel.tp")
+        raise ConfigError(f"parallel.tp={tp} does not divide: {', '.join(bad)}; choose a parallel.tp that divides them")
     vision_dims = (vision.num_heads, vision.intermediate_size, vision.hidden_size * vision.spatial_merge_size ** 2)
     return tp if all(d % tp == 0 for d in vision_dims) else 1
 

@@ -130,7 +130,7 @@ def _rollout_stats(ro: Rollout, dp_group, generate_s: float, filtered: int) -> d
             "format_rate": None if scores[1] is None else score_sums[1] / n,
             "response_len": tokens / n, "rollout_tokens_per_s": tokens / max(slowest_s, 1e-9),
             "rollout_time_s": slowest_s, "finished_rate": finished / n, "reward_failures": int(failures),
-            "filtered_groups": int(filtered_sum)}
+            "filtered_groups": int(filtered_sum), "skipped_samples": ro.skipped_samples}
 
 
 def _plan_updates(ro: Rollout, cfg: Config, *, token_multiple: int = 1,

@@ -5,7 +5,17 @@ fields the verifiers read (`answer`, `task`, `options`, ...). A trailing assista
 has one, is dropped from the prompt (it is a reference answer, not part of the question). Records
 without `answer` are skipped as bad_schema; prompts longer than data.max_length - rl.max_new_tokens
 as too_long (each counted, or one DataError under data.strict=true). Every prompt is rendered once
-at start-up (`ChatTemplate.render_prompt`); images are decoded when a rollout needs them.
+at start-up (`ChatTemplate.render_prompt`); images are decoded when a rollout needs them (under
+data.strict=true also once at start-up, so a truncated file is reported with the rest).
+
+A bad image found only when decoded (a truncated DICOM whose header read fine) does not end the
+run: `usable_prompts` skips that prompt - logged, never tried again - and takes the next readable
+prompt of the data set in its place. So every rank's rollout keeps its size (the DP collectives and
+the loss normalisation see the same counts as without the bad file), and the choice is
+deterministic: the ranks of a TP x PP group, which decode the same files, pick the same prompts
+(the group's first rank's choice is used anyway). The unreadable prompts are shared over the
+data-parallel group after each rollout, so each is counted once however many ranks met it
+(`Rollout.skipped_samples`) and kept in the resume state.
 
 Order and sharding: the prompt stream is the concatenation of per-epoch seeded permutations of the
 data set. Rollout k takes global stream positions [k*R, (k+1)*R) (R = rl.rollout_batch) and DP rank
@@ -26,6 +36,7 @@ server instead (`chat_messages` / `chat_images` give it the record); the rest is
 """
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -40,6 +51,8 @@ from lingshu_fast.data.loader import MERGE_SIZE, image_grid, image_hw
 from lingshu_fast.data.rope import sample_position_ids
 from lingshu_fast.data.template import ChatTemplate, TemplateError
 from lingshu_fast.rl.step import PromptPart
+
+logger = logging.getLogger(__name__)
 
 
 class PromptDataset:
@@ -65,6 +78,7 @@ class PromptDataset:
         lengths = np.asarray([len(x) for x in self.ids], dtype=np.int64)
         self.fingerprint = zlib.crc32(lengths.tobytes()) ^ len(lengths)
         self.position = 0  # global position in the prompt stream
+        self.bad: set[int] = set()  # prompts whose images failed to decode in a rollout (any DP rank)
         self._perms: dict[int, np.ndarray] = {}
 
     def _add(self, sample, limit: int) -> None:
@@ -75,7 +89,7 @@ class PromptDataset:
             messages.pop()
         if not messages or messages[-1]["role"] != "user":
             raise SampleError(SkipReason.BAD_SCHEMA, "an RL prompt must end with a user turn")
-        grids = [image_grid(*image_hw(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
+        grids = [image_grid(*self._image_size(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
                  for p in sample.images]
         try:
             ids = self.template.render_prompt(messages, [t * h * w // MERGE_SIZE**2 for t, h, w in grids])
@@ -89,8 +103,45 @@ class PromptDataset:
         self.ids.append(ids.astype(np.int64))
         self.grids.append(np.asarray(grids, dtype=np.int64).reshape(-1, 3))
 
+    def _image_size(self, path: str) -> tuple[int, int]:
+        if not self.cfg.strict:
+            return image_hw(path)
+        try:  # a full decode: catches truncated files the header read cannot
+            return img.load_image(path).shape[:2]
+        except img.ImageError as err:
+            raise SampleError(SkipReason.CORRUPT_IMAGE, str(err)) from None
+
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def skipped(self) -> int:
+        """Records dropped at start-up plus prompts found unreadable in rollouts, each once (after
+        `collect_rollout` the same on every rank: report it, do not all-reduce it)."""
+        return self.skips.total + len(self.bad)
+
+    def usable_prompts(self, indices: Sequence[int]) -> list[tuple[int, PromptPart]]:
+        """(index, prompt) for each of `indices`; a prompt whose image fails to decode is skipped and the
+        next readable prompt of the data set (in data-set order) stands in (see the module docstring)."""
+        out = []
+        for index in indices:
+            for candidate in (int(index + k) % len(self.samples) for k in range(len(self.samples))):
+                if candidate in self.bad:
+                    continue
+                try:
+                    out.append((candidate, self._decode(candidate)))
+                    break
+                except img.ImageError as err:
+                    source = self.samples[candidate].source
+                    if self.cfg.strict:
+                        raise DataError(f"{source}: corrupt_image: {err}") from err
+                    self.bad.add(candidate)
+                    logger.warning("skipping RL prompt %s: corrupt_image: %s (the next readable prompt "
+                                   "takes its place)", source, err)
+            else:
+                raise DataError(f"no RL prompt has a readable image any more ({len(self.bad)} failed to decode, "
+                                f"e.g. {self.samples[index].source})")
+        return out
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -112,13 +163,16 @@ class PromptDataset:
 
     def prompt(self, index: int) -> PromptPart:
         """The prompt's ids, M-RoPE positions and preprocessed images (decoded here)."""
+        try:
+            return self._decode(index)
+        except img.ImageError as err:
+            raise DataError(f"{self.samples[index].source}: corrupt_image: {err}") from err
+
+    def _decode(self, index: int) -> PromptPart:
         sample, ids, grid = self.samples[index], self.ids[index], self.grids[index]
         pixel_values = grid_thw = None
         if sample.images:
-            try:
-                arrays = [img.load_image(p) for p in sample.images]
-            except img.ImageError as err:
-                raise DataError(f"{sample.source}: corrupt_image: {err}") from err
+            arrays = [img.load_image(p) for p in sample.images]
             pixel_values, grid_thw = img.preprocess(arrays, min_pixels=self.cfg.min_pixels,
                                                     max_pixels=self.cfg.max_pixels)
             if not np.array_equal(grid_thw.numpy(), grid):
@@ -162,7 +216,7 @@ class PromptDataset:
 
     def state_dict(self) -> dict:
         return {"version": 1, "position": self.position, "seed": self.seed, "fingerprint": self.fingerprint,
-                "num_samples": len(self.samples)}
+                "num_samples": len(self.samples), "bad": sorted(self.bad)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
@@ -172,6 +226,7 @@ class PromptDataset:
                             f"{state['num_samples']} prompts, this run has seed={self.seed} on {len(self.samples)} "
                             f"(different data, tokenizer or data.* settings)")
         self.position = int(state["position"])
+        self.bad = {int(i) for i in state.get("bad", [])}
 
 
 @dataclass
@@ -186,6 +241,7 @@ class Rollout:
     breakdown: dict[str, np.ndarray]
     failures: int
     generate_s: float
+    skipped_samples: int = 0  # unusable records so far, each once, over all ranks (PromptDataset.skipped)
 
     @property
     def response_tokens(self) -> int:
@@ -209,7 +265,10 @@ def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cf
     from lingshu_fast.rl.rewards import score_responses
 
     ids = dataset.token_ids
-    prompts = [dataset.prompt(i) for i in indices]
+    usable = dataset.usable_prompts(indices)
+    dataset.bad = _data_parallel_union(dataset.bad)
+    indices = _model_parallel_first([i for i, _ in usable])
+    prompts = [p for _, p in usable] if indices == [i for i, _ in usable] else [dataset.prompt(i) for i in indices]
     g = rl_cfg.num_generations
     if backend is None:
         outputs, generate_s = _generate_native(model, prompts, rl_cfg, ids, seed)
@@ -233,7 +292,8 @@ def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cf
     rewards, breakdown, failures = _model_parallel_first(scored)
     return Rollout(prompts=prompts, seq_prompt=np.repeat(np.arange(len(prompts)), g), responses=responses,
                    finished=np.asarray(finished, dtype=bool), texts=texts, rewards=np.asarray(rewards, np.float32),
-                   breakdown=breakdown, failures=int(failures), generate_s=generate_s)
+                   breakdown=breakdown, failures=int(failures), generate_s=generate_s,
+                   skipped_samples=dataset.skipped)
 
 
 def _model_parallel_first(value):
@@ -255,6 +315,22 @@ def _model_parallel_first(value):
     box = [value]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]
+
+
+def _data_parallel_union(bad: set[int]) -> set[int]:
+    """The unreadable prompts any rank of this rank's data-parallel group has met."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return bad
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
+        return bad
+    group = ps.get_data_parallel_group()
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, sorted(bad), group=group)
+    return {int(i) for part in gathered for i in part}
 
 
 def _generate_native(model, prompts: list[PromptPart], rl_cfg, ids: dict, seed: Optional[int]):

@@ -48,10 +48,16 @@ temperature), and the loop does not use them (old log-probs are recomputed by th
 Parallel layout: per data-parallel shard, only rank 0 of its model-parallel group (TP x PP ranks)
 sends requests; the outputs (or the error) go to the other ranks of that group with
 `broadcast_object_list`.
+
+Time limit: rl.vllm_timeout_s bounds each request as a whole - connecting, retries, waiting for
+the headers and reading the body - not each socket read: a server (or proxy) that sends a byte
+every few seconds never trips a per-read timeout (`lingshu_fast.net` shuts the request's socket
+down at the deadline, which ends whatever read is blocked); the call then raises VLLMError.
 """
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -67,7 +73,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch.distributed as dist
 
+from lingshu_fast import net
 from lingshu_fast.data.template import IMAGE_MARKER
+from lingshu_fast.model.export_folder import EXPORT_MARKER
 from lingshu_fast.model.generate import GenerationOutput
 
 SERVER_COMMAND = ("VLLM_SERVER_DEV_MODE=1 vllm serve RL_VLLM_SYNC_DIR --port 8000 --enable-prefix-caching "
@@ -191,31 +199,30 @@ class VLLMClient:
 
     # ------------------------------------------------------------------ HTTP
     def _call(self, method: str, path: str, body: Optional[dict] = None, *, timeout_s: Optional[float] = None):
-        """JSON request with a bounded retry on connection errors / 502-504; the decoded answer (None if empty)."""
+        """JSON request with a bounded retry on connection errors / 502-504; the decoded answer (None if
+        empty). `timeout_s` (default rl.vllm_timeout_s) bounds the whole call, retries included."""
         data = None if body is None else json.dumps(body).encode()
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = net.Deadline(timeout_s)
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.url + path, data=data, method=method,
                                              headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                    raw = response.read()
+                raw = net.urlopen_read(request, deadline)
                 break
             except urllib.error.HTTPError as err:  # the server answered: a retry only for gateway codes
                 detail = err.read()[:500].decode(errors="replace")
-                if err.code in _RETRY_HTTP_CODES and attempt < self.retries:
-                    self._wait(attempt)
+                if err.code in _RETRY_HTTP_CODES and attempt < self.retries and self._wait(attempt, deadline):
                     continue
                 hint = (" (the endpoint exists only in dev mode: start the server with VLLM_SERVER_DEV_MODE=1)"
                         if err.code == 404 and path in ("/collective_rpc", "/reset_prefix_cache") else "")
                 raise VLLMError(f"vLLM server {self.url}: {method} {path} failed with HTTP {err.code}: "
                                 f"{detail}{hint}") from None
-            except (TimeoutError, socket.timeout):
+            except (TimeoutError, socket.timeout):  # the whole call, retries included, is over time
                 raise VLLMError(f"vLLM server {self.url}: {method} {path} got no answer in {timeout_s:g} s "
                                 f"(rl.vllm_timeout_s); raise it for long generations") from None
-            except (urllib.error.URLError, ConnectionError) as err:
-                if attempt < self.retries:
-                    self._wait(attempt)
+            except (OSError, http.client.HTTPException) as err:  # refused, reset, cut short
+                if attempt < self.retries and self._wait(attempt, deadline):
                     continue
                 reason = getattr(err, "reason", err)
                 raise VLLMError(f"cannot reach the vLLM server at {self.url} ({reason}) after {attempt + 1} "
@@ -228,9 +235,14 @@ class VLLMClient:
         except json.JSONDecodeError:
             raise VLLMError(f"vLLM server {self.url}: {method} {path} answered non-JSON: {raw[:200]!r}") from None
 
-    def _wait(self, attempt: int) -> None:
+    def _wait(self, attempt: int, deadline: net.Deadline) -> bool:
+        """Back off before another try; False (no try left) when the wait would pass the deadline."""
+        wait_s = self.retry_wait_s * 2 ** attempt
+        if wait_s >= deadline.remaining_s():
+            return False
         self.stats.retries += 1
-        time.sleep(self.retry_wait_s * 2 ** attempt)
+        time.sleep(wait_s)
+        return True
 
     def _served_model(self) -> str:
         answer = self._call("GET", "/v1/models", timeout_s=min(self.timeout_s, 30.0))
@@ -331,6 +343,7 @@ class VLLMClient:
     def push_weights(self, model, step: int) -> None:
         """Write the policy to rl.vllm_sync_dir and make the server reload it. Collective over all ranks."""
         from lingshu_fast.model import save_pretrained
+        from lingshu_fast.model.export_folder import adopt_folder
 
         if not self.sync_dir:
             raise VLLMError("rl.backend=vllm needs rl.vllm_sync_dir: the folder the vLLM server was started on")
@@ -340,16 +353,20 @@ class VLLMClient:
         if rank == 0:
             try:  # an unreadable folder must not leave the other ranks waiting in save_pretrained
                 kept = _read_side_files(self.sync_dir)
+                adopt_folder(self.sync_dir)  # its weights are ours to replace; every other file is carried over
             except OSError as err:
                 error = f"weight push of step {step}: cannot read {self.sync_dir}: {err}"
-        save_pretrained(model, self.sync_dir)
+
+        def side_files(folder: str) -> None:  # rank 0, inside the export before it is published
+            for name, blob in kept.items():
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(blob)
+            if self.tokenizer is not None and not kept:
+                self.tokenizer.save_pretrained(folder)
+
+        save_pretrained(model, self.sync_dir, extra_files=side_files if rank == 0 else None)
         if rank == 0 and error is None:
             try:
-                for name, blob in kept.items():
-                    with open(os.path.join(self.sync_dir, name), "wb") as f:
-                        f.write(blob)
-                if self.tokenizer is not None and not kept:
-                    self.tokenizer.save_pretrained(self.sync_dir)
                 self._call("POST", "/collective_rpc", {"method": "reload_weights"})
                 self._call("POST", "/reset_prefix_cache")
             except (VLLMError, OSError) as err:
@@ -374,13 +391,14 @@ def _token_id(token, where: str) -> int:
 
 
 def _read_side_files(folder: str) -> dict[str, bytes]:
-    """The folder's tokenizer/processor/template files (everything but the weights and configs we write)."""
+    """The folder's tokenizer/processor/template files (everything but the weights, the configs we write
+    and our export marker)."""
     if not os.path.isdir(folder):
         return {}
     out = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and not name.endswith(".safetensors") and name not in _WEIGHT_FILES:
+        if os.path.isfile(path) and not name.endswith(".safetensors") and name not in _WEIGHT_FILES + (EXPORT_MARKER,):
             with open(path, "rb") as f:
                 out[name] = f.read()
     return out

@@ -87,10 +87,8 @@ def prepare_run(cfg: Config, dims: ParallelDims) -> tuple[torch.device, torch.dt
 
 def hf_exporter(model, tokenizer, dims: ParallelDims) -> Callable[[Path], None]:
     """The end-of-stage export: the HF folder (collective over all ranks) with the tokenizer beside it."""
-    def export(folder: Path) -> None:
-        save_pretrained(model, str(folder))
-        if dims.rank == 0:
-            tokenizer.save_pretrained(str(folder))
+    def export(folder: Path) -> None:  # replaces the previous export there (a resumed run), nothing else
+        save_pretrained(model, str(folder), extra_files=tokenizer.save_pretrained if dims.rank == 0 else None)
 
     return export
 

@@ -18,6 +18,17 @@ and then replaces `latest` (temp file + fsync + os.replace). A crash before the 
 named by `latest`, so the previous one stays current). `find_latest` trusts a folder only when its
 manifest lists files of the right sizes, and falls back to the previous valid one otherwise.
 
+Resume (`train.resume.load_latest`): the candidates in that order are loaded until one loads on every
+rank - the ranks share the sha256 verification of the files (each file once) and agree - so a
+same-size corruption of the newest checkpoint falls back to the previous one instead of blocking
+every restart. Step folders that all fail stop the run with one error naming each and why
+(`checkpoint.allow_fresh_start=true` starts from step 0 instead).
+
+Disk space (`train.save_guard`): before writing, rank 0 compares the free space with the size of
+what all ranks are about to write and stops with `DiskFullError` (nothing written) when it does not
+fit; a write that fails anyway (another process filled the disk) removes the temp folder and says
+`no space left on device`.
+
 Asynchronous saves (`checkpoint.async`): the step loop stalls only while the tensors are gathered
 into host memory (the collectives); a background thread per rank writes and hashes the files, and
 rank 0's thread publishes once every rank's file list has appeared (it polls the folder: no
@@ -48,6 +59,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lingshu_fast.train import save_guard as guard
+
 FORMAT_VERSION = 2
 STATE = "state.pt"
 CHECKPOINTS = "checkpoints"
@@ -58,6 +71,10 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message says which file and why."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint does not fit on its disk: `no space left on device: <path> (needs ~X GB ...)`."""
 
 
 def step_dir_name(step: int) -> str:
@@ -154,13 +171,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _agree_on_nonce(world: int) -> str:
-    nonce = [secrets.token_hex(6)]
-    if world > 1:
-        dist.broadcast_object_list(nonce, src=0)
-    return nonce[0]
-
-
 def _clean_leftovers(ckpt_root: Path) -> None:
     for p in ckpt_root.glob("*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -196,7 +206,7 @@ def _publish(ckpt_root: Path, tmp_dir: Path, name: str, step: int, world: int, n
     deadline = time.monotonic() + wait_s
     for r in range(world):
         info_path = tmp_dir / _files_file(r)
-        while not info_path.exists() and time.monotonic() < deadline:
+        while not info_path.exists() and time.monotonic() < deadline and tmp_dir.is_dir():
             time.sleep(0.05)
         if not info_path.exists():
             raise CheckpointError(f"{tmp_dir}: rank {r} did not finish writing its files; is "
@@ -233,6 +243,10 @@ class SaveJob:
     global_state: Optional[dict]
     rank_state: dict
     layout: dict = field(default_factory=dict)
+    tensor_bytes: int = 0  # what write_tensors writes, for the free-space check
+
+    def nbytes(self) -> int:
+        return self.tensor_bytes + guard.payload_bytes(self.global_state) + guard.payload_bytes(self.rank_state)
 
 
 class CheckpointWriter:
@@ -248,21 +262,30 @@ class CheckpointWriter:
         self._error: Optional[BaseException] = None
 
     def save(self, job: SaveJob) -> None:
-        """Collective: agree on the folder, then write (inline, or in the background)."""
+        """Collective: check the free space and agree on the folder, then write (inline, or in the
+        background)."""
         self.wait()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            _clean_leftovers(self.root)  # before the new nonce exists, so no rank's fresh files are hit
-        nonce = _agree_on_nonce(self.world)
+            _clean_leftovers(self.root)  # before the new nonce exists (agree_to_save waits for rank 0)
+        nonce, need_bytes, no_space = guard.agree_to_save(self.root, self.rank, self.world, job.nbytes())
+        if no_space is not None:
+            raise DiskFullError(f"{no_space}; free space, lower checkpoint.keep or point run.dir elsewhere")
         tmp_dir = self.root / f"{step_dir_name(job.step)}.tmp-{nonce}"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
         if self.asynchronous:
             self._thread = threading.Thread(target=self._write_and_publish, args=(job, tmp_dir, nonce),
                                             name=f"lingshu-checkpoint-{job.step}", daemon=True)
             self._thread.start()
             return
-        _write_rank_files(tmp_dir, self.rank, job)
-        _barrier(self.world)
+        failed = guard.write_on_all_ranks(tmp_dir, self.rank, self.world,
+                                          lambda: _write_rank_files(tmp_dir, self.rank, job))
+        if failed is not None:
+            where, detail, disk_full = failed
+            if disk_full:
+                raise DiskFullError(f"no space left on device: {self.root} (needs ~{guard.human_bytes(need_bytes)} "
+                                    f"for checkpoint step {job.step}; the partial save was removed); free space, "
+                                    f"lower checkpoint.keep or point run.dir elsewhere")
+            raise CheckpointError(f"saving checkpoint step {job.step} to {self.root} failed on rank {where}: {detail}")
         error = [None]
         if self.rank == 0:
             try:
@@ -283,10 +306,17 @@ class CheckpointWriter:
 
     def _write_and_publish(self, job: SaveJob, tmp_dir: Path, nonce: str) -> None:
         try:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
             _write_rank_files(tmp_dir, self.rank, job)
             if self.rank == 0:
                 self._publish(job, tmp_dir, nonce, wait_s=self.publish_timeout_s)
         except BaseException as err:  # noqa: BLE001 - raised on the main thread by `wait`
+            # a half-written checkpoint must not keep the disk full; rank 0's publish gives up on the
+            # folder's disappearance (the next save's clean-up would remove it too)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if guard.is_disk_full(err, self.root):
+                err = DiskFullError(f"no space left on device: {self.root} (checkpoint step {job.step}; the partial "
+                                    f"save was removed)")
             self._error = err
 
     def wait(self) -> None:
@@ -296,6 +326,8 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, CheckpointError):
+                raise err
             raise CheckpointError(f"the background checkpoint save failed: {type(err).__name__}: {err}") from err
 
 
@@ -377,13 +409,14 @@ def find_latest(run_dir: str | os.PathLike, *, checksums: bool = False) -> Optio
     return None
 
 
-def load_checkpoint(path: str | os.PathLike, rank: int = 0, *, verify: bool = True) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, rank: int = 0, *, world: int = 1, verify: bool = True) -> dict[str, Any]:
     """The run-wide state of a checkpoint folder (from `find_latest`) and this rank's own part, on CPU.
 
     Returns {"step", "world", "layout", "state" (schedule, optimizer counters, loader, RNG of rank 0,
     extra), "rank_state" (this rank's RNG and loader state when the checkpoint has this rank, else
     None), "folder", "manifest"}. The tensors are read by `state_io.read_state` under any layout.
-    `verify` checks the sha256 of the files read here.
+    `verify` checks the sha256 of the files read here and of this rank's share (every `world`-th) of
+    the tensor files, so `world` ranks together hash each file once.
     """
     path = Path(path)
     problem = validate_checkpoint(path)
@@ -395,10 +428,12 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, *, verify: bool = Tr
                               f"{FORMAT_VERSION}; resume it with the lingshu-fast version that wrote it")
     rank_name = _rank_state_file(rank)
     names = [STATE] + ([rank_name] if rank_name in manifest["files"] else [])
+    tensor_files = sorted(f for f in manifest["files"] if f.endswith(".safetensors"))
+    for fname in names + tensor_files[rank::max(world, 1)] if verify else []:
+        if _sha256(path / fname) != manifest["files"][fname]["sha256"]:
+            raise CheckpointError(f"{path / fname} is corrupt: its sha256 differs from the manifest")
     loaded = {}
     for fname in names:
-        if verify and _sha256(path / fname) != manifest["files"][fname]["sha256"]:
-            raise CheckpointError(f"{path / fname} is corrupt: its sha256 differs from the manifest")
         try:
             loaded[fname] = torch.load(path / fname, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - re-raised with the file named

@@ -174,21 +174,33 @@ def _json_number(value: Any) -> Any:
 def truncate_metrics(path: Path, after_step: int, stage: Optional[int] = None) -> int:
     """Drop rows with step > after_step (of `stage` only, when given) and unreadable lines.
 
-    Rewrites the file atomically; returns how many rows were dropped.
+    When the dropped rows are the file's tail (a resume: always, unless rows were edited by hand)
+    the file is cut in place, which needs no free space - a restart on a full disk must get as far
+    as its first checkpoint's space check. Otherwise it is rewritten atomically. Returns how many
+    rows were dropped.
     """
     if not path.exists():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    with open(path, "rb") as f:
+        raw_lines = f.read().splitlines(keepends=True)
+    kept, first_drop_at, kept_after_drop, offset = [], None, False, 0
+    for raw in raw_lines:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         try:
             row = json.loads(line)
-        except ValueError:  # a line cut by a crash
-            dropped += 1
-            continue
-        if row.get("step", 0) > after_step and (stage is None or row.get("stage") == stage):
-            dropped += 1
-            continue
-        kept.append(line)
+            drop = row.get("step", 0) > after_step and (stage is None or row.get("stage") == stage)
+        except (ValueError, AttributeError):  # a line cut by a crash
+            drop = True
+        if drop and first_drop_at is None:
+            first_drop_at = offset
+        elif not drop:
+            kept.append(line)
+            kept_after_drop = kept_after_drop or first_drop_at is not None
+        offset += len(raw)
+    dropped = len(raw_lines) - len(kept)
+    if dropped and not kept_after_drop:
+        os.truncate(path, first_drop_at)
+        return dropped
     if dropped:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w") as f:

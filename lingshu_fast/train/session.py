@@ -24,6 +24,7 @@ from lingshu_fast.train.engine import StepEngine, StepResult
 from lingshu_fast.train.layout import start_parallel
 from lingshu_fast.train.memory import memory_metrics, memory_report
 from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, mfu, peak_flops_per_s
+from lingshu_fast.train.resume import load_latest
 from lingshu_fast.train.state_io import collect_state, read_state, write_tensors
 
 Evaluator = Callable[..., Optional[dict]]
@@ -48,10 +49,10 @@ def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> in
     schedule instead of replaying the old one."""
     if not cfg.checkpoint.resume:
         return 0
-    path = ckpt.find_latest(cfg.run.dir)
-    if path is None:
+    found = load_latest(cfg.run.dir, dims.rank, world=dims.world, allow_fresh_start=cfg.checkpoint.allow_fresh_start)
+    if found is None:
         return 0
-    saved = ckpt.load_checkpoint(path, dims.rank)
+    path, saved = found
     run_state = saved["state"]
     read_state(state.model, state.optimizer, path, updates=int(run_state["updates"]))
     resume_schedule(state.scheduler, int(run_state["sched"]["last_epoch"]))
@@ -88,8 +89,9 @@ def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTrack
         global_state = {"step": step, "stage": cfg.train.stage, "updates": state.optimizer.updates,
                         "sched": {"last_epoch": state.scheduler.last_epoch}, "skips": skips.state_dict(),
                         **rank_state}
+    nbytes = sum(t.numel() * t.element_size() for named in tensors.values() for t in named.values())
     return ckpt.SaveJob(step=step, write_tensors=lambda folder: write_tensors(tensors, folder, dims.rank),
-                        global_state=global_state, rank_state=rank_state, layout=_layout(dims))
+                        global_state=global_state, rank_state=rank_state, layout=_layout(dims), tensor_bytes=nbytes)
 
 
 class StageRun:
