@@ -101,7 +101,8 @@ def test_a_step_stopped_at_its_budget_keeps_what_finished(tmp_path, monkeypatch)
     assert outcome.status == "timed out"
     assert outcome.count("passed") == 1 and outcome.count("skipped") == 1 and outcome.count("failed") == 0
     assert [b["name"] for b in outcome.benchmarks] == ["test_fast"]
-    assert not (work / "fake.json").exists()  # what the rows file is for
+    own = work / "fake.json"  # pytest-benchmark's own JSON: absent, or left empty by its crash on the interrupt
+    assert not own.exists() or "test_fast" not in own.read_text()  # what the rows file is for
     assert outcome.unfinished.endswith("test_past_the_budget")
     doc = gpu_run.save_results([outcome], work, out, "2026-01-01T00:00:00+00:00", "Fake GPU")
     rows = record.rows_from_json(json.loads(doc.read_text()))
