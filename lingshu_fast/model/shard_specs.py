@@ -147,6 +147,3 @@ def saved_specs(model) -> dict[str, ParamSpec]:
         specs.pop("lm_head.weight", None)
     return specs
 
-
-def piece_rows(piece: Piece, full_shape: tuple) -> int:
-    return full_shape[0] // piece.parts
