@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The test command of the README: installs everything, then runs the CPU test suite.
+# The test command of the README: installs everything, then runs the CPU test suite with the
+# interpreter scripts/install.sh installed into (scripts/python_env.sh).
 # Extra arguments go to pytest. pytest's exit code 5 (no tests collected) is a failure here.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/python_env.sh"
+cd "$LF_ROOT"
 bash scripts/install.sh || exit 1
-PY=${PYTHON:-python3}
+base=$(lf_base_python) && PY=$(lf_target_python "$base") || exit 1
 "$PY" -m lingshu_fast._native_check || true
 "$PY" -m pytest tests -q "$@"
 rc=$?
