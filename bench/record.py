@@ -30,7 +30,8 @@ SHOWN = ("shape", "provider", "layout", "pass_", "pass_name", "resolved_backend"
          "per_layer_ms", "packing_gain", "padded_tokens_per_s_per_gpu", "slot_efficiency", "packing_efficiency",
          "padded_efficiency", "speedup", "pair_efficiency", "per_sample_us", "gb_per_s",
          "fraction_of_copy_bandwidth", "peak_growth_mib", "peak_vs_materialised", "peak_mem_gb", "llm_layers",
-         "tokens")
+         "overlap_speedup", "step_overlapped_s", "step_after_backward_s", "bytes_per_param",
+         "measured_over_predicted", "tokens")
 
 
 class RecordError(ValueError):
