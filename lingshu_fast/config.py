@@ -173,6 +173,9 @@ class RLConfig:
     backend: Literal["native", "vllm"] = "native"
     vllm_url: Optional[str] = None  # rl.backend=vllm: the server, e.g. http://localhost:8000
     vllm_sync_dir: Optional[str] = None  # rl.backend=vllm: the folder the server was started on (weights pushed there)
+    # KV cache + sampling logits of one generation pass on a rank, GiB; the rollout runs in as many passes
+    # as it needs. null: half the GPU's free memory at rollout time (4 GiB on CPU)
+    rollout_memory_gb: Optional[float] = num(None, gt=0)
     vllm_timeout_s: float = num(600.0, gt=0)  # one HTTP request (a prompt's n samples), before a clear error
 
 

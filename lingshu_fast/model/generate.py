@@ -11,7 +11,13 @@ Design choices:
   through the decoder layers' own sub-modules so their K/V can be kept; `language.py` is untouched.
 - Decode feeds one token per unfinished sequence and attends over its cache with SDPA and a padding
   mask ([B, heads, 1, L], GQA by `enable_gqa`). Caches are left-aligned per sequence; finished rows are
-  compacted away once a quarter of the rows are done (a copy per compaction, not per step).
+  compacted away once a quarter of the rows are done (a copy per compaction, not per step). The
+  cache starts at the pass's longest prompt + 64 response slots and doubles when the responses
+  outgrow it, so its size follows the actual lengths, not `max_new_tokens`.
+- Memory: `memory_budget_bytes` (stage 4: `rl.rollout_memory_gb`) splits the prompts into passes
+  whose worst case (every row at prompt + max_new_tokens, plus the sampling logits) fits it.
+- One host sync per decode step: the finished-rows mask (stop, compact); tokens and log-probs are
+  written into device buffers and read once at the end of the pass.
 - M-RoPE while decoding: token i after the prompt sits at `max(prompt positions) + 1 + i` on all three
   axes, as transformers' `mrope_position_deltas` give.
 - Tensor parallelism: each rank keeps the K/V of its own heads; the row-parallel o_proj/down_proj
@@ -148,12 +154,17 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 @torch.no_grad()
 def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
              temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
-             pad_token_id: Optional[int] = None, repeats: int = 1) -> list[GenerationOutput]:
+             pad_token_id: Optional[int] = None, repeats: int = 1, memory_budget_bytes: Optional[int] = None,
+             stats: Optional[dict] = None) -> list[GenerationOutput]:
     """Generate for every prompt `repeats` times (outputs ordered prompt-major: p0 x repeats, p1 ...).
 
     temperature 0 is greedy. `seed` seeds the sampling generator (same seed, same inputs, same
-    layout -> same samples); None draws from torch's global generator. `pad_token_id` is what
-    finished rows are fed until they are compacted away (default: the first stop id, else 0).
+    layout and budget -> same samples); None draws from torch's global generator. `pad_token_id` is
+    what finished rows are fed until they are compacted away (default: the first stop id, else 0).
+    `memory_budget_bytes` bounds this rank's KV cache plus sampling logits of one pass: the prompts
+    are generated in as many passes as the budget needs, each sized for its own prompts' worst case
+    (a prompt's rows stay together). `stats`, when given, receives `passes`, `peak_cache_bytes`,
+    `decode_steps` and `host_syncs`.
     Every rank of the model's TP x PP group must call this with the same prompts and arguments
     (collective: the stages relay each step, the last one broadcasts the sampled tokens).
     """
@@ -163,11 +174,52 @@ def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    stats = stats if stats is not None else {}
+    stats.update(passes=0, peak_cache_bytes=0, decode_steps=0, host_syncs=0)
     if not prompts:
         return []
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None and temperature > 0.0:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    outputs: list[GenerationOutput] = []
     with without_sequence_parallel(model):
-        return _generate(model, list(prompts), max_new_tokens, list(stop_token_ids), temperature, top_p, seed,
-                         pad_token_id, repeats)
+        for chunk in _passes(model, list(prompts), repeats, max_new_tokens, memory_budget_bytes):
+            stats["passes"] += 1
+            outputs += _generate(model, chunk, max_new_tokens, list(stop_token_ids), temperature, top_p, generator,
+                                 pad_token_id, repeats, stats)
+    return outputs
+
+
+def pass_bytes(model, prompt_lengths: Sequence[int], repeats: int, max_new_tokens: int) -> int:
+    """Worst-case bytes of one pass on this rank: every row's K/V at prompt + max_new_tokens for this
+    rank's layers, and the fp32 sampling buffers of the full-vocabulary logits (logits, log-softmax,
+    probabilities: 3 copies)."""
+    per_token = sum(2 * layer.kv_heads * layer.head_dim * model.dtype.itemsize
+                    for chunk in model_chunks(model) for layer in chunk.layers)
+    rows = len(prompt_lengths) * repeats
+    vocab = model.config.text_config.vocab_size
+    return sum(repeats * (n + max_new_tokens) * per_token for n in prompt_lengths) + rows * vocab * 4 * 3
+
+
+def _passes(model, prompts: list, repeats: int, max_new_tokens: int, budget: Optional[int]) -> list[list]:
+    """The prompts in order, cut into passes whose worst case fits `budget` (one pass without one)."""
+    if budget is None:
+        return [prompts]
+    passes, current = [], []
+    for i, prompt in enumerate(prompts):
+        alone = pass_bytes(model, [len(prompt.input_ids)], repeats, max_new_tokens)
+        if alone > budget:
+            raise ValueError(f"prompt {i} ({len(prompt.input_ids)} tokens) x {repeats} samples of up to {max_new_tokens} "
+                             f"new tokens needs {alone / 2**30:.2f} GiB of KV cache and logits, over the rollout budget "
+                             f"of {budget / 2**30:.2f} GiB; raise rl.rollout_memory_gb or lower rl.num_generations / "
+                             f"rl.max_new_tokens")
+        lengths = [len(p.input_ids) for p in current + [prompt]]
+        if current and pass_bytes(model, lengths, repeats, max_new_tokens) > budget:
+            passes.append(current)
+            current = []
+        current.append(prompt)
+    return passes + [current]
 
 
 def _prefill(model, prompts, device, hidden_size: int):
@@ -197,6 +249,9 @@ def _prefill(model, prompts, device, hidden_size: int):
     return logits, [kv[id(chunk)] for chunk in model_chunks(model)], lengths
 
 
+RESPONSE_SLOTS = 64  # cache slots for the first response tokens; the cache doubles when they run out
+
+
 def _row_caches(kv, lengths, repeats, capacity, device):
     """One cache row per (prompt, repeat): the prompt's K/V copied, left-aligned, [B, Hkv, L, D]."""
     starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
@@ -212,14 +267,21 @@ def _row_caches(kv, lengths, repeats, capacity, device):
     return caches
 
 
-def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed, pad_token_id, repeats):
+def _map_caches(caches, fn):
+    return [[[fn(kc), fn(vc)] for kc, vc in chunk_caches] for chunk_caches in caches]
+
+
+def _cache_bytes(caches) -> int:
+    return sum(t.numel() * t.element_size() for chunk_caches in caches for kv in chunk_caches for t in kv)
+
+
+def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, generator, pad_token_id, repeats, stats):
+    """One pass. Per decode step the host reads one [rows] mask (finished rows: to stop, to compact);
+    the tokens and log-probs stay on the device until the end."""
     device = next(model.parameters()).device
     hidden_size = model.config.text_config.hidden_size
     samples_here = last_stage_holder(model)  # the LM head's stage samples; the others receive the tokens
     tp_group, tp_src = _tp_group_info()
-    generator = None
-    if seed is not None and temperature > 0.0:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
     for i, p in enumerate(prompts):
         if p.input_ids.dim() != 1 or p.position_ids.shape != (3, p.input_ids.shape[0]):
             raise ValueError(f"prompt {i}: input_ids must be [T] and position_ids [3, T], got "
@@ -227,18 +289,25 @@ def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed
     logits, kv, lengths = _prefill(model, prompts, device, hidden_size)
 
     n_rows = len(prompts) * repeats
-    prompt_len = torch.tensor(lengths, device=device).repeat_interleave(repeats)
-    capacity = max(lengths) + max_new_tokens
+    row_prompt_len = [n for n in lengths for _ in range(repeats)]  # host copy, per cache row
+    prompt_len = torch.tensor(row_prompt_len, device=device)
+    full = max(lengths) + max_new_tokens
+    capacity = min(full, max(lengths) + RESPONSE_SLOTS)  # sized by the actual prompts; grows with the responses
     caches = [_row_caches(chunk_kv, lengths, repeats, capacity, device) for chunk_kv in kv]
+    del kv
     next_pos = torch.tensor([int(p.position_ids.max()) + 1 for p in prompts], device=device).repeat_interleave(repeats)
     if samples_here:
         logits = logits.repeat_interleave(repeats, dim=0)
 
-    outputs = [GenerationOutput() for _ in range(n_rows)]
+    out_tokens = torch.zeros(n_rows, max_new_tokens, dtype=torch.long, device=device)
+    out_logps = torch.zeros(n_rows, max_new_tokens, dtype=torch.float32, device=device)
+    n_out = torch.zeros(n_rows, dtype=torch.long, device=device)
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     row_seq = torch.arange(n_rows, device=device)  # cache row -> output index
     done = torch.zeros(n_rows, dtype=torch.bool, device=device)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     fill = pad_token_id if pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+    stats["peak_cache_bytes"] = max(stats["peak_cache_bytes"], _cache_bytes(caches))
     for step in range(max_new_tokens):
         if samples_here:
             tokens, logps = _sample(logits, temperature, top_p, generator)
@@ -250,30 +319,41 @@ def _generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, seed
             logps = torch.empty(row_seq.shape[0], dtype=torch.float32, device=device)
         broadcast_from_last_stage(tokens), broadcast_from_last_stage(logps)  # every stage's caches follow
         tokens = torch.where(done, torch.full_like(tokens, fill), tokens)
-        for seq, tok, lp, finished in zip(row_seq.tolist(), tokens.tolist(), logps.tolist(), done.tolist()):
-            if not finished:
-                outputs[seq].token_ids.append(tok)
-                outputs[seq].logprobs.append(lp)
+        out_tokens[row_seq, step], out_logps[row_seq, step] = tokens, logps
+        n_out[row_seq] += (~done).long()
         if stop.numel():
             newly = ~done & torch.isin(tokens, stop)
-            for seq in row_seq[newly].tolist():
-                outputs[seq].finished = True
+            finished[row_seq] |= newly
             done = done | newly
-        if bool(done.all()) or step + 1 == max_new_tokens:
+        if step + 1 == max_new_tokens:
             break
-        if int(done.sum()) * 4 >= done.numel():  # compact: drop finished rows from the cache
-            keep = (~done).nonzero().squeeze(-1)
-            caches = [[[kc[keep], vc[keep]] for kc, vc in chunk_caches] for chunk_caches in caches]
-            row_seq, tokens, prompt_len, next_pos, done = (
-                t[keep] for t in (row_seq, tokens, prompt_len, next_pos, done))
-        logits = _decode_step(model, caches, tokens, prompt_len + step, next_pos + step, hidden_size)
-    return outputs
+        done_host = done.tolist()  # the step's one host sync
+        stats["host_syncs"] += 1
+        if all(done_host):
+            break
+        if sum(done_host) * 4 >= len(done_host):  # compact: drop finished rows from the cache
+            keep_host = [r for r, d in enumerate(done_host) if not d]
+            keep = torch.tensor(keep_host, device=device)
+            caches = _map_caches(caches, lambda t: t[keep])
+            row_seq, tokens, prompt_len, next_pos, done = (t[keep] for t in (row_seq, tokens, prompt_len, next_pos, done))
+            row_prompt_len = [row_prompt_len[k] for k in keep_host]
+        last_slot = max(row_prompt_len) + step  # where this step's token goes, for the longest prompt
+        if last_slot >= capacity:  # the responses outgrew the cache: double it, up to the worst case
+            capacity = min(full, 2 * capacity)
+            caches = _map_caches(caches, lambda t: torch.nn.functional.pad(t, (0, 0, 0, capacity - t.shape[2])))
+        stats["peak_cache_bytes"] = max(stats["peak_cache_bytes"], _cache_bytes(caches))
+        stats["decode_steps"] += 1
+        logits = _decode_step(model, caches, tokens, prompt_len + step, next_pos + step, hidden_size, last_slot + 1)
+    counts, ids, logps_all, ended = (t.cpu() for t in (n_out, out_tokens, out_logps, finished))
+    return [GenerationOutput(token_ids=ids[r, :counts[r]].tolist(), logprobs=logps_all[r, :counts[r]].tolist(),
+                             finished=bool(ended[r])) for r in range(n_rows)]
 
 
-def _decode_step(model, caches, tokens, write_at, positions, hidden_size: int):
+def _decode_step(model, caches, tokens, write_at, positions, hidden_size: int, span: int):
     """Feed one token per row through every stage; the last stage's logits [B, V] (None elsewhere).
-    `write_at` [B] is each row's cache slot for this token, `positions` [B] its M-RoPE position."""
-    key_mask = torch.arange(int(write_at.max()) + 1, device=tokens.device)[None, :] <= write_at[:, None]
+    `write_at` [B] is each row's cache slot for this token, `positions` [B] its M-RoPE position,
+    `span` = max(write_at) + 1 (known on the host: no sync)."""
+    key_mask = torch.arange(span, device=tokens.device)[None, :] <= write_at[:, None]
     slot = {id(chunk): i for i, chunk in enumerate(model_chunks(model))}
 
     def run_chunk(chunk, hidden):

@@ -333,6 +333,28 @@ def _data_parallel_union(bad: set[int]) -> set[int]:
     return {int(i) for part in gathered for i in part}
 
 
+CPU_ROLLOUT_BUDGET_GB = 4.0  # rl.rollout_memory_gb's default without a GPU
+GPU_ROLLOUT_FRACTION = 0.5  # ... and with one: this share of the device's free memory at rollout time
+
+
+def rollout_budget_bytes(rl_cfg, device: torch.device) -> int:
+    """Bytes one generation pass may hold in KV cache and sampling logits on this rank:
+    `rl.rollout_memory_gb`, else half the GPU's free memory (the smallest over the TP x PP group:
+    its ranks must cut the prompts into the same passes), else a fixed 4 GiB on CPU."""
+    if rl_cfg.rollout_memory_gb is not None:
+        return int(rl_cfg.rollout_memory_gb * 2**30)
+    if device.type != "cuda":
+        return int(CPU_ROLLOUT_BUDGET_GB * 2**30)
+    free = torch.tensor([float(torch.cuda.mem_get_info(device)[0]) * GPU_ROLLOUT_FRACTION], device=device)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(free, op=dist.ReduceOp.MIN, group=ps.get_model_parallel_group())
+    return int(free.item())
+
+
 def _generate_native(model, prompts: list[PromptPart], rl_cfg, ids: dict, seed: Optional[int]):
     """(outputs, seconds): our generator, `repeats=G` (each prompt's images encoded once for its group)."""
     from lingshu_fast.model.generate import PromptInput, generate
@@ -349,7 +371,8 @@ def _generate_native(model, prompts: list[PromptPart], rl_cfg, ids: dict, seed: 
     start = time.perf_counter()
     outputs = generate(model, inputs, max_new_tokens=rl_cfg.max_new_tokens, temperature=rl_cfg.temperature,
                        top_p=rl_cfg.top_p, stop_token_ids=[ids["im_end_id"]], seed=seed,
-                       pad_token_id=ids["pad_token_id"], repeats=g)
+                       pad_token_id=ids["pad_token_id"], repeats=g,
+                       memory_budget_bytes=rollout_budget_bytes(rl_cfg, device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     generate_s = time.perf_counter() - start
