@@ -1,4 +1,4 @@
-"""Image packing (issue 4, item 4): normalise + patchify of smart-resized uint8 images, side by side.
+"""Image packing: normalise + patchify of smart-resized uint8 images, side by side.
 
 Providers on the same already-resized batch:
 - lingshu: `pack_images` (the Triton kernel on CUDA, the torch reference on CPU);

@@ -111,7 +111,7 @@ def test_sampling_seeded_logprobs_and_top_p(tiny):
 
 
 def test_repeats_share_one_image_encoding(tiny):
-    """Pins issue 6's "images encoded once per prompt and shared by its group": all prompts' images
+    """Pins "images encoded once per prompt and shared by its group": all prompts' images
     go through the vision tower in one call whatever `repeats` is; precomputed `image_embeds` skip
     it; greedy repeats are copies of the single-sample output."""
     _, folder, batch = tiny

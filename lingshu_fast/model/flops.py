@@ -1,4 +1,4 @@
-"""Model FLOPs of one packed micro-batch, for MFU (issue 5). A multiply-add counts 2 FLOPs.
+"""Model FLOPs of one packed micro-batch, for MFU. A multiply-add counts 2 FLOPs.
 
 Forward, LLM (L layers, hidden H, q = heads*head_dim, kv = kv_heads*head_dim, MLP width I, vocab V),
 for samples of lengths s_b with T = sum(s_b) tokens:

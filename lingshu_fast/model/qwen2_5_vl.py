@@ -7,7 +7,7 @@ Forward contract (one packed micro-batch, no padding, no batch dimension):
     out.hidden_states  [T, H]  final-normed (on the last pipeline stage)
     out.logits         [T, V]  only with return_logits=True, gathered over TP
 
-Pipeline structure (issue 5): a model is built for a contiguous layer range
+Pipeline structure: a model is built for a contiguous layer range
 [layer_start, layer_end). The first stage (layer_start == 0) owns `visual` and `embed_tokens`;
 the last (layer_end == num_layers) owns `norm` and `lm_head`. Pieces are callable alone:
 `embed(...)` -> [T, H], `rope(position_ids)` -> (cos, sin), `run_layers(h, cos, sin, cu, max)`,
