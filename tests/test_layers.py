@@ -17,13 +17,14 @@ BELOW = {
     "native": set(),  # lingshu_fast._C, lingshu_fast._native_check
     "config": {"parallel"},
     "answers": set(),
+    "net": set(),  # standard-library HTTP with a deadline
     "data": {"config", "kernels", "parallel", "native"},
     "model": {"data", "config", "kernels", "parallel"},
     "train": {"model", "data", "config", "kernels", "parallel"},
-    "rl": {"train", "model", "data", "config", "answers", "kernels", "parallel"},
-    "eval": {"train", "model", "data", "config", "answers", "kernels", "parallel"},
-    "stages": {"rl", "eval", "train", "model", "data", "config", "answers", "kernels", "parallel"},
-    "demo": {"stages", "rl", "eval", "train", "model", "data", "config", "answers", "kernels", "parallel"},
+    "rl": {"net", "train", "model", "data", "config", "answers", "kernels", "parallel"},
+    "eval": {"net", "train", "model", "data", "config", "answers", "kernels", "parallel"},
+    "stages": {"net", "rl", "eval", "train", "model", "data", "config", "answers", "kernels", "parallel"},
+    "demo": {"net", "stages", "rl", "eval", "train", "model", "data", "config", "answers", "kernels", "parallel"},
     "package": set(),
 }
 BELOW["cli"] = set(BELOW) - {"cli"}
