@@ -1,4 +1,4 @@
-"""`lingshu-fast` command line: train, demo, export, eval.
+"""`lingshu-fast` command line: train, demo, export, eval, plan.
 
 Also runnable as `python -m lingshu_fast.cli` (what torchrun launches). Configuration mistakes are
 printed as one line and exit with status 2; they never show a traceback.
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
     v.set_defaults(fn=_cmd_eval)
+    from lingshu_fast.plan.report import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
