@@ -35,7 +35,8 @@ def test_plan_json_has_fitting_layouts_with_speed(capsys, recipe, gpus):
     fitting = [lay for lay in out["layouts"] if lay["fits"]]
     assert fitting and out["best"] == fitting[0]
     for lay in out["layouts"]:
-        assert {"tp", "pp", "dp", "vp", "activation_checkpointing", "fits", "mem_gb", "tokens_per_s_per_gpu"} <= set(lay)
+        keys = {"tp", "pp", "dp", "vp", "activation_checkpointing", "fits", "mem_gb", "tokens_per_s_per_gpu"}
+        assert keys <= set(lay)
         assert set(lay["mem_gb"]) == {"params", "grads", "optimizer", "activations", "other", "total"}
         assert lay["tp"] * lay["pp"] * lay["dp"] == gpus
         parts = sum(lay["mem_gb"][k] for k in ("params", "grads", "optimizer", "activations", "other"))
@@ -127,7 +128,8 @@ def test_stage4_rollout_buffers_are_capped_by_the_budget():
 
 def test_model_path_config_wins_over_architecture(tmp_path):
     """Pins: with model.path holding a config.json, plan reads it (here a 32B config under a 7B recipe)."""
-    (tmp_path / "config.json").write_text((RECIPES_DIR.parent / "model" / "architectures" / "qwen2.5-vl-32b.json").read_text())
+    shipped = RECIPES_DIR.parent / "model" / "architectures" / "qwen2.5-vl-32b.json"
+    (tmp_path / "config.json").write_text(shipped.read_text())
     cfg = load_config("lingshu-7b-stage3", [f"model.path={tmp_path}", "model.init_from=null"])
     assert model_config_of(cfg).text_config.num_hidden_layers == 64
     assert model_config_of(load_config("tiny-sft")) is None

@@ -26,7 +26,8 @@ Peak: backward frees layer by layer, so the peak is the largest of (a) the head'
 tensors + the fused-CE workspace), (b) each decoder layer's backward (saved tensors of the layers
 below it and of the ViT, the layer's recompute under full/selective, and its backward transient: the
 down projection's weight gradient [H, I], input gradient [T, I] and two gradient streams [T, H]),
-(c) the embedding's weight gradient, (d) each ViT block's backward (likewise). Micro-batches in flight (pipeline) add their saved tensors.
+(c) the embedding's weight gradient, (d) each ViT block's backward (likewise). Micro-batches in flight
+(pipeline) add their saved tensors.
 """
 from __future__ import annotations
 

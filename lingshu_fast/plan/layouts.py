@@ -11,7 +11,7 @@ parallelism whenever TP > 1; the recipe's own layout is evaluated as written.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 from lingshu_fast.config import Config
@@ -85,7 +85,8 @@ def layout_problem(cfg: Config, hf_config, lay: Layout, gpus: int) -> Optional[s
         return f"pp x vp = {lay.pp * lay.vp} stages > {layers} decoder layers"
     if cfg.train.stage == 4:
         need = lay.dp * cfg.rl.updates_per_rollout
-        return None if cfg.rl.rollout_batch % need == 0 else f"rl.rollout_batch does not split over dp x updates = {need}"
+        split_ok = cfg.rl.rollout_batch % need == 0
+        return None if split_ok else f"rl.rollout_batch does not split over dp x updates = {need}"
     if cfg.train.global_microbatches % lay.dp:
         return f"train.global_microbatches={cfg.train.global_microbatches} is not divisible by dp={lay.dp}"
     per_rank = cfg.train.global_microbatches // lay.dp
@@ -144,13 +145,48 @@ def _rank_share(hf_config, mb, pieces: list[RankPieces]) -> list[float]:
             for p in pieces]
 
 
+def _rank_estimate(cfg: Config, hf_config, lay: Layout, split: Split, mb, pieces: RankPieces, in_flight: float,
+                   backend: str, device_bytes: float) -> tuple[M.MemoryEstimate, M.StateBytes, float]:
+    """One pipeline rank's memory estimate, its training state, and (stage 4) a generation row's bytes."""
+    w, param_bytes = Widths.of(hf_config), BACKENDS[backend]
+    rl = cfg.train.stage == 4
+    numel = M.rank_param_numel(hf_config, split, pieces)
+    state = M.state_bytes(numel, cfg, dp=lay.dp, param_bytes=param_bytes, with_reference=rl and cfg.rl.beta != 0)
+    act, ws = M.activation_terms(w, mb.tokens, mb.patches, pieces, cfg, policy=lay.activation_checkpointing,
+                                 backend=backend, split=split, vit_depth=hf_config.vision_config.depth,
+                                 in_flight=in_flight)
+    # the schedule's static send/receive buffers: activations and gradients, per chunk
+    pipe = 2 * lay.vp * mb.tokens * w.hidden / split.residual_div * param_bytes * 2 if lay.pp > 1 else 0.0
+    rollout, fits_rollout, per_row = 0.0, True, 0.0
+    if rl:
+        full, per_row = M.rollout_bytes(w, cfg, layers=len(pieces.layer_ids), split=split, dp=lay.dp, backend=backend)
+        budget = M.rollout_budget_bytes(cfg, device_bytes, state.params + state.grads + state.optimizer)
+        rollout, fits_rollout = min(full, budget), budget >= per_row
+    est = M.MemoryEstimate(state.params, state.grads, state.optimizer, act, ws, pipe, rollout, 0.0, fits_rollout)
+    est.reserve = M.reserve_bytes(est.total)
+    est.detail = {"workspace": ws, "pipeline_buffers": pipe, "rollout": rollout, "reserve": est.reserve}
+    return est, state, per_row
+
+
+def _rl_seconds(cfg: Config, hf_config, hw: Hardware, x: TimeInputs, update_s: float, rows: int,
+                rollout_bytes: float, per_row: float, param_bytes: int) -> float:
+    """One rollout (generation in as many passes as the budget allows) and its rl.updates_per_rollout updates."""
+    update_s *= 4 / 3 if cfg.rl.beta != 0 else 1.0  # the reference model's forward over the same tokens
+    rows_per_pass = max(1, min(rows, int(rollout_bytes // per_row) if per_row else rows))
+    logits_row = hf_config.text_config.vocab_size * (param_bytes + 8)
+    kv_token_row = (per_row - logits_row) / cfg.data.max_length if per_row else 0.0
+    prompt_len = cfg.data.max_length - cfg.rl.max_new_tokens
+    generate_s = rollout_seconds(hf_config, hw, x, rows=rows, rows_per_pass=rows_per_pass,
+                                 generations=cfg.rl.num_generations, prompt_len=prompt_len,
+                                 new_tokens=cfg.rl.max_new_tokens, kv_bytes_per_token_row=kv_token_row)
+    return cfg.rl.updates_per_rollout * update_s + generate_s
+
+
 def evaluate(cfg: Config, hf_config, hw: Hardware, lay: Layout, *, backend: str = "fused",
              recipe: bool = False) -> LayoutPlan:
     """Predicted per-rank peak memory (the heaviest rank) and tokens/s/GPU of `lay` on `hw`."""
-    w = Widths.of(hf_config)
-    param_bytes = BACKENDS[backend]
     split = Split(lay.tp, lay.sequence_parallel and lay.tp > 1, check_tensor_parallel(hf_config, lay.tp))
-    mb = representative_microbatch(cfg, lay.pp, merge=w.merge)
+    mb = representative_microbatch(cfg, lay.pp, merge=hf_config.vision_config.spatial_merge_size)
     rl = cfg.train.stage == 4
     rows = math.ceil(cfg.rl.rollout_batch / lay.dp) * cfg.rl.num_generations if rl else 0
     if rl:  # an update's sequences, packed into micro-batches of the token budget
@@ -159,26 +195,9 @@ def evaluate(cfg: Config, hf_config, hw: Hardware, lay: Layout, *, backend: str 
         m = cfg.train.global_microbatches // lay.dp
     pieces = _rank_pieces(hf_config, cfg, lay)
     device = hw.memory_gb * M.GIB
-    best = None
-    for r, p in enumerate(pieces):
-        numel = M.rank_param_numel(hf_config, split, p)
-        state = M.state_bytes(numel, cfg, dp=lay.dp, param_bytes=param_bytes, with_reference=rl and cfg.rl.beta != 0)
-        act, ws = M.activation_terms(w, mb.tokens, mb.patches, p, cfg, policy=lay.activation_checkpointing,
-                                     backend=backend, split=split, vit_depth=hf_config.vision_config.depth,
-                                     in_flight=_in_flight(lay, r, m))
-        pipe = 2 * lay.vp * mb.tokens * w.hidden / split.residual_div * param_bytes * 2 if lay.pp > 1 else 0.0
-        static = state.params + state.grads + state.optimizer
-        rollout, fits_rollout, per_row = 0.0, True, 0.0
-        if rl:
-            full, per_row = M.rollout_bytes(w, cfg, layers=len(p.layer_ids), split=split, dp=lay.dp, backend=backend)
-            budget = M.rollout_budget_bytes(cfg, device, static)
-            rollout, fits_rollout = min(full, budget), budget >= per_row
-        est = M.MemoryEstimate(state.params, state.grads, state.optimizer, act, ws, pipe, rollout, 0.0, fits_rollout)
-        est.reserve = M.reserve_bytes(est.total)
-        est.detail = {"workspace": ws, "pipeline_buffers": pipe, "rollout": rollout, "reserve": est.reserve}
-        if best is None or est.total > best[0].total:
-            best = (est, state, per_row, p)
-    est, state, per_row, heaviest = best
+    ranks = [_rank_estimate(cfg, hf_config, lay, split, mb, p, _in_flight(lay, r, m), backend, device)
+             for r, p in enumerate(pieces)]
+    est, state, per_row = max(ranks, key=lambda r: r[0].total)
     shares = _rank_share(hf_config, mb, pieces)
     top = max(range(len(pieces)), key=lambda r: shares[r])
     x = TimeInputs(lay.tp, lay.pp, lay.dp, lay.vp, lay.schedule, lay.activation_checkpointing,
@@ -188,13 +207,7 @@ def evaluate(cfg: Config, hf_config, hw: Hardware, lay: Layout, *, backend: str 
                    cfg.optim.overlap_param_gather)
     step = training_step_seconds(hf_config, mb, hw, x, m)
     if rl:
-        step *= 4 / 3 if cfg.rl.beta != 0 else 1.0  # the reference model's forward over the same tokens
-        rows_per_pass = max(1, min(rows, int(est.rollout // per_row) if per_row else rows))
-        prompt = cfg.data.max_length - cfg.rl.max_new_tokens
-        kv_token_row = per_row and (per_row - w.vocab * (param_bytes + 8)) / cfg.data.max_length
-        step = cfg.rl.updates_per_rollout * step + rollout_seconds(
-            hf_config, hw, x, rows=rows, rows_per_pass=rows_per_pass, generations=cfg.rl.num_generations,
-            prompt_len=prompt, new_tokens=cfg.rl.max_new_tokens, kv_bytes_per_token_row=kv_token_row)
+        step = _rl_seconds(cfg, hf_config, hw, x, step, rows, est.rollout, per_row, BACKENDS[backend])
         tokens = rows * lay.dp * cfg.data.max_length
     else:
         tokens = cfg.train.global_microbatches * mb.tokens
@@ -214,6 +227,3 @@ def plan_layouts(cfg: Config, hf_config, hw: Hardware, *, backend: str = "fused"
             plans.append(evaluate(cfg, hf_config, hw, own, backend=backend, recipe=True))
     return sorted(plans, key=lambda p: (not p.fits, -p.tokens_per_s_per_gpu if p.fits else p.memory.total))
 
-
-def with_policy(lay: Layout, policy: str) -> Layout:
-    return replace(lay, activation_checkpointing=policy)

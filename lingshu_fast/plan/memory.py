@@ -90,9 +90,11 @@ def flce_workspace_bytes(w: Widths, tokens: int, split: Split, backend: str, hea
         cfg = flce.BWD_CONFIGS[("16bit", 90)]
         n_tiles = -(-v_local // cfg.block_v)
         stripe = flce.plan_stripe_tiles(tokens, n_tiles, cfg.block_v, 2, flce.STRIPE_BYTES)
-        return tokens * stripe * cfg.block_v * 2 + tokens * w.hidden * (4 + 2) + (v_local * w.hidden * 2 if head_trainable else 0)
+        head_grad = v_local * w.hidden * 2 if head_trainable else 0
+        return tokens * stripe * cfg.block_v * 2 + tokens * w.hidden * (4 + 2) + head_grad
     chunk_rows = max(1, (1 << 22) // max(v_local, 1))
-    return tokens * w.hidden * 4 + min(tokens, chunk_rows) * v_local * 4 + (v_local * w.hidden * 4 if head_trainable else 0)
+    head_grad = v_local * w.hidden * 4 if head_trainable else 0
+    return tokens * w.hidden * 4 + min(tokens, chunk_rows) * v_local * 4 + head_grad
 
 
 def rollout_bytes(w: Widths, cfg: Config, *, layers: int, split: Split, dp: int, backend: str) -> tuple[float, float]:

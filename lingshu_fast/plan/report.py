@@ -70,7 +70,8 @@ def render(name: str, cfg: Config, hw: H.Hardware, plans: list[LayoutPlan], limi
 def as_json(name: str, cfg: Config, hw: H.Hardware, plans: list[LayoutPlan]) -> dict:
     fitting = [p for p in plans if p.fits]
     own = [p.as_json() for p in plans if p.recipe]
-    return {"recipe": name, "model": MODEL_NOTE, "hardware": {"gpus": hw.gpus, "gpu": hw.card, "memory_gb": hw.memory_gb},
+    return {"recipe": name, "model": MODEL_NOTE,
+            "hardware": {"gpus": hw.gpus, "gpu": hw.card, "memory_gb": hw.memory_gb},
             "assumptions": assumptions(cfg, hw), "layouts": [p.as_json() for p in plans],
             "best": fitting[0].as_json() if fitting else None, "recipe_layout": own[0] if own else None}
 
@@ -87,7 +88,8 @@ def plan_recipe(recipe: str, overrides: list[str], *, gpus: Optional[int] = None
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg, hw, plans = plan_recipe(args.recipe, args.overrides, gpus=args.gpus, card=args.gpu, memory_gb=args.gpu_memory_gb)
+    cfg, hw, plans = plan_recipe(args.recipe, args.overrides, gpus=args.gpus, card=args.gpu,
+                                 memory_gb=args.gpu_memory_gb)
     if args.json:
         print(json.dumps(as_json(args.recipe, cfg, hw, plans), indent=1))
     else:

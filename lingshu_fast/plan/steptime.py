@@ -141,6 +141,7 @@ def rollout_seconds(config, hw: Hardware, x: TimeInputs, *, rows: int, rows_per_
         prefill = r / generations * prompt_len * per_token_flops / (x.tp * peak)  # stages run one after the other
         context = prompt_len + new_tokens / 2
         read = x.rank_param_bytes + r * context * kv_bytes_per_token_row
-        step = x.pp * read / (hw.spec.hbm_tb_s * 1e12 * DECODE_HBM_EFFICIENCY) + t.num_hidden_layers * LAUNCH_S_PER_LAYER
+        hbm = hw.spec.hbm_tb_s * 1e12 * DECODE_HBM_EFFICIENCY
+        step = x.pp * read / hbm + t.num_hidden_layers * LAUNCH_S_PER_LAYER
         total += prefill + new_tokens * step
     return total
