@@ -167,8 +167,9 @@ def test_checkpointing_policies_free_memory(cpu_measurements):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy", POLICIES)
 def test_cuda_allocator_matches_prediction(world_of_one_module, policy):
-    """The CUDA twin: bf16, the fused kernels' inventory, torch.cuda.memory_allocated per layer and
-    max_memory_allocated for the peak, within 15%."""
+    """The CUDA twin: bf16, the fused kernels' inventory (Liger RMSNorm/SwiGLU/RoPE, varlen attention),
+    torch.cuda.memory_allocated per layer and max_memory_allocated for the peak, within 15%."""
+    pytest.importorskip("liger_kernel", reason="the fused inventory assumes Liger's kernels on CUDA")
     from lingshu_fast.model.qwen2_5_vl import Qwen25VLModel
     from lingshu_fast.plan.memory import flce_workspace_bytes
 
