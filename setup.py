@@ -84,7 +84,7 @@ setup(
         "lingshu_fast.kernels": "kernels",
         "lingshu_fast.parallel": "parallel",
     },
-    package_data={"lingshu_fast": ["recipes/*.yaml", "assets/**/*"]},
+    package_data={"lingshu_fast": ["recipes/*.yaml", "assets/**/*", "model/architectures/*.json"]},
     include_package_data=True,
     ext_modules=[CMakeExtension("lingshu_fast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},

@@ -1,4 +1,4 @@
-"""`lingshu-fast` command line: train, demo, export, eval.
+"""`lingshu-fast` command line: train, demo, export, eval, plan.
 
 Also runnable as `python -m lingshu_fast.cli` (what torchrun launches). Mistakes a user can fix -
 configuration, data, checkpoints, a diverged run, an unreachable server, a full disk - are printed
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
     v.set_defaults(fn=_cmd_eval)
+    from lingshu_fast.plan.report import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 

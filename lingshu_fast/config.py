@@ -23,6 +23,10 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+ROLLOUT_FREE_FRACTION = 0.8  # rl.rollout_memory_gb=null on CUDA: this share of the free device memory
+ROLLOUT_CPU_GB = 2.0  # rl.rollout_memory_gb=null on CPU
+# run.hardware: "<GPUs>x <card> <memory>GB", e.g. "8x H100 80GB" (lingshu_fast.plan knows the cards)
+HARDWARE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(A100|H100|H200)\s+(\d+(?:\.\d+)?)\s*GB\s*$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -66,6 +70,9 @@ class RunConfig:
     log_every: int = num(1, ge=1)
     progress: bool = True
     tensorboard: bool = False
+    # the machine the recipe is sized for, e.g. "8x H100 80GB" (GPUs x card memory): `lingshu-fast plan`
+    # checks the recipe's layout against it; documentation otherwise (training checks the real device)
+    hardware: Optional[str] = None
 
 
 @dataclass
@@ -75,8 +82,14 @@ class ModelConfig:
     # Previous stage's checkpoint to start from (overrides `path` weights when set).
     init_from: Optional[str] = None
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # the Qwen2.5-VL size, for `lingshu-fast plan` and the start-up memory check when model.path holds no
+    # config.json (the package ships those configs: lingshu_fast/model/architectures)
+    architecture: Optional[Literal["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"]] = None
     attention: Literal["auto", "flash", "varlen", "sdpa"] = "auto"
-    activation_checkpointing: bool = False
+    # none | full (a layer keeps only its input) | selective (recompute the attention core and the MLP
+    # activation); true/false are the deprecated full/none
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    checkpoint_every_k_layers: int = num(1, ge=1)  # the policy applies to every k-th decoder layer and ViT block
     freeze: list[str] = field(default_factory=list)  # any of: vision, merger, llm
 
 
@@ -130,6 +143,10 @@ class TrainConfig:
     max_consecutive_skips: int = num(5, ge=1)
     loss_z_weight: float = num(0.0, ge=0)
     label_smoothing: float = num(0.0, ge=0, lt=1)
+    # start-up memory check (lingshu_fast.plan): the layout's predicted peak against this many GB (GiB)
+    # per device; null: the CUDA device's total memory (no check on CPU unless set)
+    device_memory_gb: Optional[float] = num(None, gt=0)
+    skip_memory_check: bool = False
 
 
 @dataclass
@@ -174,7 +191,7 @@ class RLConfig:
     vllm_url: Optional[str] = None  # rl.backend=vllm: the server, e.g. http://localhost:8000
     vllm_sync_dir: Optional[str] = None  # rl.backend=vllm: the folder the server was started on (weights pushed there)
     # KV cache + sampling logits of one generation pass on a rank, GiB; the rollout runs in as many passes
-    # as it needs. null: half the GPU's free memory at rollout time (4 GiB on CPU)
+    # as it needs. null: ROLLOUT_FREE_FRACTION of the GPU's free memory at rollout time (ROLLOUT_CPU_GB on CPU)
     rollout_memory_gb: Optional[float] = num(None, gt=0)
     vllm_timeout_s: float = num(600.0, gt=0)  # one HTTP request (a prompt's n samples), before a clear error
 
@@ -316,8 +333,23 @@ def _unknown(name: str, allowed: list[str], where: str, kind: str) -> ConfigErro
 _KEY_ALIASES = {("checkpoint", "async"): "async_save"}
 
 
+# the old boolean switch of model.activation_checkpointing
+_CHECKPOINTING_BOOLS = {True: "full", False: "none", "true": "full", "false": "none"}
+
+
+def _old_checkpointing_value(value: Any, where: str) -> Any:
+    mapped = _CHECKPOINTING_BOOLS.get(value.lower() if isinstance(value, str) else value)
+    if mapped is None:
+        return value
+    print(f"lingshu-fast: {where}: model.activation_checkpointing={str(value).lower()} is deprecated; it means "
+          f"{mapped!r} (choose none, full or selective)", file=sys.stderr)
+    return mapped
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     key = _KEY_ALIASES.get((section, key), key)
+    if (section, key) == ("model", "activation_checkpointing"):
+        value = _old_checkpointing_value(value, where)
     sections = _section_types(Config)
     if section not in sections:
         raise _unknown(section, list(sections), where, "section")
@@ -444,6 +476,8 @@ def validate(cfg: Config) -> None:
         cfg.optim.distributed, cfg.optim.zero1 = cfg.optim.zero1, None
     checks = [
         (cfg.data.max_pixels >= cfg.data.min_pixels, "data.max_pixels must be >= data.min_pixels"),
+        (cfg.run.hardware is None or HARDWARE_PATTERN.match(cfg.run.hardware) is not None,
+         f"run.hardware={cfg.run.hardware!r} must look like '8x H100 80GB' (GPUs x A100|H100|H200 memory GB)"),
         (cfg.eval.judge_api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.eval.judge_api_key_env)
          is not None, "eval.judge_api_key_env must be an environment variable name (e.g. OPENAI_API_KEY)"),
         (cfg.eval.judge_url is None or cfg.eval.judge_url.startswith(("http://", "https://")),

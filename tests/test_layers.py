@@ -1,7 +1,7 @@
 """The import contract: every import of lingshu_fast's own modules points down the layers.
 
-cli -> demo / stages -> eval, rl -> train -> model -> data -> config / answers, with kernels and
-parallel at the bottom importing nothing of the package (parallel: torch and Megatron-Core only).
+cli -> demo / stages -> eval, rl -> train -> plan -> model -> data -> config / answers, with kernels
+and parallel at the bottom importing nothing of the package (parallel: torch and Megatron-Core only).
 Function-local imports count too: hiding a cycle inside a function is still a cycle. The walk reads
 the source (ast), so it sees imports a test run might never execute."""
 import ast
@@ -20,11 +20,14 @@ BELOW = {
     "net": set(),  # standard-library HTTP with a deadline
     "data": {"config", "kernels", "parallel", "native"},
     "model": {"data", "config", "kernels", "parallel"},
-    "train": {"model", "data", "config", "kernels", "parallel"},
-    "rl": {"net", "train", "model", "data", "config", "answers", "kernels", "parallel"},
-    "eval": {"net", "train", "model", "data", "config", "answers", "kernels", "parallel"},
-    "stages": {"net", "rl", "eval", "train", "model", "data", "config", "answers", "kernels", "parallel"},
-    "demo": {"net", "stages", "rl", "eval", "train", "model", "data", "config", "answers", "kernels", "parallel"},
+    # the planner: layouts, memory and time from the model's config (train runs it at start-up)
+    "plan": {"model", "data", "config", "kernels", "parallel"},
+    "train": {"plan", "model", "data", "config", "kernels", "parallel"},
+    "rl": {"net", "train", "plan", "model", "data", "config", "answers", "kernels", "parallel"},
+    "eval": {"net", "train", "plan", "model", "data", "config", "answers", "kernels", "parallel"},
+    "stages": {"net", "rl", "eval", "train", "plan", "model", "data", "config", "answers", "kernels", "parallel"},
+    "demo": {"net", "stages", "rl", "eval", "train", "plan", "model", "data", "config", "answers", "kernels",
+             "parallel"},
     "package": set(),
 }
 BELOW["cli"] = set(BELOW) - {"cli"}

@@ -1,6 +1,7 @@
 """Tensor parallelism: TP=2 over gloo equals TP=1 (forward, gradients, save, random init),
-with and without sequence parallelism (the SP run also checkpoints activations), and with a
-vision tower that TP cannot divide (replicated on both ranks).
+with and without sequence parallelism (the SP runs also checkpoint activations: full, and selective,
+whose dropped MLP activation is a row-parallel layer's saved input), and with a vision tower that TP
+cannot divide (replicated on both ranks).
 
 One spawn runs every TP=2 check (a spawn costs ~8 s). Tolerances: TP splits each matmul's
 reduction (row-parallel layers sum two partial products) so fp32 results differ from TP=1 by
@@ -43,11 +44,13 @@ def _tp2_worker(dims, hf_folder, odd_folder, batch, out_folder):
     with torch.no_grad():
         sp_model(**batch)
     assert seen == [batch["input_ids"].shape[0] // 2]
+    selective = _forward_backward(M.from_pretrained(hf_folder, sequence_parallel=True,
+                                                    activation_checkpointing="selective"), batch)
     odd_model = M.from_pretrained(odd_folder)  # ViT MLP width 63: not split over 2 ranks -> replicated
     assert odd_model.visual.tp == 1 and odd_model.layers[0].qkv.weight.shape[0] == (4 + 2 * 2) * 16 // 2
     odd_results = _forward_backward(odd_model, batch)
     M.save_pretrained(odd_model, os.path.join(out_folder, "odd_export"))
-    return ((logits, hidden, grads), sp_results, odd_results) if dims.tp_rank == 0 else None
+    return ((logits, hidden, grads), sp_results, odd_results, selective) if dims.tp_rank == 0 else None
 
 
 def _read_export(folder):
@@ -79,13 +82,14 @@ def test_tp2_equals_tp1_forward_gradients_save_and_init(tmp_path, request):
     odd_folder = str(tmp_path / "hf_odd_vision")
     odd_hf.save_pretrained(odd_folder)
 
-    (tp2, sp2, odd2), _ = spawn(_tp2_worker, 2, hf_folder, odd_folder, batch, str(tmp_path), tp=2)
+    (tp2, sp2, odd2, sel2), _ = spawn(_tp2_worker, 2, hf_folder, odd_folder, batch, str(tmp_path), tp=2)
 
     request.getfixturevalue("world_of_one")  # after the spawn: the in-process world comes second
     logits1, hidden1, grads1 = _forward_backward(M.from_pretrained(hf_folder), batch)
     odd1 = _forward_backward(M.from_pretrained(odd_folder), batch)
     for (logits2, hidden2, grads2), (logits1, hidden1, grads1) in ((tp2, (logits1, hidden1, grads1)),
-                                                                     (sp2, (logits1, hidden1, grads1)), (odd2, odd1)):
+                                                                     (sp2, (logits1, hidden1, grads1)), (odd2, odd1),
+                                                                     (sel2, (logits1, hidden1, grads1))):
         torch.testing.assert_close(logits2, logits1, atol=1e-5, rtol=0)
         torch.testing.assert_close(hidden2, hidden1, atol=1e-5, rtol=0)
         assert grads2.keys() == grads1.keys()

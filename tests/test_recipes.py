@@ -12,7 +12,8 @@ RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 def test_expected_recipes_are_shipped():
     """Pins the recipe names that the CLI docs, the demo and the tests use."""
     expected = {"lingshu-7b-stage1", "lingshu-7b-stage2", "lingshu-7b-stage3", "lingshu-7b-stage4",
-                "lingshu-32b-stage3", "tiny-base", "tiny-stage1", "tiny-stage2", "tiny-sft", "tiny-rl"}
+                "lingshu-32b-stage1", "lingshu-32b-stage2", "lingshu-32b-stage3", "lingshu-32b-stage4",
+                "tiny-base", "tiny-stage1", "tiny-stage2", "tiny-sft", "tiny-rl"}
     assert expected <= set(RECIPES)
 
 
@@ -48,7 +49,9 @@ def test_lingshu_7b_stage_settings():
 
 def test_lingshu_7b_stage4_and_32b():
     """Pins the RL settings (GRPO, 16 generations, beta 1e-3, lr 1e-6, temperature 1, 512 prompts per
-    rollout in 4 updates of 128, length 4096, format 0.5 + accuracy 1.0) and TP 8 for 32B."""
+    rollout in 4 updates of 128, length 4096, format 0.5 + accuracy 1.0), and the 32B stages: the
+    7B stage's settings on the 32B architecture, each starting from the previous 32B stage's export,
+    tensor-parallel (their layouts are checked against their hardware in test_plan.py)."""
     s4 = load_config("lingshu-7b-stage4")
     assert s4.train.stage == 4 and s4.optim.lr == 1e-6 and s4.data.max_length == 4096
     rl = s4.rl
@@ -56,8 +59,14 @@ def test_lingshu_7b_stage4_and_32b():
     assert rl.rollout_batch // rl.updates_per_rollout == 128
     assert rl.rewards == ["format:0.5", "accuracy:1.0"]
     big = load_config("lingshu-32b-stage3")
-    assert big.parallel.tp == 8 and big.train.stage == 3 and big.data.pack
+    assert big.parallel.tp >= 4 and big.train.stage == 3 and big.data.pack
     assert "32B" in big.model.path and big.optim.lr == 1e-5
+    for i in (1, 2, 3, 4):
+        cfg, small = load_config(f"lingshu-32b-stage{i}"), load_config(f"lingshu-7b-stage{i}")
+        assert cfg.model.architecture == "qwen2.5-vl-32b" and cfg.train.stage == i and cfg.run.hardware
+        assert (cfg.optim.lr, cfg.model.freeze, cfg.data.max_length) == (small.optim.lr, small.model.freeze,
+                                                                          small.data.max_length)
+        assert cfg.model.init_from == (f"runs/lingshu-32b-stage{i - 1}/hf" if i > 1 else None)
 
 
 def test_tiny_recipes_inherit_base():

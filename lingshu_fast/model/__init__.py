@@ -1,7 +1,8 @@
 """Qwen2.5-VL (Lingshu) on Megatron-Core tensor-parallel layers, with HF checkpoints in and out.
 
 Public API:
-    from_pretrained(path, *, dtype, device, activation_checkpointing, layer_start, layer_end, attention_backend)
+    from_pretrained(path, *, dtype, device, activation_checkpointing, checkpoint_every_k_layers, layer_start,
+                    layer_end, attention_backend)   activation_checkpointing: none | full | selective
     build_model(hf_config, *, seed, dtype, device, ...)      random init, identical under any TP/PP layout
     save_pretrained(model, path, *, max_shard_bytes)           HF folder transformers/vLLM load unchanged
     full_hf_state_dict(model, *, grads=False)                  this stage's tensors/grads, HF names, TP-gathered

@@ -161,14 +161,14 @@ def _fill(model: Qwen25VLModel, source, full_shapes: dict) -> None:
             params[name].copy_(local.reshape(params[name].shape))
 
 
-def _finish(model, device, activation_checkpointing: bool) -> Qwen25VLModel:
-    model.activation_checkpointing = activation_checkpointing
+def _finish(model, device, activation_checkpointing, every_k: int) -> Qwen25VLModel:
+    model.set_recompute(activation_checkpointing, every_k)
     return model.to(device)
 
 
 def build_model(hf_config, *, seed: int = 0, dtype=torch.float32, device="cpu", layer_start: int = 0,
-                layer_end=None, activation_checkpointing: bool = False, attention_backend: str = "auto",
-                sequence_parallel: bool = False) -> Qwen25VLModel:
+                layer_end=None, activation_checkpointing="none", checkpoint_every_k_layers: int = 1,
+                attention_backend: str = "auto", sequence_parallel: bool = False) -> Qwen25VLModel:
     """A randomly initialised model for this rank (identical across TP/PP layouts for the same seed)."""
     tp, _, _ = _tp_info()
     dtype = resolve_dtype(dtype, device)
@@ -176,12 +176,12 @@ def build_model(hf_config, *, seed: int = 0, dtype=torch.float32, device="cpu", 
                           attention_backend=attention_backend, sequence_parallel=sequence_parallel)
     source = _RandomSource(hf_config, seed)
     _fill(model, source, source.full_shapes)
-    return _finish(model, device, activation_checkpointing)
+    return _finish(model, device, activation_checkpointing, checkpoint_every_k_layers)
 
 
-def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_checkpointing: bool = False,
-                    layer_start: int = 0, layer_end=None, attention_backend: str = "auto",
-                    sequence_parallel: bool = False) -> Qwen25VLModel:
+def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_checkpointing="none",
+                    checkpoint_every_k_layers: int = 1, layer_start: int = 0, layer_end=None,
+                    attention_backend: str = "auto", sequence_parallel: bool = False) -> Qwen25VLModel:
     """This rank's TP shard (and PP layer range) of the HF Qwen2.5-VL folder `path`."""
     config = load_hf_config(path)
     source = _SafetensorsSource(path)
@@ -192,7 +192,7 @@ def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_
     model = Qwen25VLModel(config, dtype=dtype, tp=tp, layer_start=layer_start, layer_end=layer_end,
                           attention_backend=attention_backend, sequence_parallel=sequence_parallel)
     _fill(model, source, found)
-    return _finish(model, device, activation_checkpointing)
+    return _finish(model, device, activation_checkpointing, checkpoint_every_k_layers)
 
 
 # ---------------- save ----------------

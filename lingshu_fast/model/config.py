@@ -84,6 +84,25 @@ def load_hf_config(path: str):
     return Qwen2_5_VLConfig.from_pretrained(path)
 
 
+ARCHITECTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "architectures")
+
+
+def architecture_names() -> list[str]:
+    """The Qwen2.5-VL sizes whose config.json ships with the package (architectures/README.md)."""
+    return sorted(name[:-5] for name in os.listdir(ARCHITECTURES_DIR) if name.endswith(".json"))
+
+
+def architecture_config(name: str):
+    """The shipped `Qwen2_5_VLConfig` of `name` (e.g. "qwen2.5-vl-7b"): no weights needed."""
+    from transformers import Qwen2_5_VLConfig
+
+    path = os.path.join(ARCHITECTURES_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown architecture {name!r}; the package ships {', '.join(architecture_names())}")
+    with open(path) as f:
+        return Qwen2_5_VLConfig(**json.load(f))
+
+
 def text_head_dim(config) -> int:
     text = config.text_config
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

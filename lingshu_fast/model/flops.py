@@ -29,14 +29,29 @@ import torch
 from lingshu_fast.model.vision import window_layout
 
 
+def _llm_attention(config, seq_lens: Sequence[int]) -> float:
+    t = config.text_config
+    q = t.num_attention_heads * (getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads)
+    return float(t.num_hidden_layers * sum(2 * q * s * (s + 1) for s in seq_lens))
+
+
 def _llm_flops(config, seq_lens: Sequence[int]) -> float:
     t = config.text_config
     hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     h, q, kv, inter = t.hidden_size, t.num_attention_heads * hd, t.num_key_value_heads * hd, t.intermediate_size
     tokens = sum(seq_lens)
     per_token = t.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter) + h * t.vocab_size
-    attention = t.num_hidden_layers * sum(2 * q * s * (s + 1) for s in seq_lens)
-    return 2.0 * tokens * per_token + float(attention)
+    return 2.0 * tokens * per_token + _llm_attention(config, seq_lens)
+
+
+def _vit_attention(config, grid: torch.Tensor) -> float:
+    v = config.vision_config
+    merge = v.spatial_merge_size
+    _, cu_window, cu_frame = window_layout(grid, merge, v.window_size // merge // v.patch_size)
+    window_sq = float(((cu_window[1:] - cu_window[:-1]).double() ** 2).sum())
+    frame_sq = float(((cu_frame[1:] - cu_frame[:-1]).double() ** 2).sum())
+    n_full = sum(1 for i in range(v.depth) if i in v.fullatt_block_indexes)
+    return 4 * v.hidden_size * (n_full * frame_sq + (v.depth - n_full) * window_sq)
 
 
 def _vit_flops(config, image_grid_thw: torch.Tensor) -> float:
@@ -48,12 +63,15 @@ def _vit_flops(config, image_grid_thw: torch.Tensor) -> float:
     patches = int(grid.prod(-1).sum())
     dense = 2 * patches * (patch_values * d + v.depth * (4 * d * d + 3 * d * v.intermediate_size))
     merger = 2 * (patches // merge ** 2) * (m * m + m * v.out_hidden_size)
-    _, cu_window, cu_frame = window_layout(grid, merge, v.window_size // merge // v.patch_size)
-    window_sq = float(((cu_window[1:] - cu_window[:-1]).double() ** 2).sum())
-    frame_sq = float(((cu_frame[1:] - cu_frame[:-1]).double() ** 2).sum())
-    n_full = sum(1 for i in range(v.depth) if i in v.fullatt_block_indexes)
-    attention = 4 * d * (n_full * frame_sq + (v.depth - n_full) * window_sq)
-    return float(dense + merger) + attention
+    return float(dense + merger) + _vit_attention(config, grid)
+
+
+def attention_flops(config, seq_lens: Sequence[int], image_grid_thw: Optional[torch.Tensor] = None) -> float:
+    """The attention-score part (QK^T and PV) of `forward_flops`, LLM + ViT: what selective recompute
+    runs again in backward."""
+    has_images = image_grid_thw is not None and len(image_grid_thw) > 0
+    vit = _vit_attention(config, torch.as_tensor(image_grid_thw).reshape(-1, 3)) if has_images else 0.0
+    return _llm_attention(config, [int(s) for s in seq_lens]) + vit
 
 
 def forward_flops(config, seq_lens: Sequence[int], image_grid_thw: Optional[torch.Tensor] = None) -> dict[str, float]:

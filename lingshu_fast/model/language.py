@@ -18,6 +18,7 @@ import torch.nn as nn
 from lingshu_fast.model.attention import varlen_attention
 from lingshu_fast.model.ops import apply_rotary, swiglu
 from lingshu_fast.model.parallel_linear import ColumnLinear, RowLinear
+from lingshu_fast.model.recompute import activation_then, maybe_checkpoint
 from lingshu_fast.model.vision import RMSNorm
 
 
@@ -52,15 +53,24 @@ class DecoderLayer(nn.Module):
         self.gate_up = ColumnLinear(hidden, 2 * tcfg.intermediate_size, bias=False, config=mcfg)
         self.down_proj = RowLinear(tcfg.intermediate_size, hidden, bias=False, config=mcfg)
         self.attention_backend = "auto"
+        self.selective = False  # selective recompute of the attention core and the MLP activation (recompute.py)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    def attention_core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                       max_seqlen: int) -> torch.Tensor:
+        """Rotary + causal varlen attention: fused qkv [T, (q + 2 kv) * d] -> [T, q * d]."""
         d = self.head_dim
-        qkv = self.qkv(self.input_layernorm(x))
         tokens = qkv.shape[0]  # all T tokens, also under sequence parallelism (x holds T/tp)
         q, k, v = qkv.split([self.q_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k = apply_rotary(q.view(tokens, self.q_heads, d), k.view(tokens, self.kv_heads, d), cos, sin)
         attn = varlen_attention(q, k, v.view(tokens, self.kv_heads, d), cu_seqlens, max_seqlen, causal=True,
                                 backend=self.attention_backend)
-        x = x + self.o_proj(attn.reshape(tokens, -1))
+        return attn.reshape(tokens, -1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+        qkv = self.qkv(self.input_layernorm(x))
+        attn = maybe_checkpoint(self.attention_core, qkv, cos, sin, cu_seqlens, max_seqlen, active=self.selective)
+        x = x + self.o_proj(attn)
         gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        if self.selective:
+            return x + activation_then(swiglu, (gate, up), self.down_proj)
         return x + self.down_proj(swiglu(gate, up))

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from lingshu_fast.model.config import check_tensor_parallel, megatron_layer_config, mrope_section, text_head_dim
 from lingshu_fast.model.language import DecoderLayer, mrope_cos_sin, mrope_inv_freq
 from lingshu_fast.model.parallel_linear import ColumnLinear, VocabEmbedding
+from lingshu_fast.model.recompute import layer_policy, maybe_checkpoint, normalize_policy
 from lingshu_fast.model.sequence_parallel import gather_seq_output, scatter_seq
 from lingshu_fast.model.vision import RMSNorm, VisionTower
 
@@ -49,7 +49,8 @@ class ModelOutput:
 
 class Qwen25VLModel(nn.Module):
     def __init__(self, hf_config, *, dtype: torch.dtype = torch.float32, tp: Optional[int] = None,
-                 layer_start: int = 0, layer_end: Optional[int] = None, activation_checkpointing: bool = False,
+                 layer_start: int = 0, layer_end: Optional[int] = None,
+                 activation_checkpointing: Union[str, bool] = "none", checkpoint_every_k_layers: int = 1,
                  attention_backend: str = "auto", sequence_parallel: bool = False):
         super().__init__()
         from megatron.core import parallel_state as ps
@@ -87,7 +88,7 @@ class Qwen25VLModel(nn.Module):
         self.register_buffer("rope_inv_freq", mrope_inv_freq(text_head_dim(hf_config), theta), persistent=False)
         self.mrope_section = mrope_section(hf_config)
         self.set_attention_backend(attention_backend)
-        self.activation_checkpointing = activation_checkpointing
+        self.set_recompute(activation_checkpointing, checkpoint_every_k_layers)
         self.sequence_parallel = bool(sequence_parallel) and tp > 1  # a no-op at TP=1
         if self.sequence_parallel:
             self._enable_sequence_parallel()
@@ -107,14 +108,26 @@ class Qwen25VLModel(nn.Module):
 
     # ---- switches ----
     @property
-    def activation_checkpointing(self) -> bool:
-        return self._activation_checkpointing
+    def activation_checkpointing(self) -> str:
+        """The recompute policy: none | full | selective (recompute.py)."""
+        return self._recompute_policy
 
     @activation_checkpointing.setter
-    def activation_checkpointing(self, on: bool) -> None:
-        self._activation_checkpointing = bool(on)
+    def activation_checkpointing(self, policy: Union[str, bool]) -> None:
+        self.set_recompute(policy, getattr(self, "checkpoint_every_k_layers", 1))
+
+    def set_recompute(self, policy: Union[str, bool], every_k: int = 1) -> None:
+        """Activation checkpointing `policy` (True/False: full/none) on every `every_k`-th decoder layer
+        (by global index) and ViT block."""
+        policy = normalize_policy(policy)
+        layer_policy(policy, 0, every_k)  # validates every_k
+        self._recompute_policy, self.checkpoint_every_k_layers = policy, every_k
+        chosen = {layer.layer_id: layer_policy(policy, layer.layer_id, every_k) for layer in self.layers}
+        self._full_layers = {i for i, p in chosen.items() if p == "full"}
+        for layer in self.layers:
+            layer.selective = chosen[layer.layer_id] == "selective"
         if self.pre_process:
-            self.visual.activation_checkpointing = bool(on)
+            self.visual.set_recompute(policy, every_k)
 
     def set_attention_backend(self, backend: str) -> None:
         for module in self.modules():
@@ -174,10 +187,8 @@ class Qwen25VLModel(nn.Module):
 
     def run_layers(self, hidden, cos, sin, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         for layer in self.layers:
-            if self._activation_checkpointing and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
-            else:
-                hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen)
+            hidden = maybe_checkpoint(layer, hidden, cos, sin, cu_seqlens, max_seqlen,
+                                      active=layer.layer_id in self._full_layers)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

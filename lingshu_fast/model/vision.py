@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lingshu_fast.model.attention import varlen_attention
 from lingshu_fast.model.ops import apply_rotary, rms_norm, swiglu
 from lingshu_fast.model.parallel_linear import make_linear
+from lingshu_fast.model.recompute import activation_then, layer_policy, maybe_checkpoint
 from lingshu_fast.model.sequence_parallel import sync_grad
 
 _VISION_NORM_EPS = 1e-6  # hard-coded in HF's vision blocks and merger
@@ -96,15 +96,23 @@ class VisionBlock(nn.Module):
         self.gate_up = make_linear("column", dim, 2 * inter, bias=True, config=mcfg, sharded=sharded)
         self.down = make_linear("row", inter, dim, bias=True, config=mcfg, sharded=sharded)
         self.attention_backend = "auto"
+        self.selective = False  # selective recompute of the attention core and the MLP activation (recompute.py)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int):
-        tokens = x.shape[0]
-        q, k, v = self.qkv(rms_norm(x, self.norm1.weight, self.norm1.eps)).view(
-            tokens, 3, self.heads_local, self.head_dim).unbind(1)
+    def attention_core(self, qkv, cos, sin, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        """2-D rotary + bidirectional varlen attention: qkv [P, 3 * local width] -> [P, local width]."""
+        tokens = qkv.shape[0]
+        q, k, v = qkv.view(tokens, 3, self.heads_local, self.head_dim).unbind(1)
         q, k = apply_rotary(q, k, cos, sin)
         attn = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, backend=self.attention_backend)
-        x = x + self.proj(attn.reshape(tokens, -1))
+        return attn.reshape(tokens, -1)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int):
+        qkv = self.qkv(rms_norm(x, self.norm1.weight, self.norm1.eps))
+        attn = maybe_checkpoint(self.attention_core, qkv, cos, sin, cu_seqlens, max_seqlen, active=self.selective)
+        x = x + self.proj(attn)
         gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        if self.selective:
+            return x + activation_then(swiglu, (gate, up), self.down)
         return x + self.down(swiglu(gate, up))
 
 
@@ -136,7 +144,13 @@ class VisionTower(nn.Module):
         spatial = head_dim // 2
         inv_freq = 1.0 / theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"  # none | full | selective (recompute.py), set by the model
+        self.checkpoint_every_k_layers = 1
+
+    def set_recompute(self, policy: str, every_k: int) -> None:
+        self.activation_checkpointing, self.checkpoint_every_k_layers = policy, every_k
+        for i, block in enumerate(self.blocks):
+            block.selective = layer_policy(policy, i, every_k) == "selective"
 
     def _rotary(self, grid_thw: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         pos = patch_positions(grid_thw, self.cfg.spatial_merge_size).to(device)
@@ -170,11 +184,9 @@ class VisionTower(nn.Module):
         max_frame = int((cu_frame[1:] - cu_frame[:-1]).max())
         cu_window, cu_frame = cu_window.to(device), cu_frame.to(device)
         for i, block in enumerate(self.blocks):
-            full = i in cfg.fullatt_block_indexes
-            args = (x, cos, sin, cu_frame if full else cu_window, max_frame if full else max_window)
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
+            whole_frame = i in cfg.fullatt_block_indexes
+            args = (x, cos, sin, cu_frame if whole_frame else cu_window, max_frame if whole_frame else max_window)
+            recompute = layer_policy(self.activation_checkpointing, i, self.checkpoint_every_k_layers) == "full"
+            x = maybe_checkpoint(block, *args, active=recompute)
         merged = self.merger(x)
         return merged[torch.argsort(window_index)]

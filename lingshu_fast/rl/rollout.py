@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from lingshu_fast.config import ROLLOUT_CPU_GB, ROLLOUT_FREE_FRACTION
 from lingshu_fast.data import images as img
 from lingshu_fast.data.formats import DataError, SampleError, SkipLog, SkipReason, load_records
 from lingshu_fast.data.loader import MERGE_SIZE, image_grid, image_hw
@@ -333,19 +334,17 @@ def _data_parallel_union(bad: set[int]) -> set[int]:
     return {int(i) for part in gathered for i in part}
 
 
-CPU_ROLLOUT_BUDGET_GB = 4.0  # rl.rollout_memory_gb's default without a GPU
-GPU_ROLLOUT_FRACTION = 0.5  # ... and with one: this share of the device's free memory at rollout time
 
 
 def rollout_budget_bytes(rl_cfg, device: torch.device) -> int:
     """Bytes one generation pass may hold in KV cache and sampling logits on this rank:
-    `rl.rollout_memory_gb`, else half the GPU's free memory (the smallest over the TP x PP group:
-    its ranks must cut the prompts into the same passes), else a fixed 4 GiB on CPU."""
+    `rl.rollout_memory_gb`, else ROLLOUT_FREE_FRACTION of the GPU's free memory (the smallest over the
+    TP x PP group: its ranks must cut the prompts into the same passes), else ROLLOUT_CPU_GB on CPU."""
     if rl_cfg.rollout_memory_gb is not None:
         return int(rl_cfg.rollout_memory_gb * 2**30)
     if device.type != "cuda":
-        return int(CPU_ROLLOUT_BUDGET_GB * 2**30)
-    free = torch.tensor([float(torch.cuda.mem_get_info(device)[0]) * GPU_ROLLOUT_FRACTION], device=device)
+        return int(ROLLOUT_CPU_GB * 2**30)
+    free = torch.tensor([float(torch.cuda.mem_get_info(device)[0]) * ROLLOUT_FREE_FRACTION], device=device)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -99,7 +99,8 @@ def build_rank_model(cfg: Config, dims: ParallelDims, model_path: str, *, dtype:
     `ModelChunks`, under the interleaved schedule), TP-sharded. `frozen=True` gives stage 4's
     reference model: eval mode, no gradients, no activation checkpointing."""
     model = rank_model([from_pretrained(model_path, dtype=dtype, device=device,
-                                        activation_checkpointing=cfg.model.activation_checkpointing and not frozen,
+                                        activation_checkpointing="none" if frozen else cfg.model.activation_checkpointing,
+                                        checkpoint_every_k_layers=cfg.model.checkpoint_every_k_layers,
                                         attention_backend=cfg.model.attention,
                                         sequence_parallel=cfg.parallel.sequence_parallel, **layers)
                         for layers in rank_layer_kwargs(load_hf_config(model_path), dims, cfg)])

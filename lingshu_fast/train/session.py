@@ -19,6 +19,7 @@ import yaml
 
 from lingshu_fast.config import Config
 from lingshu_fast.parallel.state import ParallelDims
+from lingshu_fast.plan.check import check_startup_memory
 from lingshu_fast.train import checkpoint as ckpt
 from lingshu_fast.train.engine import StepEngine, StepResult
 from lingshu_fast.train.layout import start_parallel
@@ -101,6 +102,7 @@ class StageRun:
                  evaluate: Optional[Evaluator] = None):
         self.cfg, self.evaluate = cfg, evaluate
         self.dims = dims = dims or start_parallel(cfg)
+        check_startup_memory(cfg, dims)  # before any weight loads: one line when the layout cannot fit
         self.run_dir = start_run_dir(cfg, dims)
         self.state = state = build(cfg, dims)
         self.skips = SkipTracker(cfg.train.max_consecutive_skips)
