@@ -48,10 +48,29 @@ Int64Array mrope_position_ids(const Int64Array& input_ids, const Int64Array& ima
   return out;
 }
 
+py::tuple scan_jsonl(const py::buffer& data, int64_t first_line, const std::string& system_prompt,
+                     bool prompt_mode) {
+  const py::buffer_info info = data.request();
+  if (info.ndim != 1 || info.itemsize != 1) throw std::invalid_argument("data must be a 1-D byte buffer");
+  lingshu::ScanResult r;
+  {
+    py::gil_scoped_release release;
+    r = lingshu::scan_jsonl(static_cast<const char*>(info.ptr), info.shape[0], first_line, system_prompt,
+                            prompt_mode);
+  }
+  py::list texts(r.texts.size()), paths(r.image_paths.size());
+  for (size_t k = 0; k < r.texts.size(); ++k) texts[k] = py::str(r.texts[k]);
+  for (size_t k = 0; k < r.image_paths.size(); ++k) paths[k] = py::str(r.image_paths[k]);
+  return py::make_tuple(to_array(std::move(r.line)), to_array(std::move(r.offset)), to_array(std::move(r.nbytes)),
+                        to_array(std::move(r.image_count)), texts, paths, to_array(std::move(r.fallback_line)),
+                        to_array(std::move(r.fallback_offset)), to_array(std::move(r.fallback_nbytes)),
+                        r.next_line);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "lingshu_fast native CPU helpers: packing planner and M-RoPE index builder";
+  m.doc() = "lingshu_fast native CPU helpers: packing planner, M-RoPE index builder, JSONL scanner";
   m.def("plan_packing", &plan_packing, py::arg("lengths"), py::arg("permutation"), py::arg("budget"),
         py::arg("window"),
         "Best-fit-decreasing plan over shuffled windows -> (order, bin_offsets, oversize); see "
@@ -59,4 +78,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("mrope_position_ids", &mrope_position_ids, py::arg("input_ids"), py::arg("image_grid_thw"),
         py::arg("image_token_id"), py::arg("vision_start_token_id"), py::arg("spatial_merge_size"),
         "M-RoPE position ids int64 [3, T] of one unpadded sample; see lingshu_fast.data.rope.");
+  m.def("scan_jsonl", &scan_jsonl, py::arg("data"), py::arg("first_line"), py::arg("system_prompt"),
+        py::arg("prompt_mode"),
+        "JSONL bytes -> (line, offset, nbytes, image_count, texts, image_paths, fallback_line, fallback_offset, "
+        "fallback_nbytes, next_line); see lingshu_fast.data.scan.");
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace lingshu {
@@ -23,5 +24,16 @@ PackResult plan_packing(const int64_t* lengths, const int64_t* permutation, int6
 void mrope_position_ids(const int64_t* input_ids, int64_t n_tokens, const int64_t* grid_thw, int64_t n_images,
                         int64_t image_token_id, int64_t vision_start_token_id, int64_t spatial_merge_size,
                         int64_t* out);
+
+// JSONL lines -> rendered chat-template text + image paths of the plain records (data/index.py);
+// every other line comes back as a "fallback" for Python. Offsets are relative to `data`.
+struct ScanResult {
+  std::vector<int64_t> line, offset, nbytes, image_count;  // accepted lines
+  std::vector<std::string> texts, image_paths;             // one text per accepted line; paths flat
+  std::vector<int64_t> fallback_line, fallback_offset, fallback_nbytes;
+  int64_t next_line = 0;  // the line number after the last line of `data`
+};
+ScanResult scan_jsonl(const char* data, int64_t size, int64_t first_line, const std::string& system_prompt,
+                      bool prompt_mode);
 
 }  // namespace lingshu

@@ -61,7 +61,12 @@ class DataConfig:
     shuffle_window: int = 1024
     strict: bool = False
     system_prompt: Optional[str] = None
-    num_workers: int = 0
+    # data worker processes per rank; null: the cores per local rank minus one (at most 8); 0: none
+    num_workers: Optional[int] = None
+    # where the data index files go; null: next to each JSONL (else ~/.cache/lingshu_fast/index)
+    index_dir: Optional[str] = None
+    # image paths must resolve inside data.image_root (or the JSONL's folder); null: on when image_root is set
+    confine_images: Optional[bool] = None
     # how images travel to the device: "uint8" ships the resized bytes and normalises + patchifies
     # them there (image_pack kernel; 8x fewer bytes than float32 patches), "float32" packs on the
     # host; "auto": uint8 when CUDA is available
@@ -86,7 +91,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     stage: int = 3
-    max_steps: int = 100
+    # optimizer steps; null: every micro-batch of train.epochs epochs (and never more than those)
+    max_steps: Optional[int] = None
     epochs: int = 1
     # The global batch: micro-batches per step summed over all data-parallel ranks.
     global_microbatches: int = 1
@@ -354,7 +360,13 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
         (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),
-        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 0,
+         "train.max_steps must be >= 0, or null to train train.epochs epochs"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.data.num_workers is None or 0 <= cfg.data.num_workers <= 256,
+         "data.num_workers must be in [0, 256], or null for the cores per local rank"),
+        (cfg.data.max_length > 0, "data.max_length must be > 0"),
+        (cfg.data.shuffle_window >= 1, "data.shuffle_window must be >= 1"),
         (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)"),
         (cfg.data.min_pixels > 0, "data.min_pixels must be > 0"),
         (cfg.data.max_pixels >= cfg.data.min_pixels, "data.max_pixels must be >= data.min_pixels"),

@@ -45,9 +45,11 @@ class ImageError(ValueError):
     """An image that cannot be used: missing, corrupt, or of an unsupported shape/dtype."""
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """DICOM Part 10 files carry a 128-byte preamble then the magic 'DICM'; used for extensionless files."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A `.dcm`/`.dicom` name, or the magic 'DICM' after the 128-byte preamble of DICOM Part 10 files
+    (extensionless files): the one DICOM sniff of the data path. An unreadable file is not DICOM
+    here; opening it then reports why."""
+    if Path(path).suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
         with open(path, "rb") as f:
@@ -55,6 +57,22 @@ def _is_dicom_file(path: Path) -> bool:
             return f.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels (PIL opens
+    lazily; DICOM through pydicom with stop_before_pixels). ImageError when it is not a readable image."""
+    try:
+        if is_dicom_file(path):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+        return int(height), int(width)
+    except Exception as err:  # noqa: BLE001 - PIL/pydicom raise many types for a bad file
+        raise ImageError(f"cannot read image header of {path} ({type(err).__name__}: {err})") from None
 
 
 def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -121,7 +139,7 @@ def _open_file(path: Path) -> np.ndarray:
         raise ImageError(f"image file not found: {path}")
     if not path.is_file():
         raise ImageError(f"image path is not a file: {path}")
-    if _is_dicom_file(path):
+    if is_dicom_file(path):
         from lingshu_fast.data.dicom import read_dicom  # lazy: dicom.py imports ImageError from here
 
         return read_dicom(path)
@@ -199,6 +217,45 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def grid_thw(height: int, width: int, *, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of one image of `height` x `width` pixels after smart_resize, exactly as
+    `preprocess` will give it; its LLM token count is t*h*w / MERGE_SIZE**2."""
+    rh, rw = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+    return 1, rh // PATCH_SIZE, rw // PATCH_SIZE
+
+
+def smart_resize_many(heights: np.ndarray, widths: np.ndarray, *, min_pixels: int,
+                      max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """`smart_resize` of many sizes at once (int64 arrays), the same float64 arithmetic in the same
+    order (np.round is round-half-even as Python's round; true division and sqrt are correctly
+    rounded in both), so every entry equals the scalar rule's. The sizes must already be valid
+    (aspect ratio <= 200: the index rejects the others as corrupt_image)."""
+    h = np.asarray(heights, dtype=np.int64)
+    w = np.asarray(widths, dtype=np.int64)
+    f = FACTOR
+    h_bar = np.round(h / f).astype(np.int64) * f
+    w_bar = np.round(w / f).astype(np.int64) * f
+    area = h * w
+    big = h_bar * w_bar > max_pixels
+    small = ~big & (h_bar * w_bar < min_pixels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beta = np.sqrt(area / max_pixels)
+        big_h = np.maximum(f, np.floor(h / beta / f).astype(np.int64) * f)
+        big_w = np.maximum(f, np.floor(w / beta / f).astype(np.int64) * f)
+        beta = np.sqrt(min_pixels / area)
+        small_h = np.ceil(h * beta / f).astype(np.int64) * f
+        small_w = np.ceil(w * beta / f).astype(np.int64) * f
+    h_bar = np.where(big, big_h, np.where(small, small_h, h_bar))
+    w_bar = np.where(big, big_w, np.where(small, small_w, w_bar))
+    return h_bar, w_bar
+
+
+def image_token_counts(heights: np.ndarray, widths: np.ndarray, *, min_pixels: int, max_pixels: int) -> np.ndarray:
+    """LLM tokens of each image (t*h*w / MERGE_SIZE**2 of its grid), int64."""
+    rh, rw = smart_resize_many(heights, widths, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (rh // PATCH_SIZE) * (rw // PATCH_SIZE) // (MERGE_SIZE * MERGE_SIZE)
+
+
 def resize_image(
     image: np.ndarray, *, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
@@ -230,6 +287,14 @@ def concat_uint8(resized: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
     flat = np.concatenate([np.ascontiguousarray(im).reshape(-1) for im in resized])
     sizes = torch.tensor([im.shape[:2] for im in resized], dtype=torch.int64)
     return torch.from_numpy(flat), sizes
+
+
+def pack_host(flat_uint8: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Resized images as bytes (`concat_uint8`'s layout, numpy) -> float32 `pixel_values [P, 1176]`
+    on the host: what `pack_images` gives for them on CPU."""
+    from lingshu_fast.kernels.image_pack import pack_images
+
+    return pack_images(torch.from_numpy(flat_uint8), torch.from_numpy(sizes), out_dtype=torch.float32)[0].numpy()
 
 
 def preprocess(
