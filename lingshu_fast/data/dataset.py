@@ -164,3 +164,35 @@ def open_parts(sources: Sequence, template, cfg, *, mode: str = "train", index_d
         parts.append(Part("<memory>", records=records, arrays=arrays, header=header, base_dir=image_root,
                           confine_root=image_root if confine and image_root else None, mode=mode))
     return parts
+
+
+def select_usable(parts: Sequence[Part], *, min_pixels: int, max_pixels: int, limit: int, why: str,
+                  skips) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(lengths, record ids, first record id of each part, problems) of the samples that fit
+    `limit` tokens. Every bad record of the indexes and every too_long one goes to `skips` (a
+    formats.SkipLog); `problems` names each source left with no usable sample."""
+    lengths, records, empty = [], [], []
+    part_starts = np.zeros(len(parts) + 1, dtype=np.int64)
+    for p, part in enumerate(parts):
+        for source, reason, message in part.bad_records():
+            skips.add(source, SampleError(SkipReason(reason), message))
+        n = part.num_records
+        part_starts[p + 1] = part_starts[p] + n
+        part_lengths = sample_lengths(part, min_pixels=min_pixels, max_pixels=max_pixels)
+        too_long = np.flatnonzero(part_lengths > limit)
+        for k in too_long.tolist():
+            skips.add(part.source(k), SampleError(SkipReason.TOO_LONG, f"{int(part_lengths[k])} tokens > {limit} ({why})"))
+        keep = np.ones(n, dtype=bool)
+        keep[too_long] = False
+        if not keep.any():
+            counts = {k: v for k, v in part.bad_counts().items() if v}
+            if len(too_long):
+                counts["too_long"] = len(too_long)
+            empty.append(f"{part.name}: no usable sample among its {n + sum(counts.values()) - len(too_long)} "
+                         f"records (skipped: {counts})")
+        lengths.append(part_lengths[keep])
+        records.append(np.flatnonzero(keep) + part_starts[p])
+    if not parts:
+        empty.append("no data: data.train is empty")
+    concat = (lambda xs: np.concatenate(xs)) if parts else (lambda xs: np.zeros(0, np.int64))
+    return concat(lengths), concat(records), part_starts, empty

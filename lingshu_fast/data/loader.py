@@ -43,8 +43,8 @@ import torch
 
 from lingshu_fast.data.batch import MicroBatch
 from lingshu_fast.data.builder import BatchBuilder, BuildSpec
-from lingshu_fast.data.dataset import open_parts, sample_lengths
-from lingshu_fast.data.formats import DataError, SampleError, SkipLog, SkipReason
+from lingshu_fast.data.dataset import open_parts, select_usable
+from lingshu_fast.data.formats import DataError, SkipLog, SkipReason
 from lingshu_fast.data.packing import plan_packing
 from lingshu_fast.data.template import ChatTemplate
 from lingshu_fast.data.workers import DeviceStager, WorkerPool, default_num_workers
@@ -87,7 +87,11 @@ class PackedLoader:
         self.limit = min(cfg.max_length, cfg.max_tokens_per_microbatch) if cfg.pack else cfg.max_length
         self.parts = open_parts(sources, self.template, cfg, index_dir=index_dir)
         self._startup = SkipLog(strict=cfg.strict, max_logged=MAX_LOGGED_SKIPS)
-        empty = self._plan_samples()
+        why = (f"data.max_length={cfg.max_length}, data.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch}, "
+               f"data.pack={cfg.pack}")
+        self.lengths, self.record_of, self.part_starts, empty = select_usable(
+            self.parts, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, limit=self.limit, why=why,
+            skips=self._startup)
         self._startup.raise_if_strict()
         if empty:
             raise DataError(f"{empty[0]}; fix the records (data.strict=true lists each one) or remove the file "
@@ -109,39 +113,10 @@ class PackedLoader:
         self.epoch, self.position = 0, 0
         self._reset_feed()
         self.microbatches_in_epoch(0)  # too few micro-batches for dp_size is a start-up error
+        if self.num_workers > 0 and self.template.backend is not None:
+            self._fill()  # workers start (and build) while the trainer builds its model
 
     # -- start-up -------------------------------------------------------------------------------
-    def _plan_samples(self) -> list[str]:
-        """Lengths and record ids of the usable samples; returns what is wrong with sources that have none."""
-        lengths, records, empty = [], [], []
-        self.part_starts = np.zeros(len(self.parts) + 1, dtype=np.int64)
-        for p, part in enumerate(self.parts):
-            for source, reason, message in part.bad_records():
-                self._startup.add(source, SampleError(SkipReason(reason), message))
-            n = part.num_records
-            self.part_starts[p + 1] = self.part_starts[p] + n
-            part_lengths = sample_lengths(part, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
-            too_long = np.flatnonzero(part_lengths > self.limit)
-            for k in too_long.tolist():
-                self._startup.add(part.source(k), SampleError(SkipReason.TOO_LONG, (
-                    f"{int(part_lengths[k])} tokens > {self.limit} (data.max_length={self.cfg.max_length}, "
-                    f"data.max_tokens_per_microbatch={self.cfg.max_tokens_per_microbatch}, data.pack={self.cfg.pack})")))
-            keep = np.ones(n, dtype=bool)
-            keep[too_long] = False
-            if not keep.any():
-                counts = {k: v for k, v in part.bad_counts().items() if v}
-                if len(too_long):
-                    counts["too_long"] = len(too_long)
-                empty.append(f"{part.name}: no usable sample among its {n + sum(counts.values())} records "
-                             f"(skipped: {counts})")
-            lengths.append(part_lengths[keep])
-            records.append(np.flatnonzero(keep) + self.part_starts[p])
-        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        self.record_of = np.concatenate(records) if records else np.zeros(0, np.int64)
-        if not self.parts:
-            empty.append("no training data: data.train is empty")
-        return empty
-
     def _spec(self, for_workers: bool) -> BuildSpec:
         return BuildSpec(parts=self.parts, part_starts=self.part_starts,
                          tokenizer_json=self.template.backend.to_str() if for_workers else "",
@@ -232,6 +207,11 @@ class PackedLoader:
         self._pending.append((coord, self._pool.submit(ids.tolist(), self.record_of[ids].tolist())))
         return True
 
+    def _fill(self) -> None:
+        """Keep 2 micro-batches per worker submitted ahead of the trainer."""
+        while len(self._pending) < 2 * self.num_workers and self._submit():
+            pass
+
     def _next_built(self):
         """(coord, arrays, failures) of the next micro-batch, or None at the end of the stream."""
         if self.num_workers <= 0 or self.template.backend is None:
@@ -240,8 +220,7 @@ class PackedLoader:
                 return None
             ids = self._bin(*coord)
             return (coord, *self._local_builder().build(ids, self.record_of[ids]))
-        while len(self._pending) < 2 * self.num_workers and self._submit():
-            pass
+        self._fill()
         if not self._pending:
             return None
         coord, future = self._pending.popleft()
@@ -376,3 +355,18 @@ class PackedLoader:
         self._failed_global = set(state.get("failed_samples", []))
         self._failed = set(self._failed_global)
         self._events_global = int(state.get("events_global", 0))
+
+
+def resolve_max_steps(max_steps: Optional[int], available_steps: int, *, epochs: int, what: str = "steps") -> int:
+    """train.max_steps of a run: null -> every step `epochs` epochs of data give; a set value larger
+    than that is cut to it (the data ends first; the LR schedule must end there too)."""
+    if available_steps < 1:
+        raise DataError(f"train.epochs={epochs} epoch(s) of this data make no full step; add data, raise "
+                        f"train.epochs or lower the batch (train.global_microbatches / rl.rollout_batch)")
+    if max_steps is None:
+        return available_steps
+    if max_steps > available_steps:
+        logger.warning("train.max_steps=%d but train.epochs=%d epoch(s) of the data make %d %s: training %d",
+                       max_steps, epochs, available_steps, what, available_steps)
+        return available_steps
+    return max_steps

@@ -162,6 +162,11 @@ def python_record(obj, spec: ScanSpec, *, base_dir, confine_root, source: str):
             text = spec.template.layout_text(messages, add_generation_prompt=spec.mode == "prompt")
         except TemplateError as err:
             raise SampleError(SkipReason.BAD_SCHEMA, str(err)) from None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's "\ud800" escapes decode to text no tokenizer takes
+            raise SampleError(SkipReason.BAD_SCHEMA, f"unpaired surrogate {text[err.start]!r} in the text "
+                                                     f"(an invalid \\u escape)") from None
         return text, sample.images
     except SampleError as err:
         return err

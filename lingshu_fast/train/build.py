@@ -161,15 +161,18 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
 def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     from megatron.core import parallel_state as ps
 
-    from lingshu_fast.data.loader import PackedLoader
+    from lingshu_fast.data.loader import PackedLoader, resolve_max_steps
     from lingshu_fast.model import training_flops
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
     device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
-    model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
-                          seed=cfg.run.seed)
+                          seed=cfg.run.seed, epochs=cfg.train.epochs, device=device)
+    # before the LR schedule is built: null (or more than the data holds) -> the steps of train.epochs
+    cfg.train.max_steps = resolve_max_steps(cfg.train.max_steps, loader.total_microbatches()
+                                            // (cfg.train.global_microbatches // dims.dp), epochs=cfg.train.epochs)
+    model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
     tp_group = ps.get_tensor_model_parallel_group()
     if dims.pp > 1:

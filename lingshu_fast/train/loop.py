@@ -37,16 +37,6 @@ def parallel_groups():
     return ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()
 
 
-def _step_microbatches(state: TrainState, per_rank: int) -> list:
-    mbs = []
-    for _ in range(per_rank):
-        try:
-            mbs.append(next(state.loader))
-        except StopIteration:
-            break
-    return mbs
-
-
 def resume_run(state: TrainState, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> int:
     if not cfg.checkpoint.resume:
         return 0
@@ -127,7 +117,9 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
     step = start
     try:
         for step in range(start + 1, cfg.train.max_steps + 1):
-            mbs = _step_microbatches(state, per_rank)
+            timer = StepTimer(state.device).start()  # the step's time includes its wait for data
+            mbs = state.loader.take_step(per_rank)
+            data_wait_s = state.loader.last_wait_s
             got = int(allreduce_scalar(len(mbs), dp_group, op=dist.ReduceOp.MIN))
             if got < per_rank:
                 if dims.rank == 0:
@@ -141,7 +133,6 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
                             append_metrics_rows(cfg.run.dir, [{"stage": cfg.train.stage, "step": step, **evaluated}])
                         last["eval_accuracy"] = evaluated.get("eval/overall/accuracy")
                 break
-            timer = StepTimer(state.device).start()
             state.optimizer.zero_grad(set_to_none=True)
             label_tokens = int(allreduce_scalar(sum(mb.num_label_tokens for mb in mbs), dp_group))
             loss_local = state.runner.forward_backward(mbs, global_label_tokens=label_tokens)
@@ -161,13 +152,12 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None) -> dict:
             dt_s = timer.stop()
             tokens = int(allreduce_scalar(sum(mb.num_tokens for mb in mbs), dp_group))
             flops = allreduce_scalar(sum(state.flops_of(mb) for mb in mbs), dp_group)
-            skipped = int(allreduce_scalar(sum(state.loader.skipped_runtime.values()), dp_group)) + sum(
-                state.loader.skipped_startup.values())
             row = dict(
                 step=step, loss=loss, lr=max(lrs.values()) if lrs else 0.0, grad_norm=grad_norm, tokens=tokens,
                 tokens_per_s_per_gpu=tokens / dt_s / dims.world, mfu=mfu(flops, dt_s, dims.world, peak),
-                mem_gb=mem_gb(state.device), skipped_samples=skipped, label_tokens=label_tokens,
-                skipped_steps=skips.total, step_time_s=dt_s, **{f"lr/{k}": v for k, v in lrs.items()},
+                mem_gb=mem_gb(state.device), label_tokens=label_tokens, skipped_steps=skips.total,
+                step_time_s=dt_s, data_wait_s=data_wait_s, **state.loader.skip_metrics(dp_group),
+                **{f"lr/{k}": v for k, v in lrs.items()},
             )
             evaluated = scheduled_eval(cfg, state.model, state.tokenizer, step=step,
                                        final=step == cfg.train.max_steps)  # collective: every rank
