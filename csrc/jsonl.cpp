@@ -468,7 +468,7 @@ bool blank(const char* b, const char* e) {
 }  // namespace
 
 ScanResult scan_jsonl(const char* data, int64_t size, int64_t first_line, const std::string& system_prompt,
-                      bool prompt_mode) {
+                      bool prompt_mode, BpeCounter* counter) {
   ScanResult result;
   Record record;
   std::vector<Message> messages;
@@ -498,7 +498,9 @@ ScanResult scan_jsonl(const char* data, int64_t size, int64_t first_line, const 
     result.offset.push_back(offset);
     result.nbytes.push_back(nbytes);
     result.image_count.push_back(int64_t(images.size()));
-    result.texts.push_back(text);
+    const int64_t tokens = counter ? counter->count(text) : -1;
+    result.tokens.push_back(tokens);
+    result.texts.push_back(tokens < 0 ? text : std::string());
     for (auto& path : images) result.image_paths.push_back(std::move(path));
   }
   result.next_line = line;

@@ -70,7 +70,7 @@ class BatchBuilder:
                 grids = image_grids(part, k, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
                 if len(grids) != len(sample.images):
                     raise SampleError(SkipReason.IMAGE_COUNT_MISMATCH, "the record changed after indexing")
-                arrays = [img.load_image(p) for p in sample.images]
+                arrays = img.resize_images(sample.images, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
             except img.ImageError as err:
                 failures.append((sid, part.source(k), SkipReason.CORRUPT_IMAGE.value, str(err)))
                 continue
@@ -113,8 +113,8 @@ class BatchBuilder:
                 "num_label_tokens": int((labels != IGNORE_INDEX).sum())}
 
     def _image_arrays(self, loaded: list, expected_grids: np.ndarray) -> dict:
-        resized = [img.resize_image(a, min_pixels=self.spec.min_pixels, max_pixels=self.spec.max_pixels)
-                   for a in loaded]
+        """`loaded`: the kept samples' images, already decoded and smart-resized (uint8 HWC)."""
+        resized = loaded
         sizes = np.asarray([r.shape[:2] for r in resized], dtype=np.int64)
         grid = np.stack([np.ones(len(sizes), np.int64), sizes[:, 0] // img.PATCH_SIZE,
                          sizes[:, 1] // img.PATCH_SIZE], axis=1)

@@ -308,17 +308,18 @@ class PackedLoader:
 
     def skip_metrics(self, group=None) -> dict[str, int]:
         """{"skipped_samples": distinct bad records over all ranks, "skipped_events": every time one
-        was met}, start-up ones included. Collective over `group` (the data-parallel group) when
-        torch.distributed is initialised: every rank must call it at the same step."""
+        was met}, start-up ones included. Collective over `group` (the data-parallel group; None: all
+        ranks) when torch.distributed is initialised: every rank must call it at the same step."""
         import torch.distributed as dist
 
         startup = self._startup.total
         events = sum(self._events.values())
-        if not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return {"skipped_samples": startup + len(self._failed), "skipped_events": startup + events}
-        from lingshu_fast.parallel.data_parallel import allreduce_scalar
-
-        total = int(allreduce_scalar(events, group))
+        summed = torch.tensor([events], dtype=torch.int64,
+                              device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+        dist.all_reduce(summed, group=group)
+        total = int(summed.item())
         if total != self._events_global:  # someone met a bad sample since: merge the sets (rare)
             gathered = [None] * dist.get_world_size(group)
             dist.all_gather_object(gathered, sorted(self._failed), group=group)

@@ -55,6 +55,14 @@ class ScanSpec:
         module = load_native("native" if self.backend == "native" else "auto")
         return module if module is not None and hasattr(module, "scan_jsonl") else None
 
+    def counter(self):
+        """The native token counter for this tokenizer (bpe_count.py), or None."""
+        if self.backend == "python":
+            return None
+        from lingshu_fast.data.bpe_count import native_counter
+
+        return native_counter(self.template.tokenizer)
+
 
 class ImageChecks:
     """Existence, header size (or full decode) and the aspect-ratio rule, once per distinct path."""
@@ -101,54 +109,65 @@ class ImageChecks:
 
 
 class IndexBuilder:
-    """Accumulates records in file order; `finish()` gives (header extras, arrays)."""
+    """Accumulates records chunk by chunk in file order; `finish()` gives (header extras, arrays)."""
 
     def __init__(self, spec: ScanSpec, checks: ImageChecks):
         self.spec, self.checks = spec, checks
-        self.offset, self.nbytes, self.line, self.tokens = [], [], [], []
-        self.image_count, self.image_hw = [], []
+        self.chunks: list[dict[str, np.ndarray]] = []
+        self.image_hw: list[tuple[int, int]] = []
         self.bad: list[tuple[int, str, str]] = []
 
-    def add_chunk(self, rows: list[tuple[int, int, int, object]]) -> None:
-        """rows: (line, offset, nbytes, (text, resolved image paths) | SampleError) in file order."""
+    def add_chunk(self, rows: list[tuple[int, int, int, object]], counted: Optional[dict] = None) -> None:
+        """rows: (line, offset, nbytes, (text, resolved image paths[, token count]) | SampleError) in
+        file order (a text is None when its tokens are counted). `counted`: arrays line, offset,
+        nbytes, tokens of text-only records the native scanner finished (no per-record Python)."""
         texts, kept = [], []
         self.checks.prefetch([p for *_, item in rows if not isinstance(item, SampleError) for p in item[1]])
         for line, offset, nbytes, item in rows:
             if isinstance(item, SampleError):
                 self.bad.append((line, item.reason.value, str(item)))
                 continue
-            text, paths = item
+            text, paths = item[0], item[1]
+            tokens = item[2] if len(item) > 2 else -1
             try:
-                sizes = self.checks.sizes_of(paths)
-                if text.count(IMAGE_PAD) != len(paths):  # a literal <|image_pad|> in the content
+                sizes = self.checks.sizes_of(paths) if paths else []
+                if text is not None and text.count(IMAGE_PAD) != len(paths):  # a literal <|image_pad|>
                     raise SampleError(SkipReason.BAD_SCHEMA, f"{text.count(IMAGE_PAD)} <image> markers in the "
                                                              f"messages but {len(paths)} images were given")
             except SampleError as err:
                 self.bad.append((line, err.reason.value, str(err)))
                 continue
-            texts.append(text)
-            kept.append((line, offset, nbytes, sizes))
-        counts = self.spec.template.count_tokens(texts)
-        for (line, offset, nbytes, sizes), count in zip(kept, counts.tolist()):
-            self.line.append(line)
-            self.offset.append(offset)
-            self.nbytes.append(nbytes)
-            self.tokens.append(count)
-            self.image_count.append(len(sizes))
+            if tokens < 0:
+                texts.append(text)
+            kept.append((line, offset, nbytes, tokens, len(sizes)))
             self.image_hw.extend(sizes)
+        tokenized = self.spec.template.count_tokens(texts)
+        table = np.asarray(kept, dtype=np.int64).reshape(-1, 5)
+        if len(texts):
+            table[table[:, 3] < 0, 3] = tokenized
+        chunk = {"line": table[:, 0], "offset": table[:, 1], "nbytes": table[:, 2], "tokens": table[:, 3],
+                 "images": table[:, 4]}
+        if counted is not None and len(counted["line"]):
+            chunk = {k: np.concatenate([chunk[k], counted[k] if k in counted else np.zeros(len(counted["line"]),
+                                                                                         np.int64)])
+                     for k in chunk}
+            order = np.argsort(chunk["line"], kind="stable")  # images only in `rows`: hw order is kept
+            chunk = {k: v[order] for k, v in chunk.items()}
+        self.chunks.append(chunk)
 
     def finish(self, **extras) -> tuple[dict, dict[str, np.ndarray]]:
-        starts = np.zeros(len(self.image_count) + 1, dtype=np.int64)
-        np.cumsum(self.image_count, out=starts[1:])
+        joined = {k: np.concatenate([c[k] for c in self.chunks]) if self.chunks else np.zeros(0, np.int64)
+                  for k in ("line", "offset", "nbytes", "tokens", "images")}
+        starts = np.zeros(len(joined["line"]) + 1, dtype=np.int64)
+        np.cumsum(joined["images"], out=starts[1:])
         self.bad.sort()
-        arrays = {"offset": np.asarray(self.offset, dtype=np.int64), "nbytes": np.asarray(self.nbytes, dtype=np.int64),
-                  "line": np.asarray(self.line, dtype=np.int64), "text_tokens": np.asarray(self.tokens, dtype=np.int32),
-                  "image_start": starts, "image_hw": np.asarray(self.image_hw, dtype=np.int32).reshape(-1, 2),
-                  **pack_bad(self.bad)}
+        arrays = {"offset": joined["offset"], "nbytes": joined["nbytes"], "line": joined["line"],
+                  "text_tokens": joined["tokens"].astype(np.int32), "image_start": starts,
+                  "image_hw": np.asarray(self.image_hw, dtype=np.int32).reshape(-1, 2), **pack_bad(self.bad)}
         counts = {r.value: 0 for r in SkipReason}
         for _, reason, _ in self.bad:
             counts[reason] += 1
-        return {"num_records": len(self.line), "bad_counts": counts, **extras}, arrays
+        return {"num_records": len(joined["line"]), "bad_counts": counts, **extras}, arrays
 
 
 def python_record(obj, spec: ScanSpec, *, base_dir, confine_root, source: str):
@@ -207,15 +226,16 @@ def _chunks(path: Path):
             base, rest = base + cut, data[cut:]
 
 
-def _rows_native(native, data: bytes, base: int, line: int, spec: ScanSpec, base_dir, confine_root, path):
-    (lines, offsets, nbytes, image_counts, texts, raw_paths, fb_line, fb_offset, fb_nbytes,
+def _rows_native(native, counter, data: bytes, base: int, line: int, spec: ScanSpec, base_dir, confine_root, path):
+    (lines, offsets, nbytes, image_counts, tokens, texts, raw_paths, fb_line, fb_offset, fb_nbytes,
      next_line) = native.scan_jsonl(np.frombuffer(data, dtype=np.uint8), line, spec.template.system_prompt,
-                                    spec.mode == "prompt")
+                                    spec.mode == "prompt", counter)
+    done = (image_counts == 0) & (tokens >= 0)  # text-only and counted: finished, as arrays
+    counted = {"line": lines[done], "offset": offsets[done] + base, "nbytes": nbytes[done], "tokens": tokens[done]}
     rows, resolved = [], {}
-    at = 0
-    for k, count in enumerate(image_counts.tolist()):
-        raws = raw_paths[at:at + count]
-        at += count
+    starts = np.concatenate([[0], np.cumsum(image_counts)]).tolist()
+    for k in np.flatnonzero(~done).tolist():
+        raws = raw_paths[starts[k]:starts[k + 1]]
         try:
             paths = []
             for raw in raws:
@@ -227,7 +247,7 @@ def _rows_native(native, data: bytes, base: int, line: int, spec: ScanSpec, base
                 if isinstance(resolved[raw], SampleError):
                     raise resolved[raw]
                 paths.append(resolved[raw])
-            item = (texts[k], paths)
+            item = (texts[k], paths, int(tokens[k]))
         except SampleError as err:
             item = err
         rows.append((int(lines[k]), base + int(offsets[k]), int(nbytes[k]), item))
@@ -236,7 +256,7 @@ def _rows_native(native, data: bytes, base: int, line: int, spec: ScanSpec, base
         if item is not None:
             rows.append((fl, base + fo, fn, item))
     rows.sort(key=lambda row: row[0])
-    return rows, int(next_line)
+    return rows, counted, int(next_line)
 
 
 def _rows_python(data: bytes, base: int, line: int, spec: ScanSpec, base_dir, confine_root, path):
@@ -256,15 +276,17 @@ def build_file(path: Path, spec: ScanSpec, verify: bool) -> tuple[dict, dict[str
     base_dir = spec.image_root if spec.image_root is not None else str(path.parent)
     confine_root = base_dir if spec.confine else None
     native = spec.native()
+    counter = spec.counter() if native is not None else None
     builder = IndexBuilder(spec, ImageChecks(verify))
     line = 1
     for data, base in _chunks(path):
         if native is not None:
-            rows, line = _rows_native(native, data, base, line, spec, base_dir, confine_root, path)
+            rows, counted, line = _rows_native(native, counter, data, base, line, spec, base_dir, confine_root, path)
         else:
-            rows, line = _rows_python(data, base, line, spec, base_dir, confine_root, path)
-        builder.add_chunk(rows)
-    return builder.finish(build_s=round(time.perf_counter() - start, 3), scanner="native" if native else "python")
+            (rows, line), counted = _rows_python(data, base, line, spec, base_dir, confine_root, path), None
+        builder.add_chunk(rows, counted)
+    return builder.finish(build_s=round(time.perf_counter() - start, 3), scanner="native" if native else "python",
+                          counter="native" if counter is not None else "rust")
 
 
 def build_records(records: Sequence, spec: ScanSpec, verify: bool) -> tuple[dict, dict[str, np.ndarray]]:
