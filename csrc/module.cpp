@@ -91,6 +91,8 @@ PYBIND11_MODULE(_C, m) {
              return new lingshu::BpeCounter(plain, ids, pairs, added, ignore_merges);
            }),
            py::arg("tokens"), py::arg("ids"), py::arg("merges"), py::arg("added"), py::arg("ignore_merges"))
+      .def("clone", [](const lingshu::BpeCounter& c) { return new lingshu::BpeCounter(c); },
+           "An independent copy (its own word cache) for another thread.")
       .def("count", [](lingshu::BpeCounter& c, const std::string& text) { return c.count(text); }, py::arg("text"),
            "Token count of `text`, or -1 when it is not countable here; see lingshu_fast.data.bpe_count.");
   m.def("scan_jsonl", &scan_jsonl, py::arg("data"), py::arg("first_line"), py::arg("system_prompt"),

@@ -201,3 +201,37 @@ def test_each_bad_record_is_counted_once_over_epochs(tmp_path, tok):
     resumed = PackedLoader(cfg.train, tok, cfg, epochs=4)
     resumed.load_state_dict(state)
     assert len(list(resumed)) == 3 and resumed.skip_metrics() == {"skipped_samples": 2, "skipped_events": 5}
+
+
+class _RecordingStager:
+    """Stands for the CUDA stager (a side stream) and records when each micro-batch was staged."""
+
+    def __init__(self):
+        self.stream = object()
+        self.log = []
+
+    def stage(self, mb):
+        self.log.append(("stage", tuple(mb.sample_ids)))
+        return mb
+
+    def ready(self, handle):
+        self.log.append(("ready", tuple(handle.sample_ids)))
+        return handle
+
+
+def test_next_microbatch_is_staged_during_the_step(tmp_path, tok):
+    """With a device stream, `take_step` returns the step's micro-batches and, when the next one is
+    already built, starts its host-to-device copy before returning, so the copy overlaps the step."""
+    path = _text_data(tmp_path)
+    cfg = DataConfig(train=[str(path)], max_tokens_per_microbatch=96, max_length=96, num_workers=1)
+    loader = PackedLoader(cfg.train, tok, cfg, seed=3, epochs=1)
+    loader._stager = stager = _RecordingStager()
+    first = loader.take_step(2)
+    assert [e for e in stager.log[:4]] == [("stage", tuple(first[0].sample_ids)), ("ready", tuple(first[0].sample_ids)),
+                                          ("stage", tuple(first[1].sample_ids)), ("ready", tuple(first[1].sample_ids))]
+    loader._pending[0][1].result()  # the worker has built the next one
+    loader.take_step(0)  # nothing taken: only the look-ahead
+    assert stager.log[-1][0] == "stage" and len(stager.log) == 5  # its copy starts before the next step
+    second = loader.take_step(1)
+    assert stager.log[4] == ("stage", tuple(second[0].sample_ids)) and stager.log[5] == ("ready", stager.log[4][1])
+    loader.close()

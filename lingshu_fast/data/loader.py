@@ -166,11 +166,17 @@ class PackedLoader:
         """Micro-batches per epoch on this rank (the current epoch's plan; others differ by a few)."""
         return self.microbatches_in_epoch(self.epoch)
 
-    def total_microbatches(self) -> int:
-        """This rank's micro-batches over all `epochs` (what train.max_steps derives from)."""
+    def total_microbatches(self, enough: Optional[int] = None) -> int:
+        """This rank's micro-batches over all `epochs` (what train.max_steps derives from); epochs
+        are planned only until `enough` are counted (a set max_steps needs no more)."""
         if self.epochs is None:
             raise ValueError("an endless loader (epochs=None) has no total")
-        return sum(self.microbatches_in_epoch(e) for e in range(self.epochs))
+        total = 0
+        for epoch in range(self.epochs):
+            if enough is not None and total >= enough:
+                break
+            total += self.microbatches_in_epoch(epoch)
+        return total
 
     def packing_efficiency(self, epoch: int = 0) -> float:
         """Real tokens / (micro-batches * budget) over all ranks' bins of `epoch` (1.0 = no padding)."""

@@ -170,8 +170,10 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           seed=cfg.run.seed, epochs=cfg.train.epochs, device=device)
     # before the LR schedule is built: null (or more than the data holds) -> the steps of train.epochs
-    cfg.train.max_steps = resolve_max_steps(cfg.train.max_steps, loader.total_microbatches()
-                                            // (cfg.train.global_microbatches // dims.dp), epochs=cfg.train.epochs)
+    per_step = cfg.train.global_microbatches // dims.dp
+    enough = None if cfg.train.max_steps is None else cfg.train.max_steps * per_step
+    cfg.train.max_steps = resolve_max_steps(cfg.train.max_steps, loader.total_microbatches(enough) // per_step,
+                                            epochs=cfg.train.epochs)
     model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
     tp_group = ps.get_tensor_model_parallel_group()
