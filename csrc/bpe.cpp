@@ -91,39 +91,57 @@ BpeCounter::BpeCounter(const std::vector<std::string>& tokens, const std::vector
     if (!token.empty()) first_byte_[static_cast<unsigned char>(token[0])] = true;
 }
 
-int64_t BpeCounter::word(const unsigned char* w, size_t n) {
-  std::string key(reinterpret_cast<const char*>(w), n);
-  auto hit = cache_.find(key);
-  if (hit != cache_.end()) return hit->second;
-  if (n > kMaxWord) return -1;
-  int64_t count;
-  if (ignore_merges_ && vocab_.count(key)) {
-    count = 1;
-  } else {
-    symbols_.resize(n);
-    for (size_t k = 0; k < n; ++k) {
-      symbols_[k] = byte_id_[w[k]];
-      if (symbols_[k] < 0) return -1;
-    }
-    while (symbols_.size() > 1) {
-      int32_t best_rank = -1, best_id = 0;
-      size_t best_at = 0;
-      for (size_t k = 0; k + 1 < symbols_.size(); ++k) {
-        auto m = merges_.find((uint64_t(uint32_t(symbols_[k])) << 32) | uint32_t(symbols_[k + 1]));
-        if (m != merges_.end() && (best_rank < 0 || m->second.first < best_rank)) {
-          best_rank = m->second.first;
-          best_id = m->second.second;
-          best_at = k;
-        }
-      }
-      if (best_rank < 0) break;
-      symbols_[best_at] = best_id;
-      symbols_.erase(symbols_.begin() + best_at + 1);
-    }
-    count = int64_t(symbols_.size());
+int64_t BpeCounter::merge(const unsigned char* w, size_t n) {
+  if (ignore_merges_ && vocab_.count(std::string(reinterpret_cast<const char*>(w), n))) return 1;
+  symbols_.resize(n);
+  for (size_t k = 0; k < n; ++k) {
+    symbols_[k] = byte_id_[w[k]];
+    if (symbols_[k] < 0) return -1;
   }
-  if (cache_.size() >= kMaxCache) cache_.clear();
-  cache_.emplace(std::move(key), count);
+  while (symbols_.size() > 1) {
+    int32_t best_rank = -1, best_id = 0;
+    size_t best_at = 0;
+    for (size_t k = 0; k + 1 < symbols_.size(); ++k) {
+      auto m = merges_.find((uint64_t(uint32_t(symbols_[k])) << 32) | uint32_t(symbols_[k + 1]));
+      if (m != merges_.end() && (best_rank < 0 || m->second.first < best_rank)) {
+        best_rank = m->second.first;
+        best_id = m->second.second;
+        best_at = k;
+      }
+    }
+    if (best_rank < 0) break;
+    symbols_[best_at] = best_id;
+    symbols_.erase(symbols_.begin() + best_at + 1);
+  }
+  return int64_t(symbols_.size());
+}
+
+// Count of one pre-token, through a small open-addressing cache (words repeat: most are hits).
+int64_t BpeCounter::word(const unsigned char* w, size_t n) {
+  if (n > kMaxWord) return -1;
+  if (n > kSlotKey) return merge(w, n);
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a
+  for (size_t k = 0; k < n; ++k) hash = (hash ^ w[k]) * 1099511628211ull;
+  const size_t mask = kSlots - 1;
+  size_t at = size_t(hash) & mask;
+  for (size_t probe = 0; probe < 4; ++probe, at = (at + 1) & mask) {
+    Slot& slot = slots_[at];
+    if (slot.len == 0xFF) break;
+    if (slot.hash == hash && slot.len == n && std::memcmp(slot.key, w, n) == 0) return slot.count;
+  }
+  const int64_t count = merge(w, n);
+  if (count >= 0) {
+    Slot& slot = slots_[size_t(hash) & mask];  // (re)place at the home slot: stale entries just miss
+    for (size_t probe = 0, i = size_t(hash) & mask; probe < 4; ++probe, i = (i + 1) & mask) {
+      if (slots_[i].len == 0xFF) {
+        slots_[i].hash = hash, slots_[i].len = uint8_t(n), slots_[i].count = int32_t(count);
+        std::memcpy(slots_[i].key, w, n);
+        return count;
+      }
+    }
+    slot.hash = hash, slot.len = uint8_t(n), slot.count = int32_t(count);
+    std::memcpy(slot.key, w, n);
+  }
   return count;
 }
 

@@ -37,17 +37,25 @@ class BpeCounter {
   int64_t count(const std::string& text);
 
  private:
-  static constexpr size_t kMaxWord = 256;         // longer words: the Rust library (BPE here is O(n^2))
-  static constexpr size_t kMaxCache = 1u << 20;  // words cached before the cache is cleared
+  static constexpr size_t kMaxWord = 256;  // longer words: the Rust library (BPE here is O(n^2))
+  static constexpr size_t kSlotKey = 19;    // words up to this long are cached
+  static constexpr size_t kSlots = 1u << 17;  // per counter (one per scanning thread): 4 MiB
+  struct Slot {                                // one cached word, open addressing: 32 bytes
+    uint64_t hash = 0;
+    int32_t count = 0;
+    uint8_t len = 0xFF;  // 0xFF: empty
+    char key[kSlotKey];
+  };
   int64_t plain(const unsigned char* s, size_t n);
   int64_t word(const unsigned char* w, size_t n);
+  int64_t merge(const unsigned char* w, size_t n);
   bool ignore_merges_;
   std::vector<std::string> added_;
   bool first_byte_[256] = {};
   int32_t byte_id_[256];
   std::unordered_map<std::string, int32_t> vocab_;
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (left, right) -> (rank, merged)
-  std::unordered_map<std::string, int64_t> cache_;
+  std::vector<Slot> slots_ = std::vector<Slot>(kSlots);
   std::vector<int32_t> symbols_;
 };
 

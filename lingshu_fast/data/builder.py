@@ -23,7 +23,7 @@ import numpy as np
 
 from lingshu_fast.data import images as img
 from lingshu_fast.data.batch import IGNORE_INDEX, shift_labels
-from lingshu_fast.data.dataset import Part, image_grids
+from lingshu_fast.data.dataset import Part, image_grids, record_length
 from lingshu_fast.data.formats import DataError, SampleError, SkipReason
 from lingshu_fast.data.rope import sample_position_ids
 from lingshu_fast.data.template import ChatTemplate, TemplateError
@@ -77,7 +77,7 @@ class BatchBuilder:
             except SampleError as err:
                 failures.append((sid, part.source(k), err.reason.value, str(err)))
                 continue
-            expected = int(sample_lengths_one(part, k, spec))
+            expected = record_length(part, k, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
             kept.append((sid, expected, grids, part.source(k)))
             items.append((sample.messages, [int(t * h * w) // img.MERGE_SIZE**2 for t, h, w in grids]))
             loaded.extend(arrays)
@@ -135,14 +135,3 @@ class BatchBuilder:
         return {"input_ids": np.asarray([pad], np.int64), "labels": np.asarray([IGNORE_INDEX], np.int64),
                 "position_ids": np.zeros((3, 1), np.int64), "cu_seqlens": np.asarray([0, 1], np.int32),
                 "max_seqlen": 1, "num_label_tokens": 0, "sample_ids": []}
-
-
-def sample_lengths_one(part: Part, k: int, spec: BuildSpec) -> int:
-    lo, hi = int(part.image_start[k]), int(part.image_start[k + 1])
-    text = int(part.text_tokens[k])
-    if hi == lo:
-        return text
-    hw = np.asarray(part.image_hw[lo:hi], dtype=np.int64).reshape(-1, 2)
-    tokens = img.image_token_counts(hw[:, 0], hw[:, 1], min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
-    return text + int((tokens - 1).sum())
-

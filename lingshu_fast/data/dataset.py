@@ -123,6 +123,16 @@ def sample_lengths(part: Part, *, min_pixels: int, max_pixels: int) -> np.ndarra
     return text + cumulative[starts[1:]] - cumulative[starts[:-1]]
 
 
+def record_length(part: Part, k: int, *, min_pixels: int, max_pixels: int) -> int:
+    """`sample_lengths` of record k alone (what a worker checks its rendering against)."""
+    lo, hi = int(part.image_start[k]), int(part.image_start[k + 1])
+    text = int(part.text_tokens[k])
+    if hi == lo:
+        return text
+    hw = np.asarray(part.image_hw[lo:hi], dtype=np.int64).reshape(-1, 2)
+    return text + int((img.image_token_counts(hw[:, 0], hw[:, 1], min_pixels=min_pixels, max_pixels=max_pixels) - 1).sum())
+
+
 def image_grids(part: Part, k: int, *, min_pixels: int, max_pixels: int) -> np.ndarray:
     """(t, h, w) patch grids int64 [n, 3] of record k's images, from the index's sizes."""
     lo, hi = int(part.image_start[k]), int(part.image_start[k + 1])
