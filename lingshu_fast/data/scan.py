@@ -307,6 +307,7 @@ def build_file(path: Path, spec: ScanSpec, verify: bool) -> tuple[dict, dict[str
     native = spec.native()
     counter = spec.counter() if native is not None else None
     threads = max(1, min(SCAN_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    threads = threads if native is not None else 1
     counters = [counter] + [counter.clone() if counter is not None else None for _ in range(threads - 1)]
     builder = IndexBuilder(spec, ImageChecks(verify))
     line = 1
