@@ -80,7 +80,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("mrope_position_ids", &mrope_position_ids, py::arg("input_ids"), py::arg("image_grid_thw"),
         py::arg("image_token_id"), py::arg("vision_start_token_id"), py::arg("spatial_merge_size"),
         "M-RoPE position ids int64 [3, T] of one unpadded sample; see lingshu_fast.data.rope.");
-  py::class_<lingshu::BpeCounter>(m, "BpeCounter")
+  py::class_<lingshu::BpeCounter>(m, "BpeCounter", py::module_local())  // a second copy of _C may load too
       .def(py::init([](const std::vector<py::bytes>& tokens, const std::vector<int64_t>& ids,
                        const std::vector<std::pair<py::bytes, py::bytes>>& merges, const std::vector<std::string>& added,
                        bool ignore_merges) {
