@@ -1,6 +1,6 @@
 """Images for Qwen2.5-VL: load (PIL, arrays, JPEG/PNG/DICOM files) -> smart-resize (uint8, CPU) -> pack.
 
-The split follows issue 2/4: the CPU side ends with resized **uint8** RGB images; the normalise +
+The split: the CPU side ends with resized **uint8** RGB images; the normalise +
 patchify step is one function, `lingshu_fast.kernels.image_pack.pack_images` (a Triton kernel on
 GPU, plain torch on CPU), so uint8 rather than fp32 crosses the host-to-device link.
 

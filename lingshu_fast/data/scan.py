@@ -10,8 +10,11 @@ Per 16 MiB chunk of whole lines:
    once per distinct path (threads: header reads wait on storage); under verify (data.strict) every
    image is decoded instead, catching truncated files a header read cannot see. The aspect-ratio
    rule of smart_resize is applied here, so that sizes in the index always resize.
-3. Tokens: the rendered texts' token counts in one batched call of the Rust tokenizer. Image pads
-   are not expanded yet: a sample's length is text_tokens - images + its images' tokens (index.py).
+3. Tokens: the scanner counts them itself with the native BPE counter (bpe_count.py: exact for
+   Qwen2-style tokenizers on ASCII text); every other text is counted by one batched call of the
+   Rust tokenizer. Image pads are not expanded yet: a sample's length is text_tokens - images +
+   its images' tokens (dataset.sample_lengths).
+The native scanner runs on one thread per usable core (at most 8) over parts of each chunk.
 
 The order of checks per record is the loader's of old: schema and paths, missing files, headers,
 template; the first failure names the record's reason.
