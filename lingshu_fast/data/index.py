@@ -38,7 +38,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -151,18 +151,6 @@ class DataIndex:
     @property
     def data_path(self) -> str:
         return self.header["source"]["path"]
-
-    def bad_records(self) -> Iterator[tuple[int, str, str]]:
-        """(line, reason, message) of every record the index left out."""
-        blob = bytes(self.bad_message)
-        bounds = self.bad_message_offset
-        for k in range(len(self.bad_line)):
-            message = blob[int(bounds[k]):int(bounds[k + 1])].decode("utf-8", "replace")
-            yield int(self.bad_line[k]), REASONS[int(self.bad_reason[k])], message
-
-    def bad_counts(self) -> dict[str, int]:
-        counts = np.bincount(np.asarray(self.bad_reason, dtype=np.int64), minlength=len(REASONS))
-        return {reason: int(counts[k]) for k, reason in enumerate(REASONS)}
 
 
 def pack_bad(bad: list[tuple[int, str, str]]) -> dict[str, np.ndarray]:
