@@ -31,7 +31,8 @@ SHOWN = ("shape", "provider", "layout", "pass_", "pass_name", "resolved_backend"
          "padded_efficiency", "speedup", "pair_efficiency", "per_sample_us", "gb_per_s",
          "fraction_of_copy_bandwidth", "peak_growth_mib", "peak_vs_materialised", "peak_mem_gb", "llm_layers",
          "overlap_speedup", "step_overlapped_s", "step_after_backward_s", "bytes_per_param",
-         "measured_over_predicted", "tokens")
+         "measured_over_predicted", "tokens", "records", "records_per_s", "mb_per_s", "scan_threads", "counter",
+         "wall_s", "rss_growth_mb", "scaled", "scaled_wall_s", "scaled_rss_growth_mb", "images_per_s_per_core")
 
 
 class RecordError(ValueError):

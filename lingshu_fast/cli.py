@@ -1,4 +1,4 @@
-"""`lingshu-fast` command line: train, demo, export, eval, plan.
+"""`lingshu-fast` command line: train, index, demo, export, eval, plan.
 
 Also runnable as `python -m lingshu_fast.cli` (what torchrun launches). Mistakes a user can fix -
 configuration, data, checkpoints, a diverged run, an unreachable server, a full disk - are printed
@@ -24,6 +24,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lingshu_fast.stages import run_stage
 
     run_stage(load_config(args.recipe, args.overrides))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    """Build (or check) the data index of JSONL files once, before a run (see data/index.py)."""
+    import time
+
+    from lingshu_fast.data.dataset import open_parts
+    from lingshu_fast.data.template import ChatTemplate
+    from lingshu_fast.data.tokenizer import load_tokenizer
+
+    files = [a for a in args.items if "=" not in a]
+    cfg = load_config(args.recipe, [a for a in args.items if "=" in a])
+    files = files or list(cfg.data.train)
+    if not files:
+        raise ConfigError("lingshu-fast index: give JSONL files, or a --recipe whose data.train names them")
+    template = ChatTemplate(load_tokenizer(cfg.data.tokenizer), cfg.data.system_prompt)
+    mode = "prompt" if args.prompts or cfg.train.stage == 4 else "train"
+    for path in files:
+        start = time.perf_counter()
+        part = open_parts([path], template, cfg.data, mode=mode, backend=args.scanner)[0]
+        header, took_s = part.header, time.perf_counter() - start
+        bad = {k: v for k, v in header["bad_counts"].items() if v}
+        built = f"built in {header['build_s']:.1f} s ({header['scanner']} scanner)" if took_s >= header["build_s"] else ""
+        print(f"{path}: {header['num_records']} usable records, {int(part.text_tokens.sum())} text tokens, "
+              f"{len(part.image_hw)} images; skipped {bad or 'none'}; {built or 'index was fresh'} -> {part.index_path}")
     return 0
 
 
@@ -54,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(fn=_cmd_train)
+    x = sub.add_parser("index", help="build the data index of JSONL files once (training builds it on first use)")
+    x.add_argument("items", nargs="*", help="JSONL files and section.key=value overrides (data.tokenizer=..., "
+                                            "data.image_root=..., data.index_dir=...)")
+    x.add_argument("--recipe", default=None, help="take data.* settings (and data.train) from this recipe")
+    x.add_argument("--prompts", action="store_true", help="RL prompt records (default for a stage-4 recipe)")
+    x.add_argument("--scanner", choices=["auto", "native", "python"], default="auto",
+                   help="JSONL scanner: native (lingshu_fast._C) when built, else Python")
+    x.set_defaults(fn=_cmd_index)
     d = sub.add_parser("demo", help="the four-stage demo on the embedded tiny model and data (CPU)")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--max-steps", type=int, default=0, help="steps per stage (default: each recipe's)")
@@ -100,7 +134,12 @@ def user_error_message(err: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "index":  # files and overrides may follow the options too
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except Exception as err:  # noqa: BLE001 - a user error becomes one line; anything else re-raises

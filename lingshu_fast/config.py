@@ -106,7 +106,12 @@ class DataConfig:
     shuffle_window: int = num(1024, ge=1)
     strict: bool = False
     system_prompt: Optional[str] = None
-    num_workers: int = num(0, ge=0, hint="0 decodes images in the training process")
+    # data worker processes per rank; null: the cores per local rank minus one (at most 8); 0: none
+    num_workers: Optional[int] = num(None, ge=0, le=256, hint="null: the cores per local rank minus one")
+    # where the data index files go; null: next to each JSONL (else ~/.cache/lingshu_fast/index)
+    index_dir: Optional[str] = None
+    # image paths must resolve inside data.image_root (or the JSONL's folder); null: on when image_root is set
+    confine_images: Optional[bool] = None
     # how images travel to the device: "uint8" ships the resized bytes and normalises + patchifies
     # them there (image_pack kernel; 8x fewer bytes than float32 patches), "float32" packs on the
     # host; "auto": uint8 when CUDA is available
@@ -136,7 +141,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     stage: int = num(3, ge=1, le=4, hint="the four Lingshu stages")
-    max_steps: int = num(100, ge=0)
+    # optimizer steps; null: every micro-batch of train.epochs epochs (and never more than those)
+    max_steps: Optional[int] = num(None, ge=0, hint="null: train.epochs epochs")
     epochs: int = num(1, ge=1)
     # The global batch: micro-batches per step summed over all data-parallel ranks.
     global_microbatches: int = num(1, ge=1)

@@ -61,7 +61,7 @@ def test_data_problems_are_one_line(tmp_path, capsys, demo_data):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     err = _run(capsys, _train(tmp_path, empty))
-    assert err.count("\n") == 1 and str(empty) in err and "no usable training samples" in err
+    assert err.count("\n") == 1 and str(empty) in err and "no usable sample" in err
 
 
 def test_strict_report_is_one_block(tmp_path, capsys, demo_data):

@@ -28,7 +28,7 @@ def _one_line_error(recipe, overrides=()) -> str:
     ("model.freeze=[llm,text]", "'text' is not a module group; choose from vision, merger, llm", False),
     ("train.max_steps", "must look like section.key=value", True),
     ("a.b.c=1", "the key must be section.key", True),
-    ("train.max_steps=-1", "train.max_steps must be >= 0, got -1", True),
+    ("train.max_steps=-1", "train.max_steps must be >= 0 (null: train.epochs epochs), got -1", True),
 ])
 def test_override_errors_name_key_and_fix(override, expected, names_override):
     """Pins: a wrong override names the override, the key and what is allowed (with a did-you-mean

@@ -45,6 +45,20 @@ class MicroBatch:
     sample_ids: list[int] = field(default_factory=list)  # dataset indices, in segment order
     num_samples: int = 0  # real samples (pad segments from pad_to are not counted)
 
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "MicroBatch":
+        """A MicroBatch over the numpy arrays of `builder.BatchBuilder.build` (no copy)."""
+        def tensor(name):
+            value = arrays.get(name)
+            return None if value is None else torch.from_numpy(value)
+
+        return cls(input_ids=tensor("input_ids"), labels=tensor("labels"), position_ids=tensor("position_ids"),
+                   cu_seqlens=tensor("cu_seqlens"), max_seqlen=int(arrays["max_seqlen"]),
+                   pixel_values=tensor("pixel_values"), image_grid_thw=tensor("image_grid_thw"),
+                   vit_cu_seqlens=tensor("vit_cu_seqlens"), image_uint8=tensor("image_uint8"),
+                   image_sizes=tensor("image_sizes"), num_label_tokens=int(arrays["num_label_tokens"]),
+                   sample_ids=list(arrays["sample_ids"]), num_samples=len(arrays["sample_ids"]))
+
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())

@@ -9,10 +9,18 @@ Accepted record shapes (one JSON object per line):
 - also: a top-level "system" string (LLaMA-Factory), and `{"path": ...}` entries in "images" (ms-swift).
 - caption pairs: `{"image": path, "caption": str}` -> user "<image>" + CAPTION_PROMPT, assistant caption.
 
-Relative image paths resolve against `image_root` when given, else the JSONL file's folder.
-Problems found here (bad_json, bad_schema, empty_assistant, image_count_mismatch, missing_image) are
-reported as `SampleError(reason, message)`; the loader adds corrupt_image (while reading image headers
-or decoding) and too_long (after tokenisation). Nothing is dropped without a reason and a count.
+Relative image paths resolve against `image_root` when given, else the JSONL file's folder. With
+`confine_root` (data.confine_images, on by default when data.image_root is set) a path that resolves
+outside that folder (`../`, an absolute path, `~`) is a bad record (image_outside_root): a data file
+cannot make the trainer read arbitrary files. The check is lexical (after normpath), so symlinks
+inside the root are followed.
+
+Lines are read as bytes and decoded one by one: a line that is not UTF-8 is a bad record
+(`file:line: bad_json: not UTF-8 ...`: JSON text must be UTF-8), never a crash, and a UTF-8 byte-order
+mark before the first line is accepted. Problems found here (bad_json, bad_schema, empty_assistant,
+image_count_mismatch, missing_image, image_outside_root) are reported as `SampleError(reason,
+message)`; the loader adds corrupt_image (while reading image headers or decoding) and too_long
+(after tokenisation). Nothing is dropped without a reason and a count.
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ class SkipReason(str, Enum):
     EMPTY_ASSISTANT = "empty_assistant"
     BAD_JSON = "bad_json"
     BAD_SCHEMA = "bad_schema"
+    IMAGE_OUTSIDE_ROOT = "image_outside_root"
 
 
 class DataError(ValueError):
@@ -97,9 +106,11 @@ def _normalise_messages(raw, *, require_assistant: bool) -> tuple[list[dict], li
 
 
 def parse_record(obj, *, base_dir: Union[str, Path, None] = None, source: str = "<memory>",
-                 require_assistant: bool = True, check_files: bool = True) -> Sample:
+                 require_assistant: bool = True, check_files: bool = True,
+                 confine_root: Union[str, Path, None] = None) -> Sample:
     """One decoded JSON object -> Sample, or SampleError. `require_assistant=False` for prompts
-    (RL, eval), where the record carries the answer separately."""
+    (RL, eval), where the record carries the answer separately. `confine_root`: image paths must
+    resolve inside this folder (see the module docstring)."""
     if not isinstance(obj, dict):
         raise SampleError(SkipReason.BAD_SCHEMA, f"a record must be a JSON object, got {type(obj).__name__}")
     if "messages" in obj or "conversations" in obj:
@@ -124,6 +135,8 @@ def parse_record(obj, *, base_dir: Union[str, Path, None] = None, source: str = 
         if is_blank(caption):
             raise SampleError(SkipReason.EMPTY_ASSISTANT, "empty caption")
         prompt = obj.get("prompt", CAPTION_PROMPT)
+        if not isinstance(prompt, str):
+            raise SampleError(SkipReason.BAD_SCHEMA, "a caption pair's 'prompt' must be a string")
         messages = [{"role": "user", "content": IMAGE_MARKER + prompt},
                     {"role": "assistant", "content": caption}]
         images, known = [image], {"image", "caption", "prompt"}
@@ -136,11 +149,11 @@ def parse_record(obj, *, base_dir: Union[str, Path, None] = None, source: str = 
     if markers != len(images):
         raise SampleError(SkipReason.IMAGE_COUNT_MISMATCH,
                           f"{markers} <image> markers but {len(images)} images")
-    resolved = [resolve_image_path(p, base_dir) for p in images]
+    resolved = [check_image_path(p, base_dir, confine_root) for p in images]
     if check_files:
         for p in resolved:
             if not os.path.isfile(p):
-                raise SampleError(SkipReason.MISSING_IMAGE, f"image not found: {p}")
+                raise missing_image(p)
     extra = {k: v for k, v in obj.items() if k not in known}
     return Sample(messages=messages, images=resolved, source=source, extra=extra)
 
@@ -148,58 +161,140 @@ def parse_record(obj, *, base_dir: Union[str, Path, None] = None, source: str = 
 def resolve_image_path(path: str, base_dir: Union[str, Path, None]) -> str:
     path = os.path.expanduser(path)
     if os.path.isabs(path) or base_dir is None:
-        return path
+        return os.path.normpath(path)
     return os.path.normpath(os.path.join(str(base_dir), path))
+
+
+def check_image_path(raw: str, base_dir: Union[str, Path, None], confine_root: Union[str, Path, None]) -> str:
+    """The resolved path of one image entry; SampleError(image_outside_root) when `confine_root` is
+    given and the path leaves it."""
+    path = resolve_image_path(raw, base_dir)
+    if confine_root is not None and not is_inside(path, confine_root):
+        raise SampleError(SkipReason.IMAGE_OUTSIDE_ROOT,
+                          f"image path {raw!r} resolves to {path}, outside {confine_root} (data.confine_images"
+                          f"=true: images must lie under data.image_root, or the JSONL's folder without it)")
+    return path
+
+
+def missing_image(path: str) -> SampleError:
+    return SampleError(SkipReason.MISSING_IMAGE, f"image not found: {path}")
+
+
+def prompt_messages(sample: Sample) -> list[dict]:
+    """An RL prompt's messages: the record needs an 'answer' for the verifiers; trailing assistant
+    turns (a reference answer) are dropped, and what is left must end with a user turn."""
+    if "answer" not in sample.extra:
+        raise SampleError(SkipReason.BAD_SCHEMA, "an RL record needs an 'answer' for the verifiers")
+    messages = list(sample.messages)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not messages or messages[-1]["role"] != "user":
+        raise SampleError(SkipReason.BAD_SCHEMA, "an RL prompt must end with a user turn")
+    return messages
+
+
+def is_inside(path: str, root: Union[str, Path]) -> bool:
+    """Whether the (normalised) `path` lies in the folder `root`, compared lexically."""
+    root = os.path.normpath(os.path.abspath(str(root)))
+    path = os.path.normpath(os.path.abspath(path))
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_line(raw: Union[bytes, str], line_no: int) -> tuple[Optional[str], Optional[str]]:
+    """(text, None), or (None, "not UTF-8: ...") for a line that does not decode; the BOM of the
+    first line is dropped."""
+    if isinstance(raw, str):
+        return (raw[1:] if line_no == 1 and raw.startswith("\ufeff") else raw), None
+    if line_no == 1 and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return None, (f"not UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1} ({err.reason}); "
+                      f"re-encode the file as UTF-8")
+
+
+def iter_lines(handle) -> Iterator[tuple[int, int, object, Optional[str]]]:
+    """(line number from 1, offset of the line, parsed object or None, error or None) per non-blank
+    line of an open file: the error is "not UTF-8: ..." or "invalid JSON: <msg> at column N". Open
+    the file in binary mode: then offsets are in bytes and undecodable lines are reported, not raised."""
+    offset = 0
+    for line_no, raw in enumerate(handle, start=1):
+        start, offset = offset, offset + len(raw)
+        text, error = decode_line(raw, line_no)
+        if text is None:
+            yield line_no, start, None, error
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield line_no, start, json.loads(text), None
+        except json.JSONDecodeError as err:
+            yield line_no, start, None, f"invalid JSON: {err.msg} at column {err.colno}"
 
 
 def iter_jsonl(handle) -> Iterator[tuple[int, object, Optional[str]]]:
     """(line number from 1, parsed object or None, "msg at column N" or None) per non-blank line of
-    an open text file: the one JSONL reader of training data and benchmark files."""
-    for line_no, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield line_no, json.loads(line), None
-        except json.JSONDecodeError as err:
-            yield line_no, None, f"{err.msg} at column {err.colno}"
+    an open file (text or binary): the one JSONL reader of training data and benchmark files."""
+    for line_no, _, obj, error in iter_lines(handle):
+        yield line_no, obj, None if error is None else error.removeprefix("invalid JSON: ")
 
 
 def read_jsonl(path: Union[str, Path], *, image_root: Optional[str] = None, require_assistant: bool = True,
-               check_files: bool = True) -> Iterator[tuple[str, Optional[Sample], Optional[SampleError]]]:
-    """Yields (source "file:line", sample or None, error or None) for each non-blank line."""
+               check_files: bool = True, confine_images: Optional[bool] = None
+               ) -> Iterator[tuple[str, Optional[Sample], Optional[SampleError]]]:
+    """Yields (source "file:line", sample or None, error or None) for each non-blank line.
+    `confine_images`: None means on when `image_root` is given (data.confine_images)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     base_dir = image_root if image_root is not None else path.parent
-    with path.open("r", encoding="utf-8") as handle:
-        for line_no, obj, bad_json in iter_jsonl(handle):
+    confine_root = base_dir if confine_of(confine_images, image_root) else None
+    with path.open("rb") as handle:
+        for line_no, _, obj, error in iter_lines(handle):
             source = f"{path}:{line_no}"
-            if bad_json is not None:
-                yield source, None, SampleError(SkipReason.BAD_JSON, f"invalid JSON: {bad_json}")
+            if error is not None:
+                yield source, None, SampleError(SkipReason.BAD_JSON, error)
                 continue
             try:
-                yield source, parse_record(obj, base_dir=base_dir, source=source,
-                                           require_assistant=require_assistant, check_files=check_files), None
+                yield source, parse_record(obj, base_dir=base_dir, source=source, require_assistant=require_assistant,
+                                           check_files=check_files, confine_root=confine_root), None
             except SampleError as err:
                 yield source, None, err
 
 
-class SkipLog:
-    """Counts skipped records by reason and logs each one with its file:line; strict mode collects
-    them so start-up can raise ONE error that lists every problem."""
+def confine_of(confine_images: Optional[bool], image_root: Optional[str]) -> bool:
+    """data.confine_images: null means on exactly when data.image_root is set."""
+    return bool(image_root) if confine_images is None else bool(confine_images)
 
-    def __init__(self, strict: bool = False, max_listed: int = 20):
+
+class SkipLog:
+    """Counts skipped records by reason and logs each one with its file:line (the first
+    `max_logged`, when given; `log_summary` then says how many there were); strict mode collects
+    them instead so start-up can raise ONE error that lists every problem."""
+
+    def __init__(self, strict: bool = False, max_listed: int = 20, max_logged: Optional[int] = None):
         self.strict = strict
         self.max_listed = max_listed
+        self.max_logged = max_logged
         self.counts: dict[str, int] = {r.value: 0 for r in SkipReason}
         self.problems: list[str] = []
 
     def add(self, source: str, err: SampleError) -> None:
         self.counts[err.reason.value] += 1
         line = f"{source}: {err.reason.value}: {err}"
-        self.problems.append(line)
-        if not self.strict:
+        if self.strict:
+            self.problems.append(line)
+        elif self.max_logged is None or self.total <= self.max_logged:
             logger.warning("skipping sample %s", line)
+
+    def log_summary(self, context: str = "") -> None:
+        if not self.strict and self.total:
+            logger.warning("skipped %d record(s) at start-up (%s)%s", self.total,
+                           ", ".join(f"{k}: {v}" for k, v in self.counts.items() if v), f"; {context}" if context else "")
 
     @property
     def total(self) -> int:
@@ -216,10 +311,11 @@ class SkipLog:
 
 
 def load_records(sources: Sequence, *, image_root: Optional[str] = None, skips: Optional[SkipLog] = None,
-                 require_assistant: bool = True) -> list[Sample]:
+                 require_assistant: bool = True, confine_images: Optional[bool] = None) -> list[Sample]:
     """JSONL paths and/or in-memory dicts/Samples -> valid Samples (bad ones go to `skips`)."""
     skips = skips if skips is not None else SkipLog()
     out: list[Sample] = []
+    confine_root = image_root if image_root is not None and confine_of(confine_images, image_root) else None
     for index, src in enumerate(sources):
         if isinstance(src, Sample):
             out.append(src)
@@ -227,11 +323,12 @@ def load_records(sources: Sequence, *, image_root: Optional[str] = None, skips: 
             source = f"<record {index}>"
             try:
                 out.append(parse_record(src, base_dir=image_root, source=source,
-                                        require_assistant=require_assistant))
+                                        require_assistant=require_assistant, confine_root=confine_root))
             except SampleError as err:
                 skips.add(source, err)
         else:
-            for source, sample, err in read_jsonl(src, image_root=image_root, require_assistant=require_assistant):
+            for source, sample, err in read_jsonl(src, image_root=image_root, require_assistant=require_assistant,
+                                                  confine_images=confine_images):
                 if err is not None:
                     skips.add(source, err)
                 else:

@@ -1,209 +1,188 @@
-"""`PackedLoader`: JSONL / records -> packed `MicroBatch`es, sharded by data-parallel rank, resumable.
+"""`PackedLoader`: indexed JSONL / records -> packed `MicroBatch`es for one data-parallel rank, resumable.
 
-Start-up (once): every record is parsed and validated (formats.py), every image's header is read for
-its size (a full decode too under data.strict=true), token counts per image follow from `smart_resize`
-of that size (t*h*w/4 of the grid), and each sample is rendered and tokenised ONCE; the ids and the
-trained-token mask are cached (int32 + bool, 5 bytes a token). Samples longer than the limit
-(data.max_length, and data.max_tokens_per_microbatch when packing) are skipped as too_long.
-Under data.strict=true every problem of the whole data set is collected and raised as one DataError
-naming file:line and reason; otherwise each is logged and counted in `skipped`.
+Start-up reads no record: each JSONL file's index (index.py: built once by one process, then
+memory-mapped by every rank) gives every usable record's text tokens and image sizes; lengths for
+this run follow by smart_resize (dataset.sample_lengths). Records longer than the limit
+(data.max_length, and data.max_tokens_per_microbatch when packing) are too_long. Bad records the
+index found and the too-long ones are counted once at start-up (`skipped_startup`, equal on every
+rank) and logged (the first 20, then a summary); under data.strict=true all of them are ONE
+DataError naming file:line and reason (and the index is built with every image decoded). A data
+file without a single usable sample is an error too: it is almost always a wrong path or root.
 
-Each epoch e is planned from the cached lengths alone: `plan_packing(lengths, budget, window, seed_e)`
-(or a seeded permutation, one sample a micro-batch, when data.pack=false), seed_e derived from
-(seed, e). Every rank computes the same plan and takes bins r, r+dp, r+2dp, ... up to
-floor(bins/dp) each, so ranks stay in lockstep and, with the trainer taking global_microbatches/dp
-micro-batches per rank per step, step k always consumes global bins [k*G, (k+1)*G) whatever dp is.
+Each epoch e is planned from the lengths alone: `plan_packing(lengths, budget, window, seed_e)` (or
+a seeded permutation, one sample a micro-batch, when data.pack=false), seed_e derived from (seed,
+e): every epoch has its own order. Every rank computes the same plan and takes global bins r,
+r+dp, ... up to floor(bins/dp) each, so ranks stay in lockstep and step k consumes global bins
+[k*G, (k+1)*G) whatever dp is. `epochs` (train.epochs) ends the stream; None cycles for ever.
 
-Images are decoded and resized only when a micro-batch is built; they are normalised and patchified
-there too (`pixel_values`), or, under `data.image_transfer=uint8` (auto: on CUDA), left as bytes
-that `MicroBatch.to(device)` packs on the device (batch.py). An image that fails to decode
-then (corrupt data the header read could not see) drops its sample from the micro-batch, counted as
-corrupt_image in `skipped_runtime` (a DataError under strict). A micro-batch never disappears, so the
-ranks stay in lockstep; if all its samples fail it becomes one pad token with no labels.
+Only this rank's micro-batches are read, rendered and tokenised, by `data.num_workers` worker
+processes (workers.py; 0 builds in this process) that run ahead of the trainer, results taken
+strictly in order so the stream never depends on the worker count. With `device` (CUDA), each
+micro-batch is copied through pinned memory on a side stream one micro-batch ahead. `take_step(n)`
+gives a step's micro-batches and measures in `last_wait_s` how long the trainer waited for them.
 
-`state_dict()` is (epoch, position in this rank's bins, seed, a fingerprint of the data); a loader
-built on the same data with `load_state_dict(state)` yields exactly the next micro-batch. Resuming
-with another dp size works when the global position divides by the new size.
+A sample that fails while its micro-batch is built (a truncated image the header read could not
+see) is dropped from it and counted; a micro-batch never disappears (all samples gone: one pad
+token without labels). `skip_metrics(group)`: `skipped_samples` counts each bad record once over
+all ranks and epochs, `skipped_events` every time one was met.
+
+`state_dict()` is (epoch, position in this rank's bins, seed, a fingerprint of the lengths);
+`load_state_dict` makes the next micro-batch exactly the one an uninterrupted run would get.
+Resuming with another dp size works when the global position divides by the new size.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import time
 import zlib
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from lingshu_fast.data import images as img
-from lingshu_fast.data.batch import IGNORE_INDEX, MicroBatch, shift_labels
-from lingshu_fast.data.formats import DataError, Sample, SampleError, SkipLog, SkipReason, load_records
+from lingshu_fast.data.batch import MicroBatch
+from lingshu_fast.data.builder import BatchBuilder, BuildSpec
+from lingshu_fast.data.dataset import open_parts, select_usable
+from lingshu_fast.data.formats import DataError, SkipLog, SkipReason
 from lingshu_fast.data.packing import plan_packing
-from lingshu_fast.data.rope import sample_position_ids
-from lingshu_fast.data.template import ChatTemplate, TemplateError
+from lingshu_fast.data.template import ChatTemplate
+from lingshu_fast.data.workers import DeviceStager, WorkerPool, default_num_workers
 
 logger = logging.getLogger(__name__)
 
-MERGE_SIZE = 2  # Qwen2.5-VL's spatial merge: one LLM token per 2x2 patches
-
-
-def _looks_like_dicom(path: str) -> bool:
-    """A .dcm/.dicom name, or the 'DICM' magic after the 128-byte preamble (extensionless files)."""
-    if Path(path).suffix.lower() in img.DICOM_SUFFIXES:
-        return True
-    with open(path, "rb") as handle:
-        handle.seek(128)
-        return handle.read(4) == b"DICM"
-
-
-def image_hw(path: str) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels; SampleError(corrupt_image)
-    when the file is not a readable image."""
-    try:
-        if _looks_like_dicom(path):
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            return int(ds.Rows), int(ds.Columns)
-        import PIL.Image
-
-        with PIL.Image.open(path) as im:
-            width, height = im.size
-        return int(height), int(width)
-    except Exception as err:  # noqa: BLE001 - PIL/pydicom raise many types for a bad file
-        raise SampleError(SkipReason.CORRUPT_IMAGE,
-                          f"cannot read image header of {path} ({type(err).__name__}: {err})") from None
-
-
-def image_grid(height: int, width: int, *, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image after smart_resize, exactly as preprocess will give it."""
-    rh, rw = img.smart_resize(height, width, img.FACTOR, min_pixels, max_pixels)
-    return 1, rh // img.PATCH_SIZE, rw // img.PATCH_SIZE
+MAX_LOGGED_SKIPS = 20
 
 
 def _seed_for_epoch(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint32)[0])
 
 
+class _Samples:
+    """`loader.samples[i]`: sample i's record, read on demand (the loader holds no records)."""
+
+    def __init__(self, loader: "PackedLoader"):
+        self._loader = loader
+
+    def __len__(self) -> int:
+        return len(self._loader.lengths)
+
+    def __getitem__(self, i: int):
+        builder = self._loader._local_builder()
+        part, k = builder.locate(int(self._loader.record_of[int(i)]))
+        return part.read_sample(k)
+
+
 class PackedLoader:
     """Iterator of MicroBatch for one data-parallel rank; see the module docstring."""
 
     def __init__(self, sources: Sequence, tokenizer, cfg, *, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, epochs: Optional[int] = None):
+                 seed: int = 0, epochs: Optional[int] = None, device=None, index_dir: Optional[str] = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
         self.cfg, self.dp_rank, self.dp_size, self.seed, self.epochs = cfg, dp_rank, dp_size, seed, epochs
-        # images as bytes, packed on the device by MicroBatch.to (data.image_transfer)
         self._ship_uint8 = cfg.image_transfer == "uint8" or (cfg.image_transfer == "auto" and torch.cuda.is_available())
         self.template = ChatTemplate(tokenizer, cfg.system_prompt)
         self.token_ids = self.template.ids
         self.limit = min(cfg.max_length, cfg.max_tokens_per_microbatch) if cfg.pack else cfg.max_length
-        self._startup = SkipLog(strict=cfg.strict)
-        self._runtime = {r.value: 0 for r in SkipReason}
-        self._scan(load_records(sources, image_root=cfg.image_root, skips=self._startup))
+        self.parts = open_parts(sources, self.template, cfg, index_dir=index_dir)
+        self._startup = SkipLog(strict=cfg.strict, max_logged=MAX_LOGGED_SKIPS)
+        why = (f"data.max_length={cfg.max_length}, data.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch}, "
+               f"data.pack={cfg.pack}")
+        self.lengths, self.record_of, self.part_starts, empty = select_usable(
+            self.parts, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, limit=self.limit, why=why,
+            skips=self._startup)
         self._startup.raise_if_strict()
-        if not self.samples:
-            raise DataError(f"no usable training samples in {list(map(str, sources))[:4]} "
-                            f"(skipped: { {k: v for k, v in self._startup.counts.items() if v} })")
+        if empty:
+            raise DataError(f"{empty[0]}; fix the records (data.strict=true lists each one) or remove the file "
+                            f"from data.train")
+        self._startup.log_summary(f"{len(self.lengths)} usable samples in {len(self.parts)} source(s)")
+        self.samples = _Samples(self)
         self.fingerprint = zlib.crc32(self.lengths.tobytes()) ^ len(self.lengths)
+        self.num_workers = default_num_workers() if cfg.num_workers is None else int(cfg.num_workers)
+        self._stager = DeviceStager(device)
+        self._events = {r.value: 0 for r in SkipReason}
+        self._failed: set[int] = set()  # this rank's samples that failed while built
+        self._failed_global: set[int] = set()  # all ranks' (as of the last skip_metrics)
+        self._events_global = 0
+        self._builder: Optional[BatchBuilder] = None
+        self._pool: Optional[WorkerPool] = None
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._bin_counts: dict[int, int] = {}
+        self.last_wait_s = 0.0
         self.epoch, self.position = 0, 0
-        self._plans: dict[int, list[np.ndarray]] = {}  # this rank's bins of the current and next epoch
-        self._pool = None
-        self._pending: collections.deque = collections.deque()
-        self._ahead = iter(())
-        self._bins_for(0)  # too few micro-batches for dp_size is a start-up error, not a first-step one
+        self._reset_feed()
+        self.microbatches_in_epoch(0)  # too few micro-batches for dp_size is a start-up error
+        if self.num_workers > 0 and self.template.backend is not None:
+            self._fill()  # workers start (and build) while the trainer builds its model
 
     # -- start-up -------------------------------------------------------------------------------
-    def _scan(self, records: list[Sample], chunk: int = 512) -> None:
-        self.samples: list[Sample] = []
-        self._ids: list[np.ndarray] = []
-        self._trained: list[np.ndarray] = []
-        self._grids: list[np.ndarray] = []
-        self._image_sizes: dict[str, tuple[int, int]] = {}  # many records share an image: read it once
-        lengths = []
-        for lo in range(0, len(records), chunk):
-            ready = []
-            for sample in records[lo:lo + chunk]:
-                try:
-                    ready.append((sample, self._grids_of(sample)))
-                except SampleError as err:
-                    self._startup.add(sample.source, err)
-            rendered = self.template.render_many(
-                [(s.messages, [int(t * h * w) // MERGE_SIZE**2 for t, h, w in g]) for s, g in ready])
-            for (sample, grid), result in zip(ready, rendered):
-                if isinstance(result, TemplateError):
-                    self._startup.add(sample.source, SampleError(SkipReason.BAD_SCHEMA, str(result)))
-                    continue
-                ids, labels = result
-                if len(ids) > self.limit:
-                    self._startup.add(sample.source, SampleError(
-                        SkipReason.TOO_LONG, f"{len(ids)} tokens > {self.limit} (data.max_length="
-                        f"{self.cfg.max_length}, data.max_tokens_per_microbatch="
-                        f"{self.cfg.max_tokens_per_microbatch}, data.pack={self.cfg.pack})"))
-                    continue
-                self.samples.append(sample)
-                self._ids.append(ids.astype(np.int32))
-                self._trained.append(labels != IGNORE_INDEX)
-                self._grids.append(grid)
-                lengths.append(len(ids))
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self._image_sizes.clear()
+    def _spec(self, for_workers: bool) -> BuildSpec:
+        return BuildSpec(parts=self.parts, part_starts=self.part_starts,
+                         tokenizer_json=self.template.backend.to_str() if for_workers else "",
+                         token_ids=self.token_ids, system_prompt=self.template.system_prompt,
+                         min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels, ship_uint8=self._ship_uint8)
 
-    def _grids_of(self, sample: Sample) -> np.ndarray:
-        grids = []
-        for path in sample.images:
-            if self.cfg.strict:  # a full decode: catches truncated files the header read cannot
-                try:
-                    height, width = img.load_image(path).shape[:2]
-                except img.ImageError as err:
-                    raise SampleError(SkipReason.CORRUPT_IMAGE, str(err)) from None
-            else:
-                if path not in self._image_sizes:
-                    self._image_sizes[path] = image_hw(path)
-                height, width = self._image_sizes[path]
-            try:
-                grids.append(image_grid(height, width, min_pixels=self.cfg.min_pixels,
-                                        max_pixels=self.cfg.max_pixels))
-            except img.ImageError as err:  # e.g. an aspect ratio over 200
-                raise SampleError(SkipReason.CORRUPT_IMAGE, str(err)) from None
-        return np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+    def _local_builder(self) -> BatchBuilder:
+        if self._builder is None:
+            self._builder = BatchBuilder(self._spec(False), template=self.template)
+        return self._builder
 
     # -- planning -------------------------------------------------------------------------------
-    def _global_bins(self, epoch: int) -> list[np.ndarray]:
+    def _global_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bin_offsets) of epoch `epoch` over all ranks."""
         seed = _seed_for_epoch(self.seed, epoch)
         if not self.cfg.pack:
             order = np.random.Generator(np.random.PCG64(seed)).permutation(len(self.lengths))
-            return [order[i:i + 1] for i in range(len(order))]
-        plan = plan_packing(self.lengths, self.cfg.max_tokens_per_microbatch,
-                            window=self.cfg.shuffle_window, seed=seed)
+            return order, np.arange(len(order) + 1, dtype=np.int64)
+        plan = plan_packing(self.lengths, self.cfg.max_tokens_per_microbatch, window=self.cfg.shuffle_window, seed=seed)
         assert len(plan.oversize) == 0, "too_long samples were filtered at start-up"
-        return plan.bins()
+        return plan.order, plan.bin_offsets
 
-    def _bins_for(self, epoch: int) -> list[np.ndarray]:
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self._plans:
-            bins = self._global_bins(epoch)
-            per_rank = len(bins) // self.dp_size
-            if per_rank == 0:
-                raise DataError(f"only {len(bins)} micro-batches per epoch for {self.dp_size} data-parallel "
-                                f"ranks: add data or lower data.max_tokens_per_microbatch")
             for old in [e for e in self._plans if e < epoch - 1 or e > epoch + 1]:
                 del self._plans[old]
-            self._plans[epoch] = bins[self.dp_rank::self.dp_size][:per_rank]
+            self._plans[epoch] = self._global_plan(epoch)
+            self._bin_counts[epoch] = len(self._plans[epoch][1]) - 1
         return self._plans[epoch]
 
-    def __len__(self) -> int:
-        """Micro-batches per epoch on this rank (epoch 0's plan; later epochs differ by a few)."""
-        return len(self._bins_for(self.epoch))
-
     def microbatches_in_epoch(self, epoch: int) -> int:
-        return len(self._bins_for(epoch))
+        """This rank's micro-batches in `epoch` (floor(bins / dp): every rank the same)."""
+        if epoch not in self._bin_counts:
+            self._plan(epoch)
+        per_rank = self._bin_counts[epoch] // self.dp_size
+        if per_rank == 0:
+            raise DataError(f"only {self._bin_counts[epoch]} micro-batches per epoch for {self.dp_size} data-parallel "
+                            f"ranks: add data or lower data.max_tokens_per_microbatch")
+        return per_rank
+
+    def _bin(self, epoch: int, position: int) -> np.ndarray:
+        order, offsets = self._plan(epoch)
+        b = self.dp_rank + position * self.dp_size
+        return order[offsets[b]:offsets[b + 1]]
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on this rank (the current epoch's plan; others differ by a few)."""
+        return self.microbatches_in_epoch(self.epoch)
+
+    def total_microbatches(self, enough: Optional[int] = None) -> int:
+        """This rank's micro-batches over all `epochs` (what train.max_steps derives from); epochs
+        are planned only until `enough` are counted (a set max_steps needs no more)."""
+        if self.epochs is None:
+            raise ValueError("an endless loader (epochs=None) has no total")
+        total = 0
+        for epoch in range(self.epochs):
+            if enough is not None and total >= enough:
+                break
+            total += self.microbatches_in_epoch(epoch)
+        return total
 
     def packing_efficiency(self, epoch: int = 0) -> float:
         """Real tokens / (micro-batches * budget) over all ranks' bins of `epoch` (1.0 = no padding)."""
-        bins = self._global_bins(epoch)
+        order, offsets = self._global_plan(epoch)
         budget = self.cfg.max_tokens_per_microbatch if self.cfg.pack else self.cfg.max_length
-        return float(sum(int(self.lengths[b].sum()) for b in bins)) / (len(bins) * budget)
+        return float(self.lengths[order].sum()) / ((len(offsets) - 1) * budget)
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> "PackedLoader":
@@ -212,119 +191,111 @@ class PackedLoader:
     def _coordinates(self, epoch: int, position: int):
         """(epoch, position) of the micro-batches from here on, crossing epochs; stops at `epochs`."""
         while True:
-            while position >= len(self._bins_for(epoch)):
+            while position >= self.microbatches_in_epoch(epoch):
                 if self.epochs is not None and epoch + 1 >= self.epochs:
                     return
                 epoch, position = epoch + 1, 0
             yield epoch, position
             position += 1
 
-    def __next__(self) -> MicroBatch:
-        if self.cfg.num_workers <= 0:
-            coord = next(self._coordinates(self.epoch, self.position), None)
-            if coord is None:
-                raise StopIteration
-            batch, failed = self._build(self._bins_for(coord[0])[coord[1]])
-        else:
-            coord, batch, failed = self._next_prefetched()
-        self._runtime[SkipReason.CORRUPT_IMAGE.value] += failed
-        self.epoch, self.position = coord[0], coord[1] + 1
-        return batch
+    def _reset_feed(self) -> None:
+        self._feed = self._coordinates(self.epoch, self.position)
+        self._pending: collections.deque = collections.deque()  # (coord, Future) submitted to workers
+        self._staged: collections.deque = collections.deque()  # (coord, handle, failures) on their way to the device
 
-    def _next_prefetched(self):
-        """Keep 2*num_workers micro-batches building in threads (image decode and resize release the
-        GIL); results are taken strictly in order, so the stream equals the unthreaded one."""
+    def _submit(self) -> bool:
+        coord = next(self._feed, None)
+        if coord is None:
+            return False
+        ids = self._bin(*coord)
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+            self._pool = WorkerPool(self._spec(True), self.num_workers)
+        self._pending.append((coord, self._pool.submit(ids.tolist(), self.record_of[ids].tolist())))
+        return True
 
-            self._pool = ThreadPoolExecutor(self.cfg.num_workers, thread_name_prefix="lingshu-data")
-        if not self._pending:
-            self._ahead = self._coordinates(self.epoch, self.position)
-        while len(self._pending) < 2 * self.cfg.num_workers:
-            coord = next(self._ahead, None)
+    def _fill(self) -> None:
+        """Keep 2 micro-batches per worker submitted ahead of the trainer."""
+        while len(self._pending) < 2 * self.num_workers and self._submit():
+            pass
+
+    def _next_built(self):
+        """(coord, arrays, failures) of the next micro-batch, or None at the end of the stream."""
+        if self.num_workers <= 0 or self.template.backend is None:
+            coord = next(self._feed, None)
             if coord is None:
-                break
-            self._pending.append((coord, self._pool.submit(self._build, self._bins_for(coord[0])[coord[1]])))
+                return None
+            ids = self._bin(*coord)
+            return (coord, *self._local_builder().build(ids, self.record_of[ids]))
+        self._fill()
         if not self._pending:
-            raise StopIteration
+            return None
         coord, future = self._pending.popleft()
         return (coord, *future.result())
 
-    def build(self, sample_ids: Sequence[int]) -> MicroBatch:
-        """The MicroBatch of these dataset indices (images decoded and preprocessed here)."""
-        batch, failed = self._build(sample_ids)
-        self._runtime[SkipReason.CORRUPT_IMAGE.value] += failed
-        return batch
+    def _stage_next(self) -> bool:
+        built = self._next_built()
+        if built is None:
+            return False
+        coord, arrays, failures = built
+        self._staged.append((coord, self._stager.stage(MicroBatch.from_arrays(arrays)), failures))
+        return True
 
-    def _build(self, sample_ids: Sequence[int]) -> tuple[MicroBatch, int]:
-        kept, loaded = [], []
-        for index in map(int, sample_ids):
-            sample = self.samples[index]
+    def __next__(self) -> MicroBatch:
+        if not self._staged and not self._stage_next():
+            raise StopIteration
+        coord, handle, failures = self._staged.popleft()
+        self._count_failures(failures)
+        self.epoch, self.position = coord[0], coord[1] + 1
+        return self._stager.ready(handle)
+
+    def take_step(self, count: int) -> list[MicroBatch]:
+        """The next `count` micro-batches (fewer at the end of the stream); `last_wait_s` is the time
+        this took, the trainer's wait for data. The next micro-batch is staged ahead when built."""
+        start = time.perf_counter()
+        out = []
+        for _ in range(count):
             try:
-                arrays = [img.load_image(p) for p in sample.images]
-            except img.ImageError as err:
-                if self.cfg.strict:
-                    raise DataError(f"{sample.source}: corrupt_image: {err}") from err
-                logger.warning("skipping sample %s: corrupt_image: %s", sample.source, err)
-                continue
-            kept.append(index)
-            loaded.extend(arrays)
-        failed = len(sample_ids) - len(kept)
-        if not kept:
-            return self._empty_batch(), failed
-        ids = [self._ids[i].astype(np.int64) for i in kept]
-        lengths = np.asarray([len(x) for x in ids], dtype=np.int64)
-        cu = np.concatenate([[0], np.cumsum(lengths)])
-        input_ids = np.concatenate(ids)
-        labels = np.where(np.concatenate([self._trained[i] for i in kept]), input_ids, IGNORE_INDEX)
-        labels = shift_labels(labels, cu)
-        grids = [self._grids[i] for i in kept]
-        position_ids = np.concatenate([
-            sample_position_ids(x, g if len(g) else None, image_token_id=self.token_ids["image_token_id"],
-                                vision_start_token_id=self.token_ids["vision_start_token_id"],
-                                spatial_merge_size=MERGE_SIZE) for x, g in zip(ids, grids)], axis=1)
-        batch = MicroBatch(
-            input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels.astype(np.int64)),
-            position_ids=torch.from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64)),
-            cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max()),
-            num_label_tokens=int((labels != IGNORE_INDEX).sum()), sample_ids=kept, num_samples=len(kept))
-        if loaded:
-            from lingshu_fast.kernels.image_pack import grid_of_sizes, pack_images
+                out.append(next(self))
+            except StopIteration:
+                break
+        if self._stager.stream is not None and not self._staged and self._pending and self._pending[0][1].done():
+            self._stage_next()  # its host-to-device copy overlaps this step's compute
+        self.last_wait_s = time.perf_counter() - start
+        return out
 
-            resized = img.resize_images(loaded, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
-            flat_uint8, sizes = img.concat_uint8(resized)
-            grid_thw = grid_of_sizes(sizes)
-            expected = np.concatenate(grids)
-            if not np.array_equal(grid_thw.numpy(), expected):  # header size != decoded size
-                raise DataError(f"image grids {grid_thw.tolist()} differ from the start-up scan {expected.tolist()} "
-                                f"for samples {[self.samples[i].source for i in kept]}: an image changed on disk?")
-            patches = grid_thw.prod(dim=1)
-            if self._ship_uint8:  # packed on the device by MicroBatch.to
-                batch.image_uint8, batch.image_sizes = flat_uint8, sizes
-            else:
-                batch.pixel_values = pack_images(flat_uint8, sizes, out_dtype=torch.float32)[0]
-            batch.image_grid_thw = grid_thw
-            batch.vit_cu_seqlens = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).to(torch.int32)
-        return batch, failed
+    def build(self, sample_ids: Sequence[int]) -> MicroBatch:
+        """The MicroBatch of these dataset indices (built here, failures counted)."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        arrays, failures = self._local_builder().build(ids, self.record_of[ids])
+        self._count_failures(failures)
+        return MicroBatch.from_arrays(arrays)
 
-    def _empty_batch(self) -> MicroBatch:
-        pad = self.token_ids["pad_token_id"]
-        return MicroBatch(input_ids=torch.tensor([pad], dtype=torch.int64),
-                          labels=torch.tensor([IGNORE_INDEX], dtype=torch.int64),
-                          position_ids=torch.zeros(3, 1, dtype=torch.int64),
-                          cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1)
-
-    def _drop_prefetched(self) -> None:
-        for _, future in self._pending:
-            future.cancel()
-        self._pending.clear()
+    def _count_failures(self, failures) -> None:
+        for sid, source, reason, message in failures:
+            if self.cfg.strict:
+                raise DataError(f"{source}: {reason}: {message}")
+            self._events[reason] += 1
+            if sid not in self._failed:
+                self._failed.add(sid)
+                logger.warning("skipping sample %s: %s: %s", source, reason, message)
 
     def close(self) -> None:
-        """Stop the prefetch threads (also safe to leave to garbage collection)."""
-        self._drop_prefetched()
+        """Stop the workers and close the data files (also safe to leave to garbage collection)."""
+        for _, future in self._pending:
+            future.cancel()
+        self._reset_feed()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
             self._pool = None
+        for part in self.parts:
+            part.close()
+
+    def __del__(self):
+        try:
+            if self._pool is not None:
+                self._pool.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     # -- metrics and resume ---------------------------------------------------------------------
     @property
@@ -334,18 +305,49 @@ class PackedLoader:
 
     @property
     def skipped_runtime(self) -> dict[str, int]:
-        """Samples this rank dropped while building micro-batches (sum these over ranks)."""
-        return dict(self._runtime)
+        """Times this rank dropped a sample while building micro-batches (sum these over ranks)."""
+        return dict(self._events)
 
     @property
     def skipped(self) -> dict[str, int]:
-        return {k: self._startup.counts[k] + self._runtime[k] for k in self._runtime}
+        return {k: self._startup.counts[k] + self._events[k] for k in self._events}
+
+    def local_skip_metrics(self) -> dict[str, int]:
+        """`skip_metrics` of this rank alone (what every rank of one data-parallel replica sees)."""
+        startup = self._startup.total
+        return {"skipped_samples": startup + len(self._failed), "skipped_events": startup + sum(self._events.values())}
+
+    def skip_metrics(self, group=None, *, events_total: Optional[int] = None) -> dict[str, int]:
+        """{"skipped_samples": distinct bad records over all ranks, "skipped_events": every time one
+        was met}, start-up ones included. Collective over `group` (the data-parallel group; None: all
+        ranks) when torch.distributed is initialised: every rank must call it at the same step.
+        `events_total`: the sum of `skipped_runtime` over the group, already reduced by the caller
+        (the step engine's one all-reduce): then only a change since the last call costs a
+        collective (merging the sets of bad records, rare)."""
+        import torch.distributed as dist
+
+        startup = self._startup.total
+        events = sum(self._events.values())
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return self.local_skip_metrics()
+        if events_total is None:
+            summed = torch.tensor([events], dtype=torch.int64,
+                                  device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+            dist.all_reduce(summed, group=group)
+            events_total = int(summed.item())
+        if events_total != self._events_global:  # someone met a bad sample since: merge the sets (rare)
+            gathered = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, sorted(self._failed), group=group)
+            self._failed_global.update(i for ids in gathered for i in ids)
+            self._events_global = events_total
+        return {"skipped_samples": startup + len(self._failed_global), "skipped_events": startup + events_total}
 
     def state_dict(self) -> dict:
         return {"version": 1, "epoch": self.epoch, "position": self.position,
                 "global_position": self.position * self.dp_size, "dp_size": self.dp_size,
                 "seed": self.seed, "fingerprint": self.fingerprint, "num_samples": len(self.lengths),
-                "skipped_runtime": dict(self._runtime)}
+                "skipped_runtime": dict(self._events), "failed_samples": sorted(self._failed | self._failed_global),
+                "events_global": self._events_global}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
@@ -361,6 +363,26 @@ class PackedLoader:
                 raise DataError(f"cannot resume with dp={self.dp_size}: {state['global_position']} micro-batches "
                                 f"were consumed in this epoch, not a multiple of {self.dp_size}")
             position = state["global_position"] // self.dp_size
-        self._drop_prefetched()
+        for _, future in self._pending:
+            future.cancel()
         self.epoch, self.position = int(state["epoch"]), int(position)
-        self._runtime.update(state.get("skipped_runtime", {}))
+        self._reset_feed()
+        self._events.update(state.get("skipped_runtime", {}))
+        self._failed_global = set(state.get("failed_samples", []))
+        self._failed = set(self._failed_global)
+        self._events_global = int(state.get("events_global", 0))
+
+
+def resolve_max_steps(max_steps: Optional[int], available_steps: int, *, epochs: int, what: str = "steps") -> int:
+    """train.max_steps of a run: null -> every step `epochs` epochs of data give; a set value larger
+    than that is cut to it (the data ends first; the LR schedule must end there too)."""
+    if available_steps < 1:
+        raise DataError(f"train.epochs={epochs} epoch(s) of this data make no full step; add data, raise "
+                        f"train.epochs or lower the batch (train.global_microbatches / rl.rollout_batch)")
+    if max_steps is None:
+        return available_steps
+    if max_steps > available_steps:
+        logger.warning("train.max_steps=%d but train.epochs=%d epoch(s) of the data make %d %s: training %d",
+                       max_steps, epochs, available_steps, what, available_steps)
+        return available_steps
+    return max_steps

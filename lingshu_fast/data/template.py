@@ -44,10 +44,14 @@ class TemplateError(ValueError):
 class ChatTemplate:
     """Renders chat messages with one tokenizer; cheap to call per sample (one tokenizer call)."""
 
-    def __init__(self, tokenizer, system_prompt: Optional[str] = None):
+    def __init__(self, tokenizer, system_prompt: Optional[str] = None, ids: Optional[dict] = None):
+        """`tokenizer`: a Hugging Face tokenizer, or a bare `tokenizers.Tokenizer` with `ids` given
+        (the data workers' way: no transformers import)."""
         self.tokenizer = tokenizer
-        self.ids = special_token_ids(tokenizer)
+        self.ids = special_token_ids(tokenizer) if ids is None else dict(ids)
         self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = backend if backend is not None else (tokenizer if hasattr(tokenizer, "encode_batch") else None)
 
     # -- text ---------------------------------------------------------------------------------
     def _layout(self, messages: Sequence[dict], system_prompt: Optional[str], add_generation_prompt: bool):
@@ -86,6 +90,10 @@ class ChatTemplate:
             emit("<|im_start|>assistant\n")
         return "".join(parts), trained_spans
 
+    def layout_text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The text the tokenizer sees: one `<|image_pad|>` per image (what the index counts)."""
+        return self._layout(messages, None, add_generation_prompt)[0]
+
     def render_text(self, messages: Sequence[dict], num_image_tokens: Sequence[int] = (),
                     system_prompt: Optional[str] = None, add_generation_prompt: bool = False) -> str:
         """The rendered string, image pads expanded (what a processor would tokenise)."""
@@ -101,8 +109,23 @@ class ChatTemplate:
     # -- ids ----------------------------------------------------------------------------------
     def _encode(self, messages, num_image_tokens, system_prompt, add_generation_prompt):
         text, spans = self._layout(messages, system_prompt, add_generation_prompt)
+        if self.backend is not None:
+            enc = self.backend.encode(text, add_special_tokens=False)
+            return self._finish(enc.ids, enc.offsets, spans, num_image_tokens)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return self._finish(enc["input_ids"], enc["offset_mapping"], spans, num_image_tokens)
+
+    def count_tokens(self, texts: Sequence[str]) -> np.ndarray:
+        """Token counts (int64) of layout texts, one batched call without offsets: the index's counts.
+        Equal to len(ids) of `render_many` on the same text before the image pads are expanded."""
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        if self.backend is not None:
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return np.fromiter((len(e.ids) for e in encode(list(texts), add_special_tokens=False)),
+                               dtype=np.int64, count=len(texts))
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return np.asarray([len(x) for x in ids], dtype=np.int64)
 
     def _finish(self, token_ids, offsets, spans, num_image_tokens):
         """Token ids + char offsets of the layout text -> (expanded ids, trained mask)."""
@@ -138,9 +161,8 @@ class ChatTemplate:
                 results[k] = err
         if layouts:
             texts = [text for _, text, _ in layouts]
-            backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            if backend is not None:  # the Rust tokenizer directly: skips transformers' per-item conversion
-                encodings = backend.encode_batch(texts, add_special_tokens=False)
+            if self.backend is not None:  # the Rust tokenizer directly: skips transformers' per-item conversion
+                encodings = self.backend.encode_batch(texts, add_special_tokens=False)
                 pairs = [(e.ids, e.offsets) for e in encodings]
             else:
                 enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

@@ -17,8 +17,8 @@ it does not depend on the DP layout. Sampling seeds derive from (run.seed, rollo
 Metrics: reward_* / accuracy / format_rate / response_len are the rollout's (repeated on each of
 its updates); `tokens_per_s_per_gpu` and `mfu` cover the update (forward+backward, plus its share
 of the old/reference log-prob passes), not generation, which `rollout_tokens_per_s` reports
-(generated tokens over all ranks / the slowest rank's generation time). The prompt stream cycles
-epochs without end (as stages 1-3's loader): train.max_steps decides the length.
+(generated tokens over all ranks / the slowest rank's generation time). The prompt stream is
+train.epochs epochs long: train.max_steps (null: all of them) is cut to the updates they give.
 
 Resume and checkpoints are stages 1-3's (`train.session.StageRun`: model, optimizer, schedule, RNG,
 prompt position), taken only between rollouts: a checkpoint due (checkpoint.every) in the
@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from lingshu_fast.config import Config, ConfigError
+from lingshu_fast.data.loader import resolve_max_steps
 from lingshu_fast.model import training_flops
 from lingshu_fast.parallel.data_parallel import allreduce_floats
 from lingshu_fast.parallel.state import ParallelDims
@@ -94,14 +94,16 @@ def build_rl_state(cfg: Config, dims: ParallelDims) -> RLState:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more RL JSONL files (records with 'answer')")
     device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
+    prompts = PromptDataset(cfg.data.train, tokenizer, cfg.data, max_new_tokens=cfg.rl.max_new_tokens,
+                            dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.run.seed, epochs=cfg.train.epochs)
+    cfg.train.max_steps = resolve_max_steps(cfg.train.max_steps, prompts.available_updates(
+        cfg.rl.rollout_batch, cfg.rl.updates_per_rollout), epochs=cfg.train.epochs, what="updates")
     model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     ref_model = None
     if cfg.rl.beta != 0.0:  # the same chunks as the policy: its log-probs meet the loss on the last stage
         ref_model = build_rank_model(cfg, dims, model_path, dtype=dtype, device=device, frozen=True)
     # packing decides each update's micro-batch count: a pipeline runner builds a schedule per count
     runner = build_runner(model, dims, schedule=cfg.parallel.pp_schedule, tokens=cfg.data.max_tokens_per_microbatch)
-    prompts = PromptDataset(cfg.data.train, tokenizer, cfg.data, max_new_tokens=cfg.rl.max_new_tokens,
-                            dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.run.seed)
     hf_config = model.config
 
     def flops_of(rmb) -> float:

@@ -1,12 +1,12 @@
 """RL prompts and rollouts: verifiable records -> prompts -> G sampled responses each -> rewards.
 
-`PromptDataset` reads RL records (formats.py with `require_assistant=False`): user turns plus the
-fields the verifiers read (`answer`, `task`, `options`, ...). A trailing assistant turn, if a record
-has one, is dropped from the prompt (it is a reference answer, not part of the question). Records
-without `answer` are skipped as bad_schema; prompts longer than data.max_length - rl.max_new_tokens
-as too_long (each counted, or one DataError under data.strict=true). Every prompt is rendered once
-at start-up (`ChatTemplate.render_prompt`); images are decoded when a rollout needs them (under
-data.strict=true also once at start-up, so a truncated file is reported with the rest).
+`PromptDataset` reads RL records through the data index (data/index.py, built once in "prompt"
+mode): user turns plus the fields the verifiers read (`answer`, `task`, `options`, ...). A
+trailing assistant turn, if a record has one, is dropped from the prompt (it is a reference answer,
+not part of the question: formats.prompt_messages). Records without `answer` are skipped as
+bad_schema; prompts longer than data.max_length - rl.max_new_tokens as too_long (each counted, or
+one DataError under data.strict=true). A prompt's record is read, rendered and its images decoded
+only when a rollout asks for it; the index gives every length at start-up.
 
 A bad image found only when decoded (a truncated DICOM whose header read fine) does not end the
 run: `usable_prompts` skips that prompt - logged, never tried again - and takes the next readable
@@ -21,7 +21,7 @@ Order and sharding: the prompt stream is the concatenation of per-epoch seeded p
 data set. Rollout k takes global stream positions [k*R, (k+1)*R) (R = rl.rollout_batch) and DP rank
 r the contiguous slice r*R/dp ... (r+1)*R/dp of it, so rollout k asks the same prompts whatever
 the DP size. `state_dict()` is the global position: resuming (with any DP size dividing R) yields
-the very next prompts.
+the very next prompts. `epochs` (train.epochs) bounds the run through `available_updates`.
 
 `collect_rollout` runs `generate(..., repeats=G)`: each prompt's images are encoded once and its
 prefill shared by its G samples. The response keeps the `<|im_end|>` that ended it (the loss
@@ -47,73 +47,91 @@ import torch
 
 from lingshu_fast.config import ROLLOUT_CPU_GB, ROLLOUT_FREE_FRACTION
 from lingshu_fast.data import images as img
-from lingshu_fast.data.formats import DataError, SampleError, SkipLog, SkipReason, load_records
-from lingshu_fast.data.loader import MERGE_SIZE, image_grid, image_hw
+from lingshu_fast.data.dataset import image_grids, open_parts, select_usable
+from lingshu_fast.data.formats import DataError, SampleError, SkipLog
+from lingshu_fast.data.images import MERGE_SIZE
 from lingshu_fast.data.rope import sample_position_ids
-from lingshu_fast.data.template import ChatTemplate, TemplateError
+from lingshu_fast.data.template import ChatTemplate
 from lingshu_fast.rl.step import PromptPart
 
 logger = logging.getLogger(__name__)
+
+
+class _View:
+    """`dataset.samples[i]` / `.ids[i]` / `.grids[i]`: prompt i's record, token ids or image grids,
+    read from its data file when asked (the dataset holds only the index)."""
+
+    def __init__(self, dataset: "PromptDataset", what: str):
+        self._dataset, self._what = dataset, what
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index: int):
+        return getattr(self._dataset, self._what)(int(index))
 
 
 class PromptDataset:
     """RL prompts for one data-parallel rank; see the module docstring."""
 
     def __init__(self, sources: Sequence, tokenizer, data_cfg, *, max_new_tokens: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0):
-        self.cfg, self.dp_rank, self.dp_size, self.seed = data_cfg, dp_rank, dp_size, int(seed)
+                 dp_size: int = 1, seed: int = 0, epochs: Optional[int] = None):
+        self.cfg, self.dp_rank, self.dp_size, self.seed, self.epochs = data_cfg, dp_rank, dp_size, int(seed), epochs
         self.template = ChatTemplate(tokenizer, data_cfg.system_prompt)
         self.token_ids = self.template.ids
-        self.skips = SkipLog(strict=data_cfg.strict)
-        self.samples, self.ids, self.grids = [], [], []
+        self.skips = SkipLog(strict=data_cfg.strict, max_logged=20)
+        self.parts = open_parts(sources, self.template, data_cfg, mode="prompt")
         limit = data_cfg.max_length - max_new_tokens
-        for sample in load_records(sources, image_root=data_cfg.image_root, skips=self.skips, require_assistant=False):
-            try:
-                self._add(sample, limit)
-            except SampleError as err:
-                self.skips.add(sample.source, err)
+        lengths, self._record_of, self._part_starts, empty = select_usable(
+            self.parts, min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels, limit=limit,
+            why=f"leaves no room for rl.max_new_tokens={max_new_tokens} under data.max_length={data_cfg.max_length}",
+            skips=self.skips)
         self.skips.raise_if_strict()
-        if not self.samples:
-            raise DataError(f"no usable RL prompts in {list(map(str, sources))[:4]} "
-                            f"(skipped: { {k: v for k, v in self.skips.counts.items() if v} })")
-        lengths = np.asarray([len(x) for x in self.ids], dtype=np.int64)
+        if empty:
+            raise DataError(f"{empty[0]}; RL records need user turns and an 'answer' (data.strict=true lists each "
+                            f"problem)")
+        self.skips.log_summary(f"{len(lengths)} usable RL prompts")
+        self._lengths = lengths
+        self.samples, self.ids, self.grids = _View(self, "sample"), _View(self, "prompt_ids"), _View(self, "grid")
         self.fingerprint = zlib.crc32(lengths.tobytes()) ^ len(lengths)
         self.position = 0  # global position in the prompt stream
         self.bad: set[int] = set()  # prompts whose images failed to decode in a rollout (any DP rank)
         self._perms: dict[int, np.ndarray] = {}
 
-    def _add(self, sample, limit: int) -> None:
-        if "answer" not in sample.extra:
-            raise SampleError(SkipReason.BAD_SCHEMA, "an RL record needs an 'answer' for the verifiers")
-        messages = list(sample.messages)
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        if not messages or messages[-1]["role"] != "user":
-            raise SampleError(SkipReason.BAD_SCHEMA, "an RL prompt must end with a user turn")
-        grids = [image_grid(*self._image_size(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
-                 for p in sample.images]
-        try:
-            ids = self.template.render_prompt(messages, [t * h * w // MERGE_SIZE**2 for t, h, w in grids])
-        except TemplateError as err:
-            raise SampleError(SkipReason.BAD_SCHEMA, str(err)) from None
-        if len(ids) > limit:
-            raise SampleError(SkipReason.TOO_LONG, f"prompt of {len(ids)} tokens leaves no room for "
-                                                   f"rl.max_new_tokens under data.max_length={self.cfg.max_length}")
-        sample.messages = messages
-        self.samples.append(sample)
-        self.ids.append(ids.astype(np.int64))
-        self.grids.append(np.asarray(grids, dtype=np.int64).reshape(-1, 3))
+    def _locate(self, index: int):
+        record = int(self._record_of[index])
+        p = int(np.searchsorted(self._part_starts, record, side="right")) - 1
+        return self.parts[p], record - int(self._part_starts[p])
 
-    def _image_size(self, path: str) -> tuple[int, int]:
-        if not self.cfg.strict:
-            return image_hw(path)
-        try:  # a full decode: catches truncated files the header read cannot
-            return img.load_image(path).shape[:2]
-        except img.ImageError as err:
-            raise SampleError(SkipReason.CORRUPT_IMAGE, str(err)) from None
+    def sample(self, index: int):
+        """Prompt `index`'s record: messages without the trailing reference answer, extra fields."""
+        part, k = self._locate(index)
+        try:
+            return part.read_sample(k)
+        except SampleError as err:
+            raise DataError(f"{part.source(k)}: {err.reason.value}: {err} (the file changed after indexing?)") from None
+
+    def grid(self, index: int) -> np.ndarray:
+        part, k = self._locate(index)
+        return image_grids(part, k, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
+
+    def prompt_ids(self, index: int) -> np.ndarray:
+        """int64 token ids of prompt `index` (rendered now; its length is the index's)."""
+        sample, grid = self.sample(index), self.grid(index)
+        ids = self.template.render_prompt(sample.messages, [int(t * h * w) // MERGE_SIZE**2 for t, h, w in grid])
+        if len(ids) != int(self._lengths[index]):
+            raise DataError(f"{sample.source}: {len(ids)} tokens now, {int(self._lengths[index])} in the index: the "
+                            f"data or tokenizer changed since indexing; delete the index to rebuild it")
+        return ids.astype(np.int64)
+
+    def available_updates(self, rollout_batch: int, updates_per_rollout: int) -> int:
+        """Optimizer updates the prompts of `epochs` epochs give (whole rollouts only)."""
+        if self.epochs is None:
+            raise ValueError("an endless prompt stream (epochs=None) has no total")
+        return self.epochs * len(self) // rollout_batch * updates_per_rollout
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._lengths)
 
     @property
     def skipped(self) -> int:
@@ -133,7 +151,7 @@ class PromptDataset:
                     out.append((candidate, self._decode(candidate)))
                     break
                 except img.ImageError as err:
-                    source = self.samples[candidate].source
+                    source = self.sample(candidate).source
                     if self.cfg.strict:
                         raise DataError(f"{source}: corrupt_image: {err}") from err
                     self.bad.add(candidate)
@@ -141,14 +159,14 @@ class PromptDataset:
                                    "takes its place)", source, err)
             else:
                 raise DataError(f"no RL prompt has a readable image any more ({len(self.bad)} failed to decode, "
-                                f"e.g. {self.samples[index].source})")
+                                f"e.g. {self.sample(index).source})")
         return out
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             seed = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = np.random.Generator(np.random.PCG64(seed)).permutation(len(self.samples))
+            self._perms[epoch] = np.random.Generator(np.random.PCG64(seed)).permutation(len(self))
         return self._perms[epoch]
 
     def next_indices(self, global_count: int) -> list[int]:
@@ -157,7 +175,7 @@ class PromptDataset:
             raise ValueError(f"{global_count} prompts do not split over {self.dp_size} data-parallel ranks")
         per_rank = global_count // self.dp_size
         lo = self.position + self.dp_rank * per_rank
-        n = len(self.samples)
+        n = len(self)
         out = [int(self._perm(p // n)[p % n]) for p in range(lo, lo + per_rank)]
         self.position += global_count
         return out
@@ -167,10 +185,10 @@ class PromptDataset:
         try:
             return self._decode(index)
         except img.ImageError as err:
-            raise DataError(f"{self.samples[index].source}: corrupt_image: {err}") from err
+            raise DataError(f"{self.sample(index).source}: corrupt_image: {err}") from err
 
     def _decode(self, index: int) -> PromptPart:
-        sample, ids, grid = self.samples[index], self.ids[index], self.grids[index]
+        sample, ids, grid = self.sample(index), self.prompt_ids(index), self.grid(index)
         pixel_values = grid_thw = None
         if sample.images:
             arrays = [img.load_image(p) for p in sample.images]
@@ -189,7 +207,7 @@ class PromptDataset:
     def chat_messages(self, index: int) -> list[dict]:
         """The prompt's messages (content strings with <image> markers) with the system turn our template
         renders, for a backend that applies the chat template itself (rl.backend=vllm)."""
-        messages = [dict(m) for m in self.samples[index].messages]
+        messages = [dict(m) for m in self.sample(index).messages]
         if not messages or messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.template.system_prompt})
         return messages
@@ -199,8 +217,8 @@ class PromptDataset:
         (sides already multiples of 28: a Qwen2.5-VL processor keeps them and gives the same tokens)."""
         import PIL.Image
 
-        sample, out = self.samples[index], []
-        for path, (_, h, w) in zip(sample.images, self.grids[index].tolist()):
+        sample, out = self.sample(index), []
+        for path, (_, h, w) in zip(sample.images, self.grid(index).tolist()):
             try:
                 rgb = img.load_image(path)
             except img.ImageError as err:
@@ -213,18 +231,18 @@ class PromptDataset:
 
     def verifier_sample(self, index: int) -> dict:
         """What the verifiers read: the record's extra fields (answer, task, options, ...)."""
-        return dict(self.samples[index].extra)
+        return dict(self.sample(index).extra)
 
     def state_dict(self) -> dict:
         return {"version": 1, "position": self.position, "seed": self.seed, "fingerprint": self.fingerprint,
-                "num_samples": len(self.samples), "bad": sorted(self.bad)}
+                "num_samples": len(self), "bad": sorted(self.bad)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
             raise DataError(f"unknown RL prompt-stream state version {state.get('version')!r}")
         if state["seed"] != self.seed or state["fingerprint"] != self.fingerprint:
             raise DataError(f"cannot resume the RL prompts: the checkpoint was made with seed={state['seed']} on "
-                            f"{state['num_samples']} prompts, this run has seed={self.seed} on {len(self.samples)} "
+                            f"{state['num_samples']} prompts, this run has seed={self.seed} on {len(self)} "
                             f"(different data, tokenizer or data.* settings)")
         self.position = int(state["position"])
         self.bad = {int(i) for i in state.get("bad", [])}

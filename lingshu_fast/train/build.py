@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lingshu_fast.config import Config, ConfigError
-from lingshu_fast.data.loader import PackedLoader
+from lingshu_fast.data.loader import PackedLoader, resolve_max_steps
 from lingshu_fast.data.tokenizer import load_tokenizer
 from lingshu_fast.model import (from_pretrained, load_hf_config, param_groups, save_pretrained, set_trainable,
                                 training_flops)
@@ -130,11 +130,16 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
     device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
-    model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
-                          seed=cfg.run.seed)
+                          seed=cfg.run.seed, epochs=cfg.train.epochs, device=device)
+    # before the LR schedule is built: null (or more than the data holds) -> the steps of train.epochs
+    per_step = cfg.train.global_microbatches // dims.dp
+    enough = None if cfg.train.max_steps is None else cfg.train.max_steps * per_step
+    cfg.train.max_steps = resolve_max_steps(cfg.train.max_steps, loader.total_microbatches(enough) // per_step,
+                                            epochs=cfg.train.epochs)
+    model, optimizer, scheduler = build_trainable(cfg, dims, model_path, dtype=dtype, device=device)
     runner = build_runner(model, dims, schedule=cfg.parallel.pp_schedule, tokens=cfg.data.max_tokens_per_microbatch,
-                          per_rank=cfg.train.global_microbatches // dims.dp)
+                          per_rank=per_step)
     hf_config = model.config
 
     def flops_of(mb) -> float:

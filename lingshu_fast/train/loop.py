@@ -26,36 +26,25 @@ def microbatches_per_rank(cfg: Config, dims: ParallelDims) -> int:
     return g // dims.dp
 
 
-def _next_microbatches(loader, n: int) -> Optional[list]:
-    """This rank's next `n` micro-batches, or None when the data ran out. Every rank runs out at
-    the same step without asking the others: each epoch's plan gives every DP rank the same number
-    of micro-batches (the loader's `epochs` and its per-rank split), so no collective is needed."""
-    mbs = []
-    for _ in range(n):
-        try:
-            mbs.append(next(loader))
-        except StopIteration:
-            return None
-    return mbs
-
-
 def train(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optional[Evaluator] = None) -> dict:
     """Run (or resume) one stage; returns a summary for the demo's table."""
     with StageRun(cfg, dims, build_state, evaluate) as run:
         state, per_rank = run.state, microbatches_per_rank(cfg, run.dims)
         opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
         for step in range(run.start + 1, cfg.train.max_steps + 1):
-            mbs = _next_microbatches(state.loader, per_rank)
-            if mbs is None:
+            timer = run.timer()  # the step's time includes its wait for data
+            mbs = state.loader.take_step(per_rank)
+            if len(mbs) < per_rank:  # every rank gets the same count per epoch: all stop here together
                 run.stop_early("data exhausted")
                 break
-            timer = run.timer()
             host = {"tokens": sum(mb.num_tokens for mb in mbs), "flops": sum(state.flops_of(mb) for mb in mbs),
-                    "skipped": sum(state.loader.skipped_runtime.values())}
+                    "skip_events": sum(state.loader.skipped_runtime.values())}
             result = run.engine.step(*sft_closures(state.runner, mbs, opts), step=step,
                                      count=sum(mb.num_label_tokens for mb in mbs), host=host)
-            skipped = int(result.host["skipped"]) + sum(state.loader.skipped_startup.values())
-            run.log(step, result, timer.stop(), skipped_samples=skipped, label_tokens=int(result.count))
+            skips = state.loader.local_skip_metrics() if run.dims.dp == 1 else state.loader.skip_metrics(
+                run.engine.dp_group, events_total=int(result.host["skip_events"]))
+            run.log(step, result, timer.stop(), label_tokens=int(result.count),
+                    data_wait_s=state.loader.last_wait_s, **skips)
             if run.checkpoint_due(step):
                 run.save(step)
         return run.finish()

@@ -1,0 +1,105 @@
+"""Keeping the device fed: data worker processes, and host-to-device copies one micro-batch ahead.
+
+Workers are processes, not threads: JSON parsing, the chat template, M-RoPE ids and the Python
+around PIL hold the GIL, so only processes let decode + resize scale with cores. They start from a
+fork server that has imported the builder once (`forkserver`: cheap to start, and never a fork of
+a trainer that already runs CUDA, NCCL or tokenizer threads); each takes the `BuildSpec` once, then
+builds the micro-batches it is sent, single-threaded (torch and tokenizers each use one thread),
+and returns plain numpy arrays through the pipe (no shared memory, so /dev/shm size never matters).
+
+`default_num_workers()`: the CPU cores this process may use, shared by the local ranks
+(LOCAL_WORLD_SIZE, set by torchrun), minus one for the trainer itself, at most 8.
+
+`DeviceStager` on CUDA copies a micro-batch into pinned host memory and issues its non-blocking
+copy on a side stream; `ready()` makes the compute stream wait for that copy (an event, not a host
+sync) and records the tensors' use on it, so the caching allocator cannot recycle them early. The
+loader stages the next micro-batch as soon as it is built, so its copy overlaps the current
+step's compute. On CPU the stager hands batches through unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Optional
+
+import torch
+
+from lingshu_fast.data.batch import MicroBatch
+
+MAX_DEFAULT_WORKERS = 8
+_BUILDER = None  # the worker process's BatchBuilder
+
+
+def default_num_workers() -> int:
+    """data.num_workers: null -> the cores per local rank minus one (0: build in the trainer), <= 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_DEFAULT_WORKERS, cores // local_ranks - 1))
+
+
+def _init_worker(spec) -> None:
+    global _BUILDER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(1)
+    from lingshu_fast.data.builder import BatchBuilder
+
+    _BUILDER = BatchBuilder(spec)
+
+
+def _build(sample_ids, record_ids):
+    return _BUILDER.build(sample_ids, record_ids)
+
+
+class WorkerPool:
+    """`num_workers` builder processes; `submit` returns a Future of `BatchBuilder.build`."""
+
+    def __init__(self, spec, num_workers: int):
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(["lingshu_fast.data.builder"])
+        self._pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
+                                         initargs=(spec,))
+
+    def submit(self, sample_ids, record_ids) -> Future:
+        return self._pool.submit(_build, sample_ids, record_ids)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DeviceStager:
+    """Host MicroBatch -> on `device`, copied on a side stream (see the module docstring)."""
+
+    def __init__(self, device: Optional[torch.device]):
+        self.device = torch.device(device) if device is not None else None
+        cuda = self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+
+    def stage(self, mb: MicroBatch):
+        """Start moving `mb`; returns a handle for `ready`."""
+        if self.stream is None:
+            return mb, None, None
+        pinned = mb.pin_memory()
+        with torch.cuda.stream(self.stream):
+            moved = pinned._map_tensors(lambda t: t.to(self.device, non_blocking=True))
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return moved, done, pinned  # `pinned` stays referenced until the copy is waited for
+
+    def ready(self, handle) -> MicroBatch:
+        moved, done, _ = handle
+        if done is None:
+            return moved
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        for f in dataclasses.fields(moved):
+            value = getattr(moved, f.name)
+            if isinstance(value, torch.Tensor):
+                value.record_stream(current)
+        return moved
