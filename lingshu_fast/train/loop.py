@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from lingshu_fast.config import Config, ConfigError
+from lingshu_fast.data.formats import DataError
 from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.train.build import build_state
 from lingshu_fast.train.session import Evaluator, StageRun
@@ -41,6 +42,10 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optional[E
                     "skip_events": sum(state.loader.skipped_runtime.values())}
             result = run.engine.step(*sft_closures(state.runner, mbs, opts), step=step,
                                      count=sum(mb.num_label_tokens for mb in mbs), host=host)
+            if result.count == 0:  # every rank sees the same global count: all stop here together
+                raise DataError(f"step {step}: the global batch of {cfg.train.global_microbatches} micro-batches has no "
+                                f"label tokens (no assistant text survived truncation and masking), so there is "
+                                f"nothing to learn; check the records' assistant turns and data.max_length")
             skips = state.loader.local_skip_metrics() if run.dims.dp == 1 else state.loader.skip_metrics(
                 run.engine.dp_group, events_total=int(result.host["skip_events"]))
             run.log(step, result, timer.stop(), label_tokens=int(result.count),

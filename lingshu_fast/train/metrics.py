@@ -163,6 +163,48 @@ class SkipTracker:
         self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
 
 
+class CollapseWatch:
+    """Notices a run that trains nothing while looking healthy: a step with trainable parameters
+    and a non-zero loss whose gradient norm is exactly 0 (dead activations, an underflowed or
+    poisoned weight), or - cross-entropy stages, `vocab_size` given - a loss within `rel_tol` of
+    ln(V), the uniform prediction, for `patience` steps in a row (e.g. optim.lr=1e6 blew the logits
+    to a constant). Warns once per process on rank 0 (stderr), and counts those steps (`collapsed_steps` in
+    the metrics rows; kept in checkpoints). Collective-free: it reads the step's reduced figures."""
+
+    def __init__(self, vocab_size: Optional[int], *, patience: int = 5, rel_tol: float = 1e-3, rank: int = 0):
+        self.uniform_loss = math.log(vocab_size) if vocab_size else None
+        self.patience, self.rel_tol, self.rank = int(patience), float(rel_tol), rank
+        self.flat = 0  # consecutive steps at ln(V)
+        self.total = 0  # collapsed steps so far
+        self.warned = False
+
+    def observe(self, step: int, *, loss: float, grad_norm: float, count: float, trainable: bool) -> bool:
+        """Record one step's figures; True when this step counts as collapsed."""
+        if count <= 0 or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return False  # nothing learnt from (RL groups filtered) or skipped as non-finite: not ours
+        dead = trainable and grad_norm == 0.0 and loss != 0.0
+        near = self.uniform_loss is not None and abs(loss - self.uniform_loss) <= self.rel_tol * self.uniform_loss
+        self.flat = self.flat + 1 if near else 0
+        collapsed = dead or self.flat >= self.patience
+        if collapsed:
+            self.total += 1
+            if not self.warned and self.rank == 0:
+                self.warned = True
+                why = (f"grad_norm is exactly 0 with trainable parameters (loss {loss:.4f})" if dead else
+                       f"the loss has sat at ln(V) = {self.uniform_loss:.4f} (uniform over the vocabulary) for "
+                       f"{self.flat} steps")
+                print(f"lingshu-fast: warning: step {step}: the run looks collapsed: {why}; it is learning nothing. "
+                      f"Lower optim.lr, raise optim.warmup_steps or check the data and the frozen modules "
+                      f"(collapsed_steps in metrics.jsonl counts such steps)", file=sys.stderr, flush=True)
+        return collapsed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"flat": self.flat, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.flat, self.total = int(state.get("flat", 0)), int(state.get("total", 0))
+
+
 def _json_number(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()

@@ -24,7 +24,7 @@ from lingshu_fast.train import checkpoint as ckpt
 from lingshu_fast.train.engine import StepEngine, StepResult
 from lingshu_fast.train.layout import start_parallel
 from lingshu_fast.train.memory import memory_metrics, memory_report
-from lingshu_fast.train.metrics import MetricsWriter, SkipTracker, StepTimer, mfu, peak_flops_per_s
+from lingshu_fast.train.metrics import CollapseWatch, MetricsWriter, SkipTracker, StepTimer, mfu, peak_flops_per_s
 from lingshu_fast.train.resume import load_latest
 from lingshu_fast.train.state_io import collect_state, read_state, write_tensors
 
@@ -40,7 +40,8 @@ def start_run_dir(cfg: Config, dims: ParallelDims) -> Path:
     return run_dir
 
 
-def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> int:
+def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker,
+               collapse: Optional[CollapseWatch] = None) -> int:
     """The step to continue after: that of the newest complete checkpoint in run.dir (0: none).
 
     The checkpoint may come from any (TP, PP, DP) layout: the tensors are read by name and sliced
@@ -62,6 +63,8 @@ def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker) -> in
     state.loader.load_state_dict(own["loader"])
     ckpt.restore_rng_state(own["rng"])
     skips.load_state_dict(run_state["skips"])
+    if collapse is not None:
+        collapse.load_state_dict(run_state.get("collapse", {}))
     step = int(run_state["step"])
     if dims.rank == 0:
         moved = "" if same_layout else f" (saved under {saved['layout']}, resharded)"
@@ -76,11 +79,17 @@ def resume_schedule(scheduler, last_epoch: int) -> None:
         group["lr"] = base * fn(last_epoch)
 
 
+def _vocab_size(hf_config) -> Optional[int]:
+    text = getattr(hf_config, "text_config", None)
+    return getattr(text, "vocab_size", None) or getattr(hf_config, "vocab_size", None)
+
+
 def _layout(dims: ParallelDims) -> dict:
     return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}
 
 
-def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker) -> ckpt.SaveJob:
+def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker,
+             collapse: Optional[CollapseWatch] = None) -> ckpt.SaveJob:
     """Checkpoint `step` gathered into host memory (collective); the files are written by the writer."""
     tensors = collect_state(state.model, state.optimizer, stage_rank=dims.tp_rank * dims.dp + dims.dp_rank,
                             stage_size=dims.tp * dims.dp)
@@ -89,7 +98,7 @@ def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTrack
     if dims.rank == 0:
         global_state = {"step": step, "stage": cfg.train.stage, "updates": state.optimizer.updates,
                         "sched": {"last_epoch": state.scheduler.last_epoch}, "skips": skips.state_dict(),
-                        **rank_state}
+                        "collapse": collapse.state_dict() if collapse is not None else {}, **rank_state}
     nbytes = sum(t.numel() * t.element_size() for named in tensors.values() for t in named.values())
     return ckpt.SaveJob(step=step, write_tensors=lambda folder: write_tensors(tensors, folder, dims.rank),
                         global_state=global_state, rank_state=rank_state, layout=_layout(dims), tensor_bytes=nbytes)
@@ -106,11 +115,15 @@ class StageRun:
         self.run_dir = start_run_dir(cfg, dims)
         self.state = state = build(cfg, dims)
         self.skips = SkipTracker(cfg.train.max_consecutive_skips)
-        self.start = self.step = resume_run(state, cfg, dims, self.skips)
+        # ln(V) is the uniform cross-entropy: stages 1-3 only (a GRPO loss has no such level)
+        self.collapse = CollapseWatch(_vocab_size(state.model.config) if cfg.train.stage <= 3 else None,
+                                      rank=dims.rank)
+        self.start = self.step = resume_run(state, cfg, dims, self.skips, self.collapse)
         self.engine = StepEngine(state.model, state.optimizer, state.scheduler, state.runner, dims,
                                  grad_clip=cfg.optim.grad_clip, skips=self.skips)
         self.checkpoints = ckpt.CheckpointWriter(cfg.run.dir, rank=dims.rank, world=dims.world,
                                                  keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_save)
+        self.trainable = any(p.requires_grad for p in state.model.parameters())
         self.peak = peak_flops_per_s(state.device)
         self.writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
                                     start_step=self.start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
@@ -136,10 +149,13 @@ class StageRun:
         tokens, world = int(result.host["tokens"]), self.dims.world
         lrs = result.lrs
         memory = memory_metrics(memory_report(self.state.model, self.state.optimizer, self.state.device))
+        self.collapse.observe(step, loss=result.loss, grad_norm=result.grad_norm, count=result.count,
+                              trainable=self.trainable)
         row = dict(step=step, loss=result.loss, lr=max(lrs.values()) if lrs else 0.0, grad_norm=result.grad_norm,
                    tokens=tokens, tokens_per_s_per_gpu=tokens / dt_s / world,
                    mfu=mfu(result.host["flops"], dt_s, world, self.peak), mem_gb=memory["mem_peak_gb"],
-                   **memory, skipped_steps=self.skips.total, step_time_s=dt_s, **extra,
+                   **memory, skipped_steps=self.skips.total, collapsed_steps=self.collapse.total,
+                   step_time_s=dt_s, **extra,
                    **{f"lr/{k}": v for k, v in lrs.items()})
         evaluated = self._evaluate(step, final=step == self.cfg.train.max_steps) if evaluate else None
         self.writer.log(**row, **(evaluated or {}))
@@ -171,7 +187,7 @@ class StageRun:
 
     def save(self, step: int) -> None:
         self.state.optimizer.buffers.wait_params()  # the parameter gather of the last step, if overlapped
-        self.checkpoints.save(save_job(self.state, self.cfg, self.dims, step, self.skips))
+        self.checkpoints.save(save_job(self.state, self.cfg, self.dims, step, self.skips, self.collapse))
 
     def finish(self) -> dict:
         """The final checkpoint (when this run made steps) and the HF export the next stage starts from."""
