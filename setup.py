@@ -102,7 +102,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "liger-kernel>=0.8.5", "matplotlib>=3.8", "pyarrow>=14"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "liger-kernel>=0.8.5", "matplotlib>=3.8", "pyarrow>=14"],
         # reading Parquet releases of evaluation benchmarks (VQA-RAD, PathVQA, MMMU, MedMCQA, ...)
         "eval": ["pyarrow>=14"],
         "gpu": ["flash-attn>=2.6"],

@@ -211,8 +211,8 @@ def _startup(module: str, data_path: Path, extra_path: str) -> dict:
 @pytest.mark.parametrize("provider", ["index", "today"])
 def test_bench_rank_startup(benchmark, bench_info, data, template, provider, tmp_path):
     if provider == "index":
-        from lingshu_fast.data.dataset import open_parts
         from lingshu_fast.config import DataConfig
+        from lingshu_fast.data.dataset import open_parts
 
         open_parts([data["text"]], template, DataConfig())  # built once, as by `lingshu-fast index`
         figures = benchmark.pedantic(_startup, args=("lingshu_fast.data.loader", data["text"], ""), rounds=1,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 
 from lingshu_fast.parallel.spawn import spawn

@@ -413,6 +413,6 @@ def test_bench_e2e_rl(benchmark, bench_info, tokenizer, layouts):
                       peak_mem_gb=round(mem_gb(DEVICE), 3))
     bench_info["images"] = sum(int(r.prompt_grid_thw.shape[0]) for r in rmbs if r.prompt_grid_thw is not None)
     print(f"\nrl: {bench_info['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU over {len(seq_prompt)} sequences")
-    del trainer
+    trainer = None  # the closure above still names it: drop the model before release()
     release()
 

@@ -27,7 +27,7 @@ stats (detached fp32 scalars, token means over masked tokens, 0 when there are n
 (verl's pg_clipfrac: the clipped branch is the active one, i.e. ratio > 1+clip_high with A > 0 or
 ratio < 1-clip_low with A < 0), `kl` (mean k3, 0 without ref_logprobs), `ratio_mean`, `logp_mean`.
 
-How: the per-token log-probs come from `fused_linear_cross_entropy(..., reduction="none")` (issue 4 item 1,
+How: the per-token log-probs come from `fused_linear_cross_entropy(..., reduction="none")` (the same
 one tiled online-logsumexp kernel for both losses): logp = -CE with the labels of unmasked tokens set to
 ignore_index. Its backward takes an arbitrary per-token upstream gradient, which here is dL/dlogp from
 the PPO arithmetic above - cheap plain-torch work on [N] vectors (a few microseconds against the

@@ -7,8 +7,8 @@ import functools
 from typing import Optional
 
 from lingshu_fast.config import Config
-from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.eval.run import scheduled_eval
+from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.rl.loop import train_rl
 from lingshu_fast.train.loop import train
 

@@ -101,8 +101,7 @@ class PipelineSchedules:
         return microbatch_count(n, self.schedule_name, self.pp)
 
     def _build(self, n: int):
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                                  ScheduleInterleaved1F1B)
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         if n in self._cache:
             self._cache[n] = self._cache.pop(n)  # most recently used last

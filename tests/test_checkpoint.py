@@ -19,7 +19,13 @@ import torch
 from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.train import checkpoint as ck
 from lingshu_fast.train.checkpoint import (
-    CheckpointError, CheckpointWriter, SaveJob, capture_rng_state, find_latest, load_checkpoint, restore_rng_state,
+    CheckpointError,
+    CheckpointWriter,
+    SaveJob,
+    capture_rng_state,
+    find_latest,
+    load_checkpoint,
+    restore_rng_state,
 )
 
 

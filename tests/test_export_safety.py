@@ -34,11 +34,12 @@ def _one_line_refusal(capsys, argv) -> str:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny stage-3 run of 2 steps, then resumed to 3: the resumed run re-exports over run.dir/hf."""
+    from megatron.core import parallel_state as ps
+
     from lingshu_fast.config import load_config
     from lingshu_fast.data.demo_data import build_demo_dataset
     from lingshu_fast.parallel.state import current_dims
     from lingshu_fast.train.loop import train
-    from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():  # what the world_of_one fixture does, for this module fixture
         os.environ.pop("WORLD_SIZE", None)

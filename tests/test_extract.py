@@ -6,8 +6,16 @@ accuracy silently counts a wrong answer as right (or the reverse). Exact string 
 import pytest
 
 from lingshu_fast.answers import (
-    extract_answer_span, extract_boxed, extract_choice, extract_number, extract_yes_no,
-    final_answer, gold_choice, normalize_text, normalize_yes_no, options_as_dict,
+    extract_answer_span,
+    extract_boxed,
+    extract_choice,
+    extract_number,
+    extract_yes_no,
+    final_answer,
+    gold_choice,
+    normalize_text,
+    normalize_yes_no,
+    options_as_dict,
 )
 
 OPTS = {"A": "Pneumonia", "B": "Viral pneumonia", "C": "Tuberculosis", "D": "Lung cancer"}

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lingshu_fast.data.formats import (CAPTION_PROMPT, DataError, SampleError, SkipLog, SkipReason, load_records,
-                                       parse_record, read_jsonl)
+from lingshu_fast.data.formats import (
+    CAPTION_PROMPT,
+    DataError,
+    SampleError,
+    SkipLog,
+    SkipReason,
+    load_records,
+    parse_record,
+    read_jsonl,
+)
 
 
 @pytest.fixture()

@@ -62,7 +62,7 @@ TRICKY = [
      "answer": "x"},
     {"messages": [{"role": "assistant", "content": "only"}], "answer": "x"},
     {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "ref"}], "answer": 1},
-    {"image": "a.png", "caption": "ref", "answer": "c"}, {"image": "a.png", "caption": "ref", "answer": "c", "answer": 2},
+    {"image": "a.png", "caption": "ref", "answer": "c"}, {"image": "a.png", "caption": "ref", "answer": 2},
 ]
 RAW_LINES = [
     b"", b"   \t\r", b"\x0c", b"\xc2\xa0", b"{oops", b'{"messages": [1,]}', b'{"a": NaN, ' + json.dumps(_chat())[1:].encode(),
@@ -217,8 +217,8 @@ def test_index_is_built_once_and_rebuilt_when_stale(tmp_path, template, caplog):
 
 
 def _race(path, barrier, out):
-    from lingshu_fast.data.dataset import open_parts as open_
     from lingshu_fast.data import scan
+    from lingshu_fast.data.dataset import open_parts as open_
 
     real = scan.build_file
 

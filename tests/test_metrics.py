@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from lingshu_fast.train.metrics import (
-    MetricsWriter, SkipTracker, StepTimer, TrainingDiverged, all_finite, mem_gb, mfu, peak_flops_per_s,
-    peak_tflops_for_name, truncate_metrics,
+    MetricsWriter,
+    SkipTracker,
+    StepTimer,
+    TrainingDiverged,
+    all_finite,
+    mem_gb,
+    mfu,
+    peak_flops_per_s,
+    peak_tflops_for_name,
+    truncate_metrics,
 )
 
 

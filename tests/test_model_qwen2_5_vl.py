@@ -16,7 +16,6 @@ from lingshu_fast.model.checkpoint_io import full_hf_state_dict
 from lingshu_fast.model.shard_specs import hf_tensor_shapes
 from lingshu_fast.model.testing import hf_logits_per_sample, model_inputs, packed_batch
 
-
 pytestmark = pytest.mark.usefixtures("world_of_one")
 
 

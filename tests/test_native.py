@@ -78,8 +78,9 @@ def test_cmake_build_lands_in_output_dir(tmp_path):
     """The contract with setup.py: configuring with LINGSHU_OUTPUT_DIR puts `_C<ext suffix>` there
     and the result imports, with the same arguments setup.py passes. Built in a scratch dir so the
     installed copy is not touched (slow-ish: it compiles the pybind11 headers)."""
-    import pybind11
     import sysconfig
+
+    import pybind11
 
     build, out = tmp_path / "build", tmp_path / "out"
     build.mkdir()

@@ -187,7 +187,8 @@ def _full_grad_norm(x: torch.Tensor, seed: int) -> float:
 
 def _tp_norm(dims, seed: int):
     import torch.distributed as dist
-    from megatron.core import ModelParallelConfig, parallel_state as ps
+    from megatron.core import ModelParallelConfig
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     cfg = ModelParallelConfig(tensor_model_parallel_size=dims.tp, use_cpu_initialization=True)

@@ -13,8 +13,15 @@ import pytest
 
 from lingshu_fast.config import ConfigError
 from lingshu_fast.rl.rewards import (
-    accuracy_reward, format_reward, infer_task, numeric_reward, parse_reward_spec,
-    register_reward, registered_rewards, score_responses, shutdown_pool,
+    accuracy_reward,
+    format_reward,
+    infer_task,
+    numeric_reward,
+    parse_reward_spec,
+    register_reward,
+    registered_rewards,
+    score_responses,
+    shutdown_pool,
 )
 
 FORMAT_TABLE = [

@@ -17,13 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 import lingshu_fast.model as M
-from lingshu_fast.rl.testing import rl_prompt_parts
 from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.rl.rewards import register_reward, registered_rewards
-from lingshu_fast.rl.step import (STAT_KEYS, PromptPart, grpo_closures, norm_count, pack_sequences,
-                                  sequence_logprobs)
+from lingshu_fast.rl.step import STAT_KEYS, PromptPart, grpo_closures, norm_count, pack_sequences, sequence_logprobs
+from lingshu_fast.rl.testing import rl_prompt_parts
 from lingshu_fast.train.runner import LocalRunner
-
 
 
 def _update_sums(model, rmbs, rl_cfg) -> dict:

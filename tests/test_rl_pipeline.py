@@ -51,8 +51,8 @@ def four_layer_model(tmp_path_factory) -> Path:
 def _fixed_rollout(config, token_multiple: int):
     """Two image prompts and a text one, 4 responses each, advantages drawn once: the same on every
     rank and layout (a generator with a fixed seed), packed at the pipeline's budget."""
-    from lingshu_fast.rl.testing import rl_prompt_parts
     from lingshu_fast.rl.step import pack_sequences
+    from lingshu_fast.rl.testing import rl_prompt_parts
 
     gen = torch.Generator().manual_seed(0)
     prompts = rl_prompt_parts(config, gen, [((1, 4, 4), 9, 4), ((1, 4, 6), 8, 5), (None, 14, 0)])

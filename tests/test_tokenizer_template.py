@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from lingshu_fast.data.template import IGNORE_INDEX, ChatTemplate, TemplateError
-from lingshu_fast.data.tokenizer import (QWEN_SPECIAL_TOKENS, TINY_DIR, TokenizerError, build_tiny_tokenizer,
-                                         load_tokenizer, special_token_ids, tokenizer_fingerprint)
+from lingshu_fast.data.tokenizer import (
+    QWEN_SPECIAL_TOKENS,
+    TINY_DIR,
+    TokenizerError,
+    build_tiny_tokenizer,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_fingerprint,
+)
 
 
 @pytest.fixture(scope="module")

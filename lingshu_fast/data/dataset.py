@@ -17,8 +17,16 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from lingshu_fast.data import images as img
-from lingshu_fast.data.formats import (DataError, Sample, SampleError, SkipReason, confine_of, decode_line,
-                                       parse_record, prompt_messages)
+from lingshu_fast.data.formats import (
+    DataError,
+    Sample,
+    SampleError,
+    SkipReason,
+    confine_of,
+    decode_line,
+    parse_record,
+    prompt_messages,
+)
 from lingshu_fast.data.index import REASONS, DataIndex, IndexSettings, open_index, read_header, tokenizer_digest
 from lingshu_fast.data.scan import ScanSpec, build_file, build_records
 

@@ -31,8 +31,16 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lingshu_fast.data import images as img
-from lingshu_fast.data.formats import (Sample, SampleError, SkipReason, check_image_path, decode_line, missing_image,
-                                       parse_record, prompt_messages)
+from lingshu_fast.data.formats import (
+    Sample,
+    SampleError,
+    SkipReason,
+    check_image_path,
+    decode_line,
+    missing_image,
+    parse_record,
+    prompt_messages,
+)
 from lingshu_fast.data.index import pack_bad
 from lingshu_fast.data.template import ChatTemplate, TemplateError
 

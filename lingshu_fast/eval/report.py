@@ -15,6 +15,7 @@ from typing import Sequence, Union
 
 from lingshu_fast.eval.reported import SOURCE, reported_accuracy
 
+
 def _acc(correct: int, total: int) -> dict:
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
 

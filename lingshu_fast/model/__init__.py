@@ -13,7 +13,11 @@ Public API:
     CheckpointError
 """
 from lingshu_fast.model.checkpoint_io import (
-    CheckpointError, build_model, from_pretrained, full_hf_state_dict, save_pretrained,
+    CheckpointError,
+    build_model,
+    from_pretrained,
+    full_hf_state_dict,
+    save_pretrained,
 )
 from lingshu_fast.model.config import load_hf_config, tiny_hf_config
 from lingshu_fast.model.flops import forward_flops, pipeline_layer_split, training_flops

@@ -33,8 +33,14 @@ import torch
 import torch.distributed as dist
 
 from lingshu_fast.model.config import load_hf_config
-from lingshu_fast.model.export_folder import (PARTIAL_MARKER, ExportTargetError, clean_leftovers,
-                                              export_target_problem, free_space_problem, write_marker)
+from lingshu_fast.model.export_folder import (
+    PARTIAL_MARKER,
+    ExportTargetError,
+    clean_leftovers,
+    export_target_problem,
+    free_space_problem,
+    write_marker,
+)
 from lingshu_fast.model.qwen2_5_vl import Qwen25VLModel
 from lingshu_fast.model.shard_specs import ParamSpec, canonical_name, hf_tensor_shapes, param_specs, saved_specs
 

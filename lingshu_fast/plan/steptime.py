@@ -24,8 +24,15 @@ import math
 from dataclasses import dataclass
 
 from lingshu_fast.model.flops import attention_flops, forward_flops
-from lingshu_fast.plan.hardware import (COLLECTIVE_LATENCY_S, DECODE_HBM_EFFICIENCY, GPUS_PER_NODE, LAUNCH_S_PER_LAYER,
-                                        LINK_EFFICIENCY, MFU_ASSUMED, Hardware)
+from lingshu_fast.plan.hardware import (
+    COLLECTIVE_LATENCY_S,
+    DECODE_HBM_EFFICIENCY,
+    GPUS_PER_NODE,
+    LAUNCH_S_PER_LAYER,
+    LINK_EFFICIENCY,
+    MFU_ASSUMED,
+    Hardware,
+)
 from lingshu_fast.plan.workload import MicroBatch
 
 

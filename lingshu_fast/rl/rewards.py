@@ -45,8 +45,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
-from lingshu_fast.config import ConfigError
 from lingshu_fast import answers as ex
+from lingshu_fast.config import ConfigError
 
 
 class RewardFunction(Protocol):

@@ -14,8 +14,14 @@ import torch
 from lingshu_fast.config import Config, ConfigError
 from lingshu_fast.data.loader import PackedLoader, resolve_max_steps
 from lingshu_fast.data.tokenizer import load_tokenizer
-from lingshu_fast.model import (from_pretrained, load_hf_config, param_groups, save_pretrained, set_trainable,
-                                training_flops)
+from lingshu_fast.model import (
+    from_pretrained,
+    load_hf_config,
+    param_groups,
+    save_pretrained,
+    set_trainable,
+    training_flops,
+)
 from lingshu_fast.model.chunks import rank_model
 from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.train.layout import mark_tied_copies, rank_layer_kwargs

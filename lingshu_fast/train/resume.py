@@ -21,8 +21,14 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from lingshu_fast.train.checkpoint import (CHECKPOINTS, LATEST, CheckpointError, _newest_first, load_checkpoint,
-                                           validate_checkpoint)
+from lingshu_fast.train.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    CheckpointError,
+    _newest_first,
+    load_checkpoint,
+    validate_checkpoint,
+)
 
 
 def _candidates(ckpt_root: Path) -> list[Path]:

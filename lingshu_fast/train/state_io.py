@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from lingshu_fast.model.checkpoint_io import _SafetensorsSource, _gather_full, _read_local, _tp_info
+from lingshu_fast.model.checkpoint_io import _gather_full, _read_local, _SafetensorsSource, _tp_info
 from lingshu_fast.model.shard_specs import ParamSpec, hf_tensor_shapes, param_specs, saved_specs
 from lingshu_fast.parallel.relay import model_chunks
 
