@@ -368,12 +368,13 @@ def test_bench_e2e_rl(benchmark, bench_info, tokenizer, layouts):
     (CPU median ~40 tokens, CUDA ~400), random advantages. FLOPs: training (3x forward) of every
     sequence plus one reference forward, with the ViT once per distinct prompt per micro-batch."""
     from lingshu_fast.config import RLConfig
+    from lingshu_fast.data.prompt import Prompt
     from lingshu_fast.model import forward_flops
     from lingshu_fast.rl import step as rl_step
     rng = np.random.default_rng(2)
     group, mu = (4, 3.7) if DEVICE == "cpu" else (8, 6.0)
     singles = layouts["singles"][: 8 if DEVICE == "cpu" else 16]
-    prompts = [rl_step.PromptPart(input_ids=s.input_ids.numpy(), position_ids=s.position_ids.numpy(),
+    prompts = [Prompt(input_ids=s.input_ids.numpy(), position_ids=s.position_ids.numpy(),
                                   pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw) for s in singles]
     vocab_hi = min(len(tokenizer), 1000)
     seq_prompt = [p for p in range(len(prompts)) for _ in range(group)]

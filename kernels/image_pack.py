@@ -29,12 +29,9 @@ import triton.language as tl
 
 from lingshu_fast.kernels._aot import AotSpec
 from lingshu_fast.kernels._dispatch import use_triton
+from lingshu_fast.kernels.vision_geometry import FACTOR, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
-PATCH_SIZE = 14
-MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
 CHANNELS = 3
-FACTOR = PATCH_SIZE * MERGE_SIZE  # 28
 PATCH_AREA = PATCH_SIZE * PATCH_SIZE  # 196
 ROW_WIDTH = CHANNELS * TEMPORAL_PATCH_SIZE * PATCH_AREA  # 1176
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN, as transformers

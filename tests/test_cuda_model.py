@@ -26,9 +26,10 @@ import pytest
 import torch
 
 import lingshu_fast.model as M
+from lingshu_fast.data.prompt import Prompt
 from lingshu_fast.model.attention import resolve_backend, varlen_attention
 from lingshu_fast.model.checkpoint_io import full_hf_state_dict
-from lingshu_fast.model.generate import PromptInput, generate
+from lingshu_fast.model.generate import generate
 from lingshu_fast.model.shard_specs import canonical_name
 from lingshu_fast.model.testing import DEFAULT_LAYOUT, hf_logits_per_sample, model_inputs, packed_batch
 
@@ -244,7 +245,7 @@ def test_uint8_transfer_cuda(tmp_path, use_kernels, count_calls):
 
 
 # ---------------------------------------------------------------- greedy generation
-def _teacher_forced_logits(model, prompt: PromptInput, tokens: list[int]) -> torch.Tensor:
+def _teacher_forced_logits(model, prompt: Prompt, tokens: list[int]) -> torch.Tensor:
     """CPU logits predicting each of `tokens` from one full forward of prompt + tokens (no cache)."""
     ids = torch.cat([prompt.input_ids, torch.tensor(tokens)])
     start = int(prompt.position_ids.max()) + 1
@@ -261,7 +262,7 @@ def check_greedy(device, tiny_hf, use_kernels, *, new_tokens=12, tie=1e-4):
     """Greedy generation (KV cache) on `device` against the CPU model (module docstring)."""
     hf, folder = tiny_hf
     use_kernels("auto")
-    prompts = [PromptInput(s["input_ids"], s["position_ids"], s["pixel_values"], s["image_grid_thw"])
+    prompts = [Prompt(s["input_ids"], s["position_ids"], s["pixel_values"], s["image_grid_thw"])
                for s in packed_batch(hf.config, DEFAULT_LAYOUT + (([], 4),))["samples"]]
     cpu_model = M.from_pretrained(folder).eval()
     cpu_runs = generate(cpu_model, prompts, max_new_tokens=new_tokens, stop_token_ids=[])

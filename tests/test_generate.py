@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lingshu_fast.model as M
-from lingshu_fast.model.generate import GenerationOutput, PromptInput, generate
+from lingshu_fast.data.prompt import Prompt
+from lingshu_fast.model.generate import GenerationOutput, generate
 from lingshu_fast.model.testing import DEFAULT_LAYOUT, packed_batch
 from lingshu_fast.parallel.spawn import spawn
 
@@ -34,11 +35,11 @@ def tiny(tmp_path_factory):
 
 
 def _prompts(batch):
-    return [PromptInput(s["input_ids"], s["position_ids"], s["pixel_values"], s["image_grid_thw"])
+    return [Prompt(s["input_ids"], s["position_ids"], s["pixel_values"], s["image_grid_thw"])
             for s in batch["samples"]]
 
 
-def _recompute_logprobs(model, prompt: PromptInput, out: GenerationOutput, temperature: float) -> torch.Tensor:
+def _recompute_logprobs(model, prompt: Prompt, out: GenerationOutput, temperature: float) -> torch.Tensor:
     """log_softmax(logits / T) of the generated tokens from one full forward of prompt + response."""
     n_new = len(out.token_ids)
     ids = torch.cat([prompt.input_ids, torch.tensor(out.token_ids)])
@@ -125,7 +126,7 @@ def test_repeats_share_one_image_encoding(tiny):
     assert len(calls) == 2  # one ViT call per generate, for 2 image prompts x 4 repeats
     assert [o.token_ids for o in grouped] == [o.token_ids for o in single for _ in range(4)]
     with torch.no_grad():
-        embedded = [PromptInput(p.input_ids, p.position_ids, image_embeds=(
+        embedded = [Prompt(p.input_ids, p.position_ids, image_embeds=(
             original(p.pixel_values, p.image_grid_thw) if p.pixel_values is not None else None)) for p in prompts]
     calls.clear()
     assert [o.token_ids for o in generate(model, embedded, max_new_tokens=6)] == [o.token_ids for o in single]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lingshu_fast.model as M
-from lingshu_fast.model.generate import PromptInput, generate, pass_bytes
+from lingshu_fast.data.prompt import Prompt
+from lingshu_fast.model.generate import generate, pass_bytes
 from lingshu_fast.model.testing import DEFAULT_LAYOUT, packed_batch
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
@@ -27,7 +28,7 @@ def setup(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("budget") / "hf")
     Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
     batch = packed_batch(config, LAYOUT)
-    prompts = [PromptInput(s["input_ids"], s["position_ids"], s["pixel_values"], s["image_grid_thw"])
+    prompts = [Prompt(s["input_ids"], s["position_ids"], s["pixel_values"], s["image_grid_thw"])
                for s in batch["samples"]]
     return M.from_pretrained(folder).eval(), prompts
 

@@ -225,3 +225,25 @@ def test_preprocess_single_image_and_bf16():
     bf16, grid_bf16 = preprocess([image], min_pixels=SMALL_MIN, max_pixels=SMALL_MAX, out_dtype=torch.bfloat16)
     assert grid.tolist() == [[1, 4, 4]] and torch.equal(grid, grid_bf16)
     assert torch.equal(bf16, fp32.to(torch.bfloat16))
+
+
+def test_one_vision_geometry_and_models_that_differ_are_refused(tmp_path):
+    """The patch/merge/temporal sizes live in one module; the data side, the image kernel and the
+    model's vision config agree, and a checkpoint with another geometry is a one-line config error."""
+    import json
+
+    from lingshu_fast.config import ConfigError
+    from lingshu_fast.data import images
+    from lingshu_fast.kernels import image_pack, vision_geometry as geo
+    from lingshu_fast.model.config import architecture_config, load_hf_config
+
+    assert (images.PATCH_SIZE, images.MERGE_SIZE, images.FACTOR) == (geo.PATCH_SIZE, geo.MERGE_SIZE, geo.FACTOR)
+    assert (image_pack.PATCH_SIZE, image_pack.MERGE_SIZE) == (geo.PATCH_SIZE, geo.MERGE_SIZE)
+    assert geo.image_tokens(1, 36, 52) == 36 * 52 // 4
+    for name in ("qwen2.5-vl-7b", "qwen2.5-vl-32b"):
+        assert geo.geometry_mismatch(architecture_config(name).vision_config) is None
+    raw = json.loads(architecture_config("qwen2.5-vl-7b").to_json_string())
+    raw["vision_config"]["spatial_merge_size"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"spatial_merge_size=4 \(supported: 2\)"):
+        load_hf_config(str(tmp_path))

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import lingshu_fast.model as M
+from lingshu_fast.data.prompt import Prompt
 from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.rl.rewards import register_reward, registered_rewards
-from lingshu_fast.rl.step import STAT_KEYS, PromptPart, grpo_closures, norm_count, pack_sequences, sequence_logprobs
+from lingshu_fast.rl.step import STAT_KEYS, grpo_closures, norm_count, pack_sequences, sequence_logprobs
 from lingshu_fast.rl.testing import rl_prompt_parts
 from lingshu_fast.train.runner import LocalRunner
 
@@ -158,7 +159,7 @@ def test_plan_updates_advantages_and_equal_group_filter():
     from lingshu_fast.rl.loop import _plan_updates
     from lingshu_fast.rl.rollout import Rollout
 
-    prompt = PromptPart(np.arange(5, 9, dtype=np.int64), np.broadcast_to(np.arange(4), (3, 4)).copy())
+    prompt = Prompt(np.arange(5, 9, dtype=np.int64), np.broadcast_to(np.arange(4), (3, 4)).copy())
     rewards = np.asarray([1, 0, 1, 1, 1, 1,   0, 0, 0, 1, 0, 0], dtype=np.float32)  # groups of 3
     ro = Rollout(prompts=[prompt] * 4, seq_prompt=np.repeat(np.arange(4), 3), responses=[[10, 11]] * 12,
                  finished=np.zeros(12, bool), texts=[""] * 12, rewards=rewards, breakdown={}, failures=0,

@@ -9,10 +9,10 @@ rl.filter_equal_groups, different micro-batches: mismatched TP collectives and p
 import numpy as np
 import pytest
 
+from lingshu_fast.data.prompt import Prompt
 from lingshu_fast.model.generate import GenerationOutput
 from lingshu_fast.parallel.spawn import spawn
 from lingshu_fast.rl.rewards import register_reward, registered_rewards
-from lingshu_fast.rl.step import PromptPart
 
 
 def _rank_dependent_reward(response: str, sample: dict) -> float:
@@ -32,7 +32,7 @@ class _Dataset:
     bad, skipped = set(), 0  # no unreadable prompts
 
     def prompt(self, i):
-        return PromptPart(np.arange(4, dtype=np.int64), np.tile(np.arange(4, dtype=np.int64), (3, 1)))
+        return Prompt(np.arange(4, dtype=np.int64), np.tile(np.arange(4, dtype=np.int64), (3, 1)))
 
     def usable_prompts(self, indices):
         return [(i, self.prompt(i)) for i in indices]

@@ -27,6 +27,7 @@ from lingshu_fast.data.dataset import Part, image_grids, record_length
 from lingshu_fast.data.formats import DataError, SampleError, SkipReason
 from lingshu_fast.data.rope import sample_position_ids
 from lingshu_fast.data.template import ChatTemplate, TemplateError
+from lingshu_fast.kernels.vision_geometry import MERGE_SIZE, PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class BatchBuilder:
                 continue
             expected = record_length(part, k, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
             kept.append((sid, expected, grids, part.source(k)))
-            items.append((sample.messages, [int(t * h * w) // img.MERGE_SIZE**2 for t, h, w in grids]))
+            items.append((sample.messages, [int(t * h * w) // MERGE_SIZE**2 for t, h, w in grids]))
             loaded.extend(arrays)
         if not kept:
             return self.empty(), failures
@@ -107,7 +108,7 @@ class BatchBuilder:
         position_ids = np.concatenate([
             sample_position_ids(x, g if len(g) else None, image_token_id=self.ids["image_token_id"],
                                 vision_start_token_id=self.ids["vision_start_token_id"],
-                                spatial_merge_size=img.MERGE_SIZE) for x, g in zip(ids, grids)], axis=1)
+                                spatial_merge_size=MERGE_SIZE) for x, g in zip(ids, grids)], axis=1)
         return {"input_ids": input_ids, "labels": labels, "position_ids": np.ascontiguousarray(position_ids, np.int64),
                 "cu_seqlens": cu.astype(np.int32), "max_seqlen": int(lengths.max()),
                 "num_label_tokens": int((labels != IGNORE_INDEX).sum())}
@@ -116,8 +117,8 @@ class BatchBuilder:
         """`loaded`: the kept samples' images, already decoded and smart-resized (uint8 HWC)."""
         resized = loaded
         sizes = np.asarray([r.shape[:2] for r in resized], dtype=np.int64)
-        grid = np.stack([np.ones(len(sizes), np.int64), sizes[:, 0] // img.PATCH_SIZE,
-                         sizes[:, 1] // img.PATCH_SIZE], axis=1)
+        grid = np.stack([np.ones(len(sizes), np.int64), sizes[:, 0] // PATCH_SIZE,
+                         sizes[:, 1] // PATCH_SIZE], axis=1)
         if not np.array_equal(grid, expected_grids):  # header size != decoded size
             raise DataError(f"image grids {grid.tolist()} differ from the index's {expected_grids.tolist()}: "
                             f"an image changed on disk? delete the index to rebuild it")

@@ -29,6 +29,7 @@ from lingshu_fast.data.formats import (
 )
 from lingshu_fast.data.index import REASONS, DataIndex, IndexSettings, open_index, read_header, tokenizer_digest
 from lingshu_fast.data.scan import ScanSpec, build_file, build_records
+from lingshu_fast.kernels.vision_geometry import PATCH_SIZE
 
 
 class Part:
@@ -146,7 +147,7 @@ def image_grids(part: Part, k: int, *, min_pixels: int, max_pixels: int) -> np.n
     lo, hi = int(part.image_start[k]), int(part.image_start[k + 1])
     hw = np.asarray(part.image_hw[lo:hi], dtype=np.int64).reshape(-1, 2)
     rh, rw = img.smart_resize_many(hw[:, 0], hw[:, 1], min_pixels=min_pixels, max_pixels=max_pixels)
-    return np.stack([np.ones_like(rh), rh // img.PATCH_SIZE, rw // img.PATCH_SIZE], axis=1)
+    return np.stack([np.ones_like(rh), rh // PATCH_SIZE, rw // PATCH_SIZE], axis=1)
 
 
 def open_parts(sources: Sequence, template, cfg, *, mode: str = "train", index_dir: Optional[str] = None,

@@ -32,9 +32,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-PATCH_SIZE = 14
-MERGE_SIZE = 2
-FACTOR = PATCH_SIZE * MERGE_SIZE  # 28: resized sides are multiples of this
+from lingshu_fast.kernels.vision_geometry import FACTOR, MERGE_SIZE, PATCH_SIZE
+
 DEFAULT_MIN_PIXELS = 56 * 56  # transformers' Qwen2VLImageProcessorPil defaults
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200

@@ -27,36 +27,31 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
 import torch.distributed as dist
 
+from lingshu_fast.data.prompt import Prompt, make_prompt
 from lingshu_fast.eval.benchmark_files import BenchmarkError, build_eval_messages
 from lingshu_fast.eval.judge import Judge, judge_from_config
 from lingshu_fast.eval.report import format_table, report, report_metrics, write_report
 from lingshu_fast.eval.scoring import score_predictions
 from lingshu_fast.eval.suite import load_benchmarks
-from lingshu_fast.model.generate import PromptInput, generate
+from lingshu_fast.kernels.vision_geometry import image_tokens
+from lingshu_fast.model.generate import generate
 
 
 def eval_prompt(item: dict, template, hf_config, *, min_pixels: int, max_pixels: int,
-                system_prompt: Optional[str] = None) -> PromptInput:
+                system_prompt: Optional[str] = None) -> Prompt:
     """One benchmark item -> the generation prompt (ids, M-RoPE positions, pixels)."""
     from lingshu_fast.data.images import preprocess
-    from lingshu_fast.data.rope import sample_position_ids
 
-    merge = hf_config.vision_config.spatial_merge_size
     pixel_values = grid = None
     counts: list[int] = []
     if item.get("images"):
         pixel_values, grid = preprocess(item["images"], min_pixels=min_pixels, max_pixels=max_pixels)
-        counts = (grid.prod(-1) // merge ** 2).tolist()
-    messages = build_eval_messages(item)
-    ids = template.render_prompt(messages, counts, system_prompt=system_prompt)
-    positions = sample_position_ids(ids, None if grid is None else grid.numpy(),
-                                    image_token_id=hf_config.image_token_id,
-                                    vision_start_token_id=hf_config.vision_start_token_id,
-                                    spatial_merge_size=merge)
-    return PromptInput(torch.from_numpy(ids), torch.from_numpy(positions), pixel_values, grid)
+        counts = [image_tokens(*row) for row in grid.tolist()]
+    ids = template.render_prompt(build_eval_messages(item), counts, system_prompt=system_prompt)
+    return make_prompt(ids, pixel_values, grid, image_token_id=hf_config.image_token_id,
+                       vision_start_token_id=hf_config.vision_start_token_id)
 
 
 def _check_tokenizer(template, hf_config) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lingshu_fast.config import ConfigError  # a ValueError: the CLI prints it as one line
+from lingshu_fast.kernels.vision_geometry import geometry_mismatch
 
 _TOP_LEVEL_KEYS = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings",
@@ -81,7 +82,11 @@ def load_hf_config(path: str):
             f"{config_file}: model_type is {raw.get('model_type')!r}; lingshu_fast loads only 'qwen2_5_vl' "
             "(Lingshu-7B/32B, Qwen2.5-VL-*-Instruct)"
         )
-    return Qwen2_5_VLConfig.from_pretrained(path)
+    config = Qwen2_5_VLConfig.from_pretrained(path)
+    mismatch = geometry_mismatch(config.vision_config)
+    if mismatch:
+        raise ConfigError(f"{config_file}: {mismatch}")
+    return config
 
 
 ARCHITECTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "architectures")

@@ -43,19 +43,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lingshu_fast.data.prompt import Prompt
 from lingshu_fast.model.attention import varlen_attention
 from lingshu_fast.model.ops import apply_rotary, swiglu
 from lingshu_fast.model.sequence_parallel import without_sequence_parallel
 from lingshu_fast.parallel.relay import broadcast_from_last_stage, last_stage_holder, model_chunks, relay
-
-
-@dataclass
-class PromptInput:
-    input_ids: torch.Tensor  # [T] long
-    position_ids: torch.Tensor  # [3, T] M-RoPE positions (lingshu_fast.data.rope.sample_position_ids)
-    pixel_values: Optional[torch.Tensor] = None  # [P, 1176]
-    image_grid_thw: Optional[torch.Tensor] = None  # [n, 3]
-    image_embeds: Optional[torch.Tensor] = None  # [n_image_tokens, H]: already encoded (skips the ViT)
 
 
 @dataclass
@@ -76,9 +68,10 @@ def _tp_group_info():
     return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
 
 
-def _encode_all_images(model, prompts: Sequence[PromptInput], device) -> list[Optional[torch.Tensor]]:
+def _encode_all_images(model, prompts: Sequence[Prompt], device) -> list[Optional[torch.Tensor]]:
     """Per prompt image embeddings; the prompts that bring pixels share ONE vision-tower call."""
-    embeds: list[Optional[torch.Tensor]] = [p.image_embeds for p in prompts]
+    embeds: list[Optional[torch.Tensor]] = [None if p.image_embeds is None else p.image_embeds.to(device)
+                                            for p in prompts]
     todo = [i for i, p in enumerate(prompts) if p.image_embeds is None and p.pixel_values is not None]
     if not todo:
         return embeds
@@ -152,7 +145,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
+def generate(model, prompts: Sequence[Prompt], *, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
              temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
              pad_token_id: Optional[int] = None, repeats: int = 1, memory_budget_bytes: Optional[int] = None,
              stats: Optional[dict] = None) -> list[GenerationOutput]:
@@ -184,7 +177,8 @@ def generate(model, prompts: Sequence[PromptInput], *, max_new_tokens: int, stop
         generator = torch.Generator(device=device).manual_seed(int(seed))
     outputs: list[GenerationOutput] = []
     with without_sequence_parallel(model):
-        for chunk in _passes(model, list(prompts), repeats, max_new_tokens, memory_budget_bytes):
+        prompts = [p.to(device, pixels=False) for p in prompts]  # ids and positions: the pixels move when encoded
+        for chunk in _passes(model, prompts, repeats, max_new_tokens, memory_budget_bytes):
             stats["passes"] += 1
             outputs += _generate(model, chunk, max_new_tokens, list(stop_token_ids), temperature, top_p, generator,
                                  pad_token_id, repeats, stats)

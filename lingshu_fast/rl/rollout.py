@@ -49,10 +49,9 @@ from lingshu_fast.config import ROLLOUT_CPU_GB, ROLLOUT_FREE_FRACTION
 from lingshu_fast.data import images as img
 from lingshu_fast.data.dataset import image_grids, open_parts, select_usable
 from lingshu_fast.data.formats import DataError, SampleError, SkipLog
-from lingshu_fast.data.images import MERGE_SIZE
-from lingshu_fast.data.rope import sample_position_ids
+from lingshu_fast.data.prompt import Prompt, make_prompt
 from lingshu_fast.data.template import ChatTemplate
-from lingshu_fast.rl.step import PromptPart
+from lingshu_fast.kernels.vision_geometry import MERGE_SIZE, PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ class PromptDataset:
         `collect_rollout` the same on every rank: report it, do not all-reduce it)."""
         return self.skips.total + len(self.bad)
 
-    def usable_prompts(self, indices: Sequence[int]) -> list[tuple[int, PromptPart]]:
+    def usable_prompts(self, indices: Sequence[int]) -> list[tuple[int, Prompt]]:
         """(index, prompt) for each of `indices`; a prompt whose image fails to decode is skipped and the
         next readable prompt of the data set (in data-set order) stands in (see the module docstring)."""
         out = []
@@ -180,14 +179,14 @@ class PromptDataset:
         self.position += global_count
         return out
 
-    def prompt(self, index: int) -> PromptPart:
+    def prompt(self, index: int) -> Prompt:
         """The prompt's ids, M-RoPE positions and preprocessed images (decoded here)."""
         try:
             return self._decode(index)
         except img.ImageError as err:
             raise DataError(f"{self.sample(index).source}: corrupt_image: {err}") from err
 
-    def _decode(self, index: int) -> PromptPart:
+    def _decode(self, index: int) -> Prompt:
         sample, ids, grid = self.sample(index), self.prompt_ids(index), self.grid(index)
         pixel_values = grid_thw = None
         if sample.images:
@@ -198,11 +197,8 @@ class PromptDataset:
                 raise DataError(f"{sample.source}: image grids {grid_thw.tolist()} differ from the start-up scan "
                                 f"{grid.tolist()}: an image changed on disk?")
             pixel_values, grid_thw = pixel_values.float(), grid_thw.to(torch.int64)
-        positions = sample_position_ids(ids, grid if len(grid) else None,
-                                        image_token_id=self.token_ids["image_token_id"],
-                                        vision_start_token_id=self.token_ids["vision_start_token_id"],
-                                        spatial_merge_size=MERGE_SIZE)
-        return PromptPart(ids, np.ascontiguousarray(positions, dtype=np.int64), pixel_values, grid_thw)
+        return make_prompt(ids, pixel_values, grid_thw, image_token_id=self.token_ids["image_token_id"],
+                           vision_start_token_id=self.token_ids["vision_start_token_id"])
 
     def chat_messages(self, index: int) -> list[dict]:
         """The prompt's messages (content strings with <image> markers) with the system turn our template
@@ -223,7 +219,7 @@ class PromptDataset:
                 rgb = img.load_image(path)
             except img.ImageError as err:
                 raise DataError(f"{sample.source}: corrupt_image: {err}") from err
-            size = (w * img.PATCH_SIZE, h * img.PATCH_SIZE)
+            size = (w * PATCH_SIZE, h * PATCH_SIZE)
             if (rgb.shape[1], rgb.shape[0]) != size:
                 rgb = np.asarray(PIL.Image.fromarray(rgb).resize(size, PIL.Image.BICUBIC))
             out.append(rgb)
@@ -251,7 +247,7 @@ class PromptDataset:
 @dataclass
 class Rollout:
     """One rank's rollout: B prompts x G responses, sequences group-major (seq s -> prompt s // G)."""
-    prompts: list[PromptPart]
+    prompts: list[Prompt]
     seq_prompt: np.ndarray  # [B*G] the prompt (group) of each sequence
     responses: list[list[int]]
     finished: np.ndarray  # [B*G] bool
@@ -372,21 +368,16 @@ def rollout_budget_bytes(rl_cfg, device: torch.device) -> int:
     return int(free.item())
 
 
-def _generate_native(model, prompts: list[PromptPart], rl_cfg, ids: dict, seed: Optional[int]):
+def _generate_native(model, prompts: list[Prompt], rl_cfg, ids: dict, seed: Optional[int]):
     """(outputs, seconds): our generator, `repeats=G` (each prompt's images encoded once for its group)."""
-    from lingshu_fast.model.generate import PromptInput, generate
+    from lingshu_fast.model.generate import generate
 
     device = next(model.parameters()).device
-    inputs = [PromptInput(input_ids=torch.from_numpy(p.input_ids).to(device),
-                          position_ids=torch.from_numpy(p.position_ids).to(device),
-                          pixel_values=None if p.pixel_values is None else p.pixel_values.to(device),
-                          image_grid_thw=None if p.image_grid_thw is None else p.image_grid_thw.to(device))
-              for p in prompts]
     g = rl_cfg.num_generations
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    outputs = generate(model, inputs, max_new_tokens=rl_cfg.max_new_tokens, temperature=rl_cfg.temperature,
+    outputs = generate(model, prompts, max_new_tokens=rl_cfg.max_new_tokens, temperature=rl_cfg.temperature,
                        top_p=rl_cfg.top_p, stop_token_ids=[ids["im_end_id"]], seed=seed,
                        pad_token_id=ids["pad_token_id"], repeats=g,
                        memory_budget_bytes=rollout_budget_bytes(rl_cfg, device))

@@ -32,24 +32,8 @@ import numpy as np
 import torch
 
 from lingshu_fast.data.batch import IGNORE_INDEX, MicroBatch
+from lingshu_fast.data.prompt import Prompt
 from lingshu_fast.kernels import fused_linear_grpo_loss, token_logprobs
-
-MERGE_UNIT = 4  # Qwen2.5-VL's 2x2 patch merger: one LLM token per 4 patches
-
-
-@dataclass
-class PromptPart:
-    """What packing needs of one prompt (shared by its group)."""
-    input_ids: np.ndarray  # [P] int64
-    position_ids: np.ndarray  # [3, P] int64
-    pixel_values: Optional[torch.Tensor] = None  # [patches, 1176]
-    image_grid_thw: Optional[torch.Tensor] = None  # [n, 3]
-
-    @property
-    def num_image_tokens(self) -> int:
-        if self.image_grid_thw is None:
-            return 0
-        return int(self.image_grid_thw.prod(dim=1).sum()) // MERGE_UNIT
 
 
 @dataclass
@@ -81,7 +65,7 @@ class RLMicroBatch:
                             self.seq_prompt, move(self.old_logprobs), move(self.ref_logprobs))
 
 
-def _one_sequence(prompt: PromptPart, response: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _one_sequence(prompt: Prompt, response: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids [L], shifted labels [L], position_ids [3, L]) of prompt + response."""
     response = np.asarray(response, dtype=np.int64)
     ids = np.concatenate([prompt.input_ids.astype(np.int64), response])
@@ -93,7 +77,7 @@ def _one_sequence(prompt: PromptPart, response: Sequence[int]) -> tuple[np.ndarr
     return ids, labels, np.concatenate([prompt.position_ids.astype(np.int64), tail], axis=1)
 
 
-def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[int], float]], token_multiple: int,
+def _build(prompts: Sequence[Prompt], items: list[tuple[int, int, Sequence[int], float]], token_multiple: int,
            pad_token_id: int) -> RLMicroBatch:
     """items: (sequence id, prompt id, response ids, advantage) in packing order."""
     ids, labels, positions, seq_index, advantages, lengths = [], [], [], [], [], []
@@ -126,7 +110,7 @@ def _build(prompts: Sequence[PromptPart], items: list[tuple[int, int, Sequence[i
                         seq_prompt=seq_prompt)
 
 
-def pack_sequences(prompts: Sequence[PromptPart], seq_prompt_ids: Sequence[int], responses: Sequence[Sequence[int]],
+def pack_sequences(prompts: Sequence[Prompt], seq_prompt_ids: Sequence[int], responses: Sequence[Sequence[int]],
                    advantages: Sequence[float], seq_ids: Sequence[int], max_tokens: int, *, token_multiple: int = 1,
                    pad_token_id: int = 0) -> list[RLMicroBatch]:
     """Greedy in-order packing of the sequences `seq_ids` into micro-batches of at most `max_tokens`
