@@ -67,7 +67,7 @@ class RunConfig:
     name: str = "run"
     dir: str = "runs/default"
     seed: int = num(1234, ge=0, lt=2**63)
-    log_every: int = num(1, ge=1)
+    log_every: int = num(1, ge=1)  # run.progress=false: print a plain progress line every this many steps
     progress: bool = True
     tensorboard: bool = False
     # the machine the recipe is sized for, e.g. "8x H100 80GB" (GPUs x card memory): `lingshu-fast plan`

@@ -234,7 +234,8 @@ def test_one_vision_geometry_and_models_that_differ_are_refused(tmp_path):
 
     from lingshu_fast.config import ConfigError
     from lingshu_fast.data import images
-    from lingshu_fast.kernels import image_pack, vision_geometry as geo
+    from lingshu_fast.kernels import image_pack
+    from lingshu_fast.kernels import vision_geometry as geo
     from lingshu_fast.model.config import architecture_config, load_hf_config
 
     assert (images.PATCH_SIZE, images.MERGE_SIZE, images.FACTOR) == (geo.PATCH_SIZE, geo.MERGE_SIZE, geo.FACTOR)

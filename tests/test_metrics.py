@@ -127,3 +127,16 @@ def test_tensorboard_missing_warns_once(tmp_path):
         w = MetricsWriter(tmp_path, rank=0, stage=1, progress=False, tensorboard=True)
     w.log(**_row(1))
     w.close()
+
+
+def test_plain_progress_lines_every_log_every_steps(tmp_path, capsys):
+    """run.progress=false: one plain line per `log_every` steps (and the last), with an ETA."""
+    writer = MetricsWriter(tmp_path, 0, stage=3, total_steps=5, progress=False, log_every=2)
+    for step in range(1, 6):
+        writer.log(step=step, loss=1.0 / step, lr=1e-4, grad_norm=0.5, tokens=100, tokens_per_s_per_gpu=1000.0,
+                   mfu=None, mem_gb=1.0)
+    writer.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["stage 3 step 2/5", "stage 3 step 4/5", "stage 3 step 5/5"]
+    assert "loss 0.5000" in lines[0] and "elapsed, eta 0:00:0" in lines[0]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5  # every step is still a row

@@ -190,10 +190,6 @@ class ChatTemplate:
         return ids
 
 
-def count_image_markers(messages: Sequence[dict]) -> int:
-    return sum(m["content"].count(IMAGE_MARKER) for m in messages if isinstance(m.get("content"), str))
-
-
 def parts_to_text(parts: Sequence) -> tuple[str, list]:
     """OpenAI/HF content parts -> (text with <image> markers, image sources found in the parts)."""
     text, sources = [], []

@@ -53,7 +53,7 @@ class CheckpointError(ValueError):
 
 
 # ---------------- parallel context ----------------
-def _tp_info() -> tuple[int, int, object]:
+def tp_info() -> tuple[int, int, object]:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -80,7 +80,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 
 # ---------------- tensor sources ----------------
-class _SafetensorsSource:
+class SafetensorsSource:
     def __init__(self, path: str):
         from safetensors import safe_open
 
@@ -141,7 +141,7 @@ def _check_checkpoint(path: str, config, found: dict[str, tuple]) -> None:
         raise CheckpointError("\n".join(lines))
 
 
-def _read_local(spec: ParamSpec, source, full_shapes: dict, tp: int, rank: int) -> torch.Tensor:
+def read_local(spec: ParamSpec, source, full_shapes: dict, tp: int, rank: int) -> torch.Tensor:
     if spec.whole:
         tp, rank = 1, 0
     if spec.split is None:
@@ -159,11 +159,11 @@ def _read_local(spec: ParamSpec, source, full_shapes: dict, tp: int, rank: int) 
 
 
 def _fill(model: Qwen25VLModel, source, full_shapes: dict) -> None:
-    tp, rank, _ = _tp_info()
+    tp, rank, _ = tp_info()
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, spec in param_specs(model).items():
-            local = _read_local(spec, source, full_shapes, tp, rank)
+            local = read_local(spec, source, full_shapes, tp, rank)
             params[name].copy_(local.reshape(params[name].shape))
 
 
@@ -176,7 +176,7 @@ def build_model(hf_config, *, seed: int = 0, dtype=torch.float32, device="cpu", 
                 layer_end=None, activation_checkpointing="none", checkpoint_every_k_layers: int = 1,
                 attention_backend: str = "auto", sequence_parallel: bool = False) -> Qwen25VLModel:
     """A randomly initialised model for this rank (identical across TP/PP layouts for the same seed)."""
-    tp, _, _ = _tp_info()
+    tp, _, _ = tp_info()
     dtype = resolve_dtype(dtype, device)
     model = Qwen25VLModel(hf_config, dtype=dtype, tp=tp, layer_start=layer_start, layer_end=layer_end,
                           attention_backend=attention_backend, sequence_parallel=sequence_parallel)
@@ -190,10 +190,10 @@ def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_
                     attention_backend: str = "auto", sequence_parallel: bool = False) -> Qwen25VLModel:
     """This rank's TP shard (and PP layer range) of the HF Qwen2.5-VL folder `path`."""
     config = load_hf_config(path)
-    source = _SafetensorsSource(path)
+    source = SafetensorsSource(path)
     found = source.shapes()
     _check_checkpoint(path, config, found)
-    tp, _, _ = _tp_info()
+    tp, _, _ = tp_info()
     dtype = resolve_dtype(dtype, device)
     model = Qwen25VLModel(config, dtype=dtype, tp=tp, layer_start=layer_start, layer_end=layer_end,
                           attention_backend=attention_backend, sequence_parallel=sequence_parallel)
@@ -202,7 +202,7 @@ def from_pretrained(path: str, *, dtype=torch.float32, device="cpu", activation_
 
 
 # ---------------- save ----------------
-def _gather_full(param: torch.Tensor, spec: ParamSpec, full_shapes: dict, tp: int, group) -> dict[str, torch.Tensor]:
+def gather_full(param: torch.Tensor, spec: ParamSpec, full_shapes: dict, tp: int, group) -> dict[str, torch.Tensor]:
     """HF tensors (full, on CPU) for one parameter, all-gathered over TP on its own device (NCCL
     gathers only CUDA tensors)."""
     local = param.detach().contiguous()
@@ -234,7 +234,7 @@ def full_hf_state_dict(model: Qwen25VLModel, *, grads: bool = False) -> dict[str
     Every TP rank takes part and gets the full tensors (CPU). With `grads=True` a parameter
     without a gradient is left out. Useful to compare layouts and for exports.
     """
-    tp, _, group = _tp_info()
+    tp, _, group = tp_info()
     full_shapes = hf_tensor_shapes(model.config)
     params = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
@@ -242,7 +242,7 @@ def full_hf_state_dict(model: Qwen25VLModel, *, grads: bool = False) -> dict[str
         tensor = params[name].grad if grads else params[name]
         if tensor is None:
             continue
-        out.update(_gather_full(tensor, spec, full_shapes, tp, group))
+        out.update(gather_full(tensor, spec, full_shapes, tp, group))
     return out
 
 
@@ -335,7 +335,7 @@ def export_tensor_folder(source: str, path: str, config, dtype: torch.dtype, *, 
     from safetensors.torch import save_file
 
     path = path.rstrip("/")
-    tensors = _SafetensorsSource(source)
+    tensors = SafetensorsSource(source)
     need = sum(torch.Size(shape).numel() for shape in tensors.shapes().values()) * dtype.itemsize
     tmp, nonce = _begin_export(path, overwrite=overwrite, need_bytes=need)
     try:
@@ -367,7 +367,7 @@ def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3, o
     from megatron.core import parallel_state as ps
 
     path = path.rstrip("/")
-    tp, tp_rank, group = _tp_info()
+    tp, tp_rank, group = tp_info()
     world_rank = dist.get_rank() if dist.is_initialized() else 0
     need = sum(torch.Size(s).numel() for s in hf_tensor_shapes(model.config).values()) * model.dtype.itemsize
     tmp, nonce = _begin_export(path, overwrite=overwrite, need_bytes=need, rank=world_rank)

@@ -205,6 +205,12 @@ class CollapseWatch:
         self.flat, self.total = int(state.get("flat", 0)), int(state.get("total", 0))
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
 def _json_number(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -254,7 +260,9 @@ def truncate_metrics(path: Path, after_step: int, stage: Optional[int] = None) -
 
 
 class MetricsWriter:
-    """Rank 0 logs each step to metrics.jsonl, a tqdm bar and (optionally) TensorBoard.
+    """Rank 0 logs each step to metrics.jsonl, a tqdm bar and (optionally) TensorBoard. Without the
+    bar (run.progress=false: batch jobs, log files) it prints one plain line every `log_every` steps
+    (run.log_every) with the bar's figures, the elapsed time and an ETA.
 
     Other ranks get a writer whose `log` does nothing, so the loop need not branch on rank.
     `start_step`: the step the run resumes from (0 for a fresh run); rows after it are dropped.
@@ -262,8 +270,10 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, *, stage: int, start_step: int = 0,
                  total_steps: Optional[int] = None, progress: bool = True, tensorboard: bool = False,
-                 fsync_every: int = 1):
+                 fsync_every: int = 1, log_every: int = 1):
         self.rank, self.stage, self.fsync_every = rank, stage, max(1, fsync_every)
+        self.log_every, self.total_steps, self.start_step = max(1, log_every), total_steps, start_step
+        self._started = time.perf_counter()
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self._bar = self._tb = None
         self._unsynced = 0
@@ -302,6 +312,8 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(row), refresh=False)
             self._bar.update(step - self._bar.n)
+        elif step % self.log_every == 0 or step == self.total_steps:
+            print(self._line(step, row), flush=True)
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("stage", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -315,6 +327,15 @@ class MetricsWriter:
         row = {k: _json_number(v) for k, v in {"stage": self.stage, "step": step, **values}.items()}
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self.flush()
+
+    def _line(self, step: int, row: dict) -> str:
+        elapsed = time.perf_counter() - self._started
+        done = step - self.start_step
+        total = "" if self.total_steps is None else f"/{self.total_steps}"
+        eta = ""
+        if self.total_steps is not None and done > 0:
+            eta = f", eta {_duration(elapsed / done * max(self.total_steps - step, 0))}"
+        return f"stage {self.stage} step {step}{total} | {self._postfix(row)} | {_duration(elapsed)} elapsed{eta}"
 
     @staticmethod
     def _postfix(row: dict) -> str:

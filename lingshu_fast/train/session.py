@@ -126,7 +126,8 @@ class StageRun:
         self.trainable = any(p.requires_grad for p in state.model.parameters())
         self.peak = peak_flops_per_s(state.device)
         self.writer = MetricsWriter(cfg.run.dir, dims.rank, stage=cfg.train.stage, total_steps=cfg.train.max_steps,
-                                    start_step=self.start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+                                    start_step=self.start, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                                    log_every=cfg.run.log_every)
         self.summary: dict = {"stage": cfg.train.stage, "steps": self.start, "loss": float("nan"),
                               "tokens_per_s_per_gpu": 0.0, "mfu": None}
 

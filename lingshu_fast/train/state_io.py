@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from lingshu_fast.model.checkpoint_io import _gather_full, _read_local, _SafetensorsSource, _tp_info
+from lingshu_fast.model.checkpoint_io import SafetensorsSource, gather_full, read_local, tp_info
 from lingshu_fast.model.shard_specs import ParamSpec, hf_tensor_shapes, param_specs, saved_specs
 from lingshu_fast.parallel.relay import model_chunks
 
@@ -68,13 +68,13 @@ def collect_state(model, optimizer, *, stage_rank: int, stage_size: int) -> dict
     """This rank's share of the model's and optimizer's tensors, whole and HF-named, in host memory:
     {kind: {hf_name: tensor}}. Collective over all ranks (the TP and DP gathers). `stage_rank` /
     `stage_size`: this rank among its pipeline stage's TP x DP ranks (the writers)."""
-    tp, _, tp_group = _tp_info()
+    tp, _, tp_group = tp_info()
     full_shapes = hf_tensor_shapes(model.config)
     mine: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
     counter = [0]
 
     def keep(kind: str, local: torch.Tensor, spec: ParamSpec) -> None:
-        tensors = _gather_full(local, spec, full_shapes, tp, tp_group)  # collective over TP
+        tensors = gather_full(local, spec, full_shapes, tp, tp_group)  # collective over TP
         if counter[0] % stage_size == stage_rank:
             mine[kind].update(tensors)
         counter[0] += 1
@@ -109,11 +109,11 @@ def write_tensors(tensors: dict[str, dict[str, torch.Tensor]], folder: Path, ran
 @torch.no_grad()
 def read_state(model, optimizer, folder: Path, *, updates: int) -> None:
     """Load `folder` (written by `write_state` under any layout) into this rank's model and optimizer."""
-    tp, tp_rank, _ = _tp_info()
-    sources = {kind: _SafetensorsSource(str(folder / kind)) for kind in KINDS if (folder / kind).is_dir()}
+    tp, tp_rank, _ = tp_info()
+    sources = {kind: SafetensorsSource(str(folder / kind)) for kind in KINDS if (folder / kind).is_dir()}
     shapes = {kind: src.shapes() for kind, src in sources.items()}
     for _, p, spec in _named_specs(model, param_specs):
-        p.copy_(_read_local(spec, sources["model"], shapes["model"], tp, tp_rank).reshape(p.shape))
+        p.copy_(read_local(spec, sources["model"], shapes["model"], tp, tp_rank).reshape(p.shape))
     specs = {id(p): spec for _, p, spec in _named_specs(model, param_specs)}
     cache: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -121,7 +121,7 @@ def read_state(model, optimizer, folder: Path, *, updates: int) -> None:
         key = (kind, id(p))
         if key not in cache:
             cache.clear()  # one parameter's tensors at a time
-            cache[key] = _read_local(specs[id(p)], sources[kind], shapes[kind], tp, tp_rank).reshape(-1)
+            cache[key] = read_local(specs[id(p)], sources[kind], shapes[kind], tp, tp_rank).reshape(-1)
         return cache[key]
 
     optimizer.updates = updates
