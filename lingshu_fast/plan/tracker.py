@@ -44,9 +44,6 @@ class LiveBytes(TorchDispatchMode):
         self._finalizers: dict[int, weakref.finalize] = {}
         self.skipped_ops = 0
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
     def _track(self, storage: torch.UntypedStorage) -> None:
         key = storage._cdata
         if key in self._finalizers:

@@ -162,15 +162,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- save
 
 
-def _dist_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def _clean_leftovers(ckpt_root: Path) -> None:
     for p in ckpt_root.glob("*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
