@@ -235,3 +235,43 @@ def test_next_microbatch_is_staged_during_the_step(tmp_path, tok):
     second = loader.take_step(1)
     assert stager.log[4] == ("stage", tuple(second[0].sample_ids)) and stager.log[5] == ("ready", stager.log[4][1])
     loader.close()
+
+
+_KILLED_TRAINER = """
+import os, signal, sys
+from lingshu_fast.config import DataConfig
+from lingshu_fast.data.loader import PackedLoader
+from lingshu_fast.data.tokenizer import load_tokenizer
+cfg = DataConfig(train=[sys.argv[1]], max_tokens_per_microbatch=64, max_length=64, num_workers=2)
+loader = PackedLoader(cfg.train, load_tokenizer("tiny"), cfg, seed=0, epochs=1, device="cpu")
+next(loader)  # the workers are up and have built
+print(" ".join(str(pid) for pid in loader._pool._pool._processes), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\\nState:\\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_the_trainer_is_killed(tmp_path):
+    """A SIGKILLed trainer (OOM kill, preemption) must not leave its data workers running: they block
+    on a queue whose write end they hold, so without the pid watch they (and the fork server they keep
+    alive) stayed for ever, each holding its memory. This test fails without the watch."""
+    import time
+
+    data = _text_data(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_TRAINER, str(data)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(p) for p in pids), f"workers {pids} outlived their killed trainer"

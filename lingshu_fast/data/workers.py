@@ -7,6 +7,12 @@ a trainer that already runs CUDA, NCCL or tokenizer threads); each takes the `Bu
 builds the micro-batches it is sent, single-threaded (torch and tokenizers each use one thread),
 and returns plain numpy arrays through the pipe (no shared memory, so /dev/shm size never matters).
 
+A worker never outlives its trainer. ProcessPoolExecutor's workers block on a queue whose write
+end they hold themselves, so a trainer killed with SIGKILL (an OOM kill, a scheduler's preemption,
+`kill -9`) would leave them - and the fork server they keep alive - running for ever, each holding
+its memory and open files. Each worker therefore watches the trainer's pid (a pidfd where Linux has
+one, else a once-a-second probe) and exits when it is gone.
+
 `default_num_workers()`: the CPU cores this process may use, shared by the local ranks
 (LOCAL_WORLD_SIZE, set by torchrun), minus one for the trainer itself, at most 8.
 
@@ -21,6 +27,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import select
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Optional
 
@@ -42,8 +51,26 @@ def default_num_workers() -> int:
     return max(0, min(MAX_DEFAULT_WORKERS, cores // local_ranks - 1))
 
 
-def _init_worker(spec) -> None:
+def _exit_with(pid: int) -> None:
+    """Block until process `pid` is gone, then end this one (see the module docstring)."""
+    try:
+        fd = os.pidfd_open(pid)  # readable once the process has exited; immune to pid reuse
+        select.select([fd], [], [])
+    except (AttributeError, OSError):  # no pidfd (old kernel or not Linux), or already gone
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # alive, owned by someone else (a reused pid): keep watching
+                pass
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _init_worker(spec, trainer_pid: int) -> None:
     global _BUILDER
+    threading.Thread(target=_exit_with, args=(trainer_pid,), daemon=True, name="trainer-watch").start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     torch.set_num_threads(1)
     from lingshu_fast.data.builder import BatchBuilder
@@ -64,7 +91,7 @@ class WorkerPool:
         if method == "forkserver":
             context.set_forkserver_preload(["lingshu_fast.data.builder"])
         self._pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
-                                         initargs=(spec,))
+                                         initargs=(spec, os.getpid()))
 
     def submit(self, sample_ids, record_ids) -> Future:
         return self._pool.submit(_build, sample_ids, record_ids)
