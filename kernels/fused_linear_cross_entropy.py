@@ -31,6 +31,21 @@ kernels live in `_flce_triton.py`; `bench/roofline.py` models them (a model, not
   The price: the D stripe and the fp32 grad_hidden (~0.3 GB extra at this shape), and one read-add-
   write of grad_hidden per stripe, which gradient filtering cannot skip. No design without stored
   logits does fewer than these four GEMMs; Liger does three by keeping [512, V] logits chunks.
+- 3-pass path (a scalar loss, the SFT path): when reduction is 'sum' or 'mean' and a gradient is wanted,
+  the gradients are computed IN FORWARD, row stripe by row stripe (`plan_row_stripe` rows, all of V,
+  an X [rows, V] buffer of ~195 MB at the 7B head on H100): the logits kernel stores exp(x - tile
+  max) and fp32 partials (GEMM 1), torch merges the lse, a kernel turns X into g * dlogits in place
+  (same formula and filter as kernel 1 above), then the dW kernel adds X^T @ hidden into grad_weight
+  (GEMM 2, fp32 sums added to W's dtype once per stripe) and the dE kernel writes the stripe's rows of
+  grad_hidden (GEMM 3, complete in one stripe, stored in hidden's dtype). Backward only multiplies both
+  by the scalar upstream gradient, in place. Three GEMMs instead of four, as Liger, without [N, V].
+  Why 3-pass only for a scalar loss (`grads_in_forward` decides, nowhere else): the gradients must be
+  formed before the upstream gradient is known, which is possible only when it is one number for all
+  rows; reduction='none' (GRPO: per-token upstream gradients) keeps the 4-pass path. Vocab-parallel
+  heads keep it too (the lse of a stripe would need an all-reduce inside the forward's stripe loop).
+  Costs: grad_weight is rounded to W's dtype once per row stripe (26 times at the 7B head on H100; Liger
+  rounds its bf16 addmm accumulator once per chunk), work is wasted if the loss is never backwarded, and
+  a second backward (retain_graph) through the scalar is refused.
 - Gradient filtering (`filter_eps` > 0, off by default; CCE's rule): a dlogits tile is skipped (not
   stored, and left out of kernels 2 and 3) when every entry of its rows that have a gradient is below
   eps in magnitude before the upstream scale g. Tiles whose rows all have g = 0 (ignored rows) are
@@ -184,6 +199,66 @@ def _triton_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_
     return grad_h, grad_w
 
 
+def _row_stripe_rows(n_rows: int, cfg: tk.BwdConfig, device: torch.device) -> int:
+    arch = _arch(device)
+    if arch is None:
+        return min(n_rows, tk.INTERPRET_ROW_STRIPE_BLOCKS * cfg.block_n)
+    return tk.plan_row_stripe(n_rows, cfg.block_n, arch)
+
+
+def _triton_forward_with_grads(hidden, weight, labels, g, coefs, filter_eps: float, with_sumx: bool,
+                               need_dh: bool, need_dw: bool):
+    """The 3-pass path, row stripe by row stripe (all of V per stripe, X [rows, V] in the input dtype):
+    exp(logits - tile max) into X with fp32 partials (GEMM 1), lse, X -> g * dlogits in place, grad_weight += X^T @
+    hidden (GEMM 2, fp32 sums added to W's dtype), grad_hidden rows = X @ W (GEMM 3, written once)."""
+    n_rows, h_dim = hidden.shape
+    v_local = weight.shape[0]
+    cfg = _configs(hidden.dtype, hidden.device)[1]
+    rows = _row_stripe_rows(n_rows, cfg, hidden.device)
+    n_vt, n_ht = triton.cdiv(v_local, cfg.block_v), triton.cdiv(h_dim, cfg.block_h_out)
+    x_buf = torch.empty(rows, v_local, device=hidden.device, dtype=hidden.dtype)
+    n_parts = 4 if with_sumx else 3  # per (tile, row): max, log-sum-exp, target logit [, logit sum]
+    parts_buf = torch.empty(n_parts * n_vt * rows, device=hidden.device, dtype=torch.float32)
+    keep_buf = torch.empty(triton.cdiv(rows, cfg.block_n) * n_vt, device=hidden.device, dtype=torch.int8)
+    lse = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
+    tgt, sumx = torch.empty_like(lse), (torch.empty_like(lse) if with_sumx else None)
+    grad_h = torch.zeros_like(hidden) if need_dh else None  # rows of a row block with no kept tile stay 0
+    grad_w = torch.empty_like(weight) if need_dw else None  # the first stripe writes every element
+    dot = dict(DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dots(hidden.dtype))
+    for r0 in range(0, n_rows, rows):
+        m = min(rows, n_rows - r0)
+        n_rb = triton.cdiv(m, cfg.block_n)
+        h_s, lab_s = hidden[r0:r0 + m], labels[r0:r0 + m]
+        parts = parts_buf[:n_parts * n_vt * m].view(n_parts, n_vt, m)
+        tk._flce_logits_kernel[(n_rb * n_vt,)](
+            h_s, weight, lab_s, x_buf, parts[0], parts[1], parts[2], parts[n_parts - 1], m, h_dim, v_local, 0,
+            hidden.stride(0), weight.stride(0), x_buf.stride(0), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+            BLOCK_H=cfg.block_h, GROUP=cfg.group, WITH_SUMX=with_sumx, **dot,
+            num_warps=cfg.num_warps, num_stages=cfg.stages_dlogits)
+        torch.logsumexp(parts[1], dim=0, out=lse[r0:r0 + m])
+        torch.sum(parts[2], dim=0, out=tgt[r0:r0 + m])
+        if with_sumx:
+            torch.sum(parts[3], dim=0, out=sumx[r0:r0 + m])
+        keep = keep_buf[:n_rb * n_vt].view(n_rb, n_vt)
+        tk._flce_softmax_grad_kernel[(n_rb * n_vt,)](
+            x_buf, parts[0], lab_s, lse[r0:r0 + m], g[r0:r0 + m], keep, m, v_local, 0, *coefs, filter_eps, x_buf.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, FILTER=filter_eps > 0, num_warps=cfg.num_warps, num_stages=1)
+        kept_rows, n_kept_per_tile, kept_cols, n_kept_per_row_block = _kept_lists(keep)
+        if need_dw:
+            tk._flce_dw_kernel[(n_vt * n_ht,)](
+                x_buf, h_s, kept_rows, n_kept_per_tile, grad_w, m, h_dim, v_local, 0, n_vt,
+                x_buf.stride(0), hidden.stride(0), grad_w.stride(0),
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
+                ACCUMULATE=r0 > 0, **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
+        if need_dh:
+            tk._flce_de_kernel[(n_rb * n_ht,)](
+                x_buf, weight, kept_cols, n_kept_per_row_block, grad_h[r0:r0 + m], m, h_dim, v_local, 0, n_vt,
+                x_buf.stride(0), weight.stride(0), grad_h.stride(0),
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
+                **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
+    return lse, tgt, sumx, grad_h, grad_w
+
+
 def _row_chunks(n_rows: int, v_local: int, align: int):
     """Row chunks of ~_REF_CHUNK_ELEMS logits, each starting on a multiple of `align` (the filter's tile)."""
     step = max(align, _REF_CHUNK_ELEMS // max(v_local, 1) // align * align)
@@ -255,6 +330,16 @@ def _torch_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_e
     return grad_h, grad_w
 
 
+def _torch_forward_with_grads(hidden, weight, labels, g, coefs, filter_eps: float, with_sumx: bool,
+                              need_dh: bool, need_dw: bool):
+    """Reference of the 3-pass path: the reference forward, then the reference backward with g (the same
+    maths and filter as the 4-pass path), gradients returned in the inputs' dtypes."""
+    lse, tgt, sumx = _torch_forward(hidden, weight, labels, 0, with_sumx)
+    grad_h, grad_w = _torch_backward(hidden, weight, labels, 0, lse, g, coefs, filter_eps, need_dh, need_dw)
+    return (lse, tgt, sumx, grad_h.to(hidden.dtype) if need_dh else None,
+            grad_w.to(weight.dtype) if need_dw else None)
+
+
 def _tp_merge(lse, tgt, sumx, group):
     """Global lse / target / logit sum from each rank's shard: a MAX then one SUM all-reduce."""
     lse_max = lse.clone()
@@ -263,6 +348,22 @@ def _tp_merge(lse, tgt, sumx, group):
     stacked = torch.stack(parts)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
     return lse_max + torch.log(stacked[0]), stacked[1], (stacked[2] if sumx is not None else None)
+
+
+def _valid_labels(labels: torch.Tensor, v_global: int, ignore_index: int) -> torch.Tensor:
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= v_global))
+    if bool(bad.any()):
+        raise ValueError(f"fused_linear_cross_entropy: label {int(labels[bad][0])} is outside the vocabulary "
+                         f"[0, {v_global}) and is not ignore_index={ignore_index}")
+    return valid
+
+
+def _loss_rows(lse, tgt, sumx, valid, opts: FlceOptions, v_global: int) -> torch.Tensor:
+    loss = lse - (1.0 - opts.label_smoothing) * tgt + opts.z_loss_weight * lse * lse
+    if sumx is not None:
+        loss = loss - (opts.label_smoothing / v_global) * sumx
+    return torch.where(valid, loss, 0.0)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -275,21 +376,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         world = dist.get_world_size(group) if group is not None else 1
         v_local = weight.shape[0]
         vocab_start, v_global = rank * v_local, world * v_local
-        valid = labels != opts.ignore_index
-        bad = valid & ((labels < 0) | (labels >= v_global))
-        if bool(bad.any()):
-            raise ValueError(f"fused_linear_cross_entropy: label {int(labels[bad][0])} is outside the vocabulary "
-                             f"[0, {v_global}) and is not ignore_index={opts.ignore_index}")
+        valid = _valid_labels(labels, v_global, opts.ignore_index)
         hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
         smoothing = opts.label_smoothing > 0
         fwd = _triton_forward if opts.triton else _torch_forward
         lse, tgt, sumx = fwd(hidden, weight, labels, vocab_start, smoothing)
         if group is not None and world > 1:
             lse, tgt, sumx = _tp_merge(lse, tgt, sumx, group)
-        loss = lse - (1.0 - opts.label_smoothing) * tgt + opts.z_loss_weight * lse * lse
-        if smoothing:
-            loss = loss - (opts.label_smoothing / v_global) * sumx
-        loss = torch.where(valid, loss, 0.0)
+        loss = _loss_rows(lse, tgt, sumx, valid, opts, v_global)
         ctx.save_for_backward(hidden, weight, labels, lse, valid)
         ctx.opts, ctx.vocab_start, ctx.v_global, ctx.world = opts, vocab_start, v_global, world
         return loss
@@ -311,6 +405,47 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h.to(hidden.dtype) if need_dh else None
         grad_w = grad_w.to(weight.dtype) if need_dw else None
         return grad_h, grad_w, None, None
+
+
+class _FusedLinearCrossEntropyGradsInForward(torch.autograd.Function):
+    """The 3-pass path: a scalar loss whose gradients are computed in forward (scaled by 1 for 'sum', 1 / the
+    number of valid labels for 'mean'); backward only multiplies them by the scalar upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, opts: FlceOptions, reduction: str, need_dh: bool, need_dw: bool):
+        v_global = weight.shape[0]
+        valid = _valid_labels(labels, v_global, opts.ignore_index)
+        hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+        n_valid = valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
+        g = torch.where(valid, 1.0 / n_valid, 0.0).contiguous()  # the 4-pass path's upstream gradient
+        coefs = (1.0 - opts.label_smoothing, opts.label_smoothing / v_global, 2.0 * opts.z_loss_weight)
+        run = _triton_forward_with_grads if opts.triton else _torch_forward_with_grads
+        lse, tgt, sumx, grad_h, grad_w = run(hidden, weight, labels, g, coefs, opts.filter_eps,
+                                             opts.label_smoothing > 0, need_dh, need_dw)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.need, ctx.used = (need_dh, need_dw), False
+        return _loss_rows(lse, tgt, sumx, valid, opts, v_global).sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("fused_linear_cross_entropy: a second backward through a scalar loss is not "
+                               "supported (its saved gradients were scaled in place); use reduction='none'")
+        ctx.used = True
+        grad_h, grad_w = ctx.saved_tensors
+        # In place: a scaled copy of grad_weight would hold a second [V, H] tensor at the peak.
+        grad_h = grad_h.mul_(grad_loss) if ctx.need[0] else None
+        grad_w = grad_w.mul_(grad_loss) if ctx.need[1] else None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def grads_in_forward(reduction: str, hidden: torch.Tensor, weight: torch.Tensor, opts: FlceOptions) -> bool:
+    """THE choice between the 3-pass and the 4-pass path (see the module docstring): gradients in forward
+    when the loss is a scalar (its upstream gradient is one number, so the gradients can be formed before
+    it is known and scaled after), a gradient is wanted, and the head is not vocab-parallel."""
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    tp = opts.tp_group is not None and dist.get_world_size(opts.tp_group) > 1
+    return reduction != "none" and wants_grad and not tp
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -341,6 +476,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"filter_eps={filter_eps} must be >= 0 (0 turns gradient filtering off)")
     opts = FlceOptions(ignore_index=ignore_index, z_loss_weight=z_loss_weight, label_smoothing=label_smoothing,
                        filter_eps=float(filter_eps), tp_group=tp_group, triton=use_triton(hidden, weight, labels))
+    if grads_in_forward(reduction, hidden, weight, opts):
+        return _FusedLinearCrossEntropyGradsInForward.apply(hidden, weight, labels.long(), opts, reduction,
+                                                            hidden.requires_grad, weight.requires_grad)
     loss_rows = _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), opts)
     if reduction == "none":
         return loss_rows

@@ -172,4 +172,5 @@ def fused_linear_grpo_loss(
 def aot_specs() -> list:
     """The Triton launches of this loss on the GPU: the fused CE's kernels as `token_logprobs` calls them
     (bf16, no label smoothing so no logit sum, no gradient filter), at the 7B head's shapes."""
-    return flce_aot_specs(prefix="grpo_loss", variants=(("bf16", "tf32"),), sumx=(False,), filters=(False,))
+    return flce_aot_specs(prefix="grpo_loss", variants=(("bf16", "tf32"),), sumx=(False,), filters=(False,),
+                          three_pass=False)
