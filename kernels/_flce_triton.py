@@ -1,7 +1,8 @@
-"""The Triton side of the fused linear cross-entropy: kernels, production tiles, launch order, AOT specs.
+"""The Triton side of the fused linear cross-entropy: kernels, production tiles, planners, launch order.
 
-`fused_linear_cross_entropy.py` holds the op (reference, autograd, launch code) and its design notes;
-this file holds what the compiler sees. Four kernels, all GEMM-shaped, none with atomics:
+`fused_linear_cross_entropy.py` holds the op (reference, autograd) and its design notes,
+`_flce_launch.py` the launch code, `_flce_aot.py` the AOT specs; this file holds what the compiler
+sees. The 4-pass path's four kernels, all GEMM-shaped, none with atomics:
 - `_flce_fwd_kernel`: per (row block, vocabulary split) an online log-sum-exp over the split's tiles.
 - `_flce_dlogits_kernel`: per (row block, vocabulary tile) of one vocabulary STRIPE, recomputes the
   logits tile, forms dlogits, applies the gradient filter and stores the tile into the stripe buffer
@@ -10,19 +11,19 @@ this file holds what the compiler sees. Four kernels, all GEMM-shaped, none with
   of each vocabulary tile; written once, in the weight's dtype (no fp32 [V, H] buffer).
 - `_flce_de_kernel`: grad_hidden += D @ weight[stripe], K = S, over the kept vocabulary tiles of
   each row block; each program owns its [BLOCK_N, BLOCK_H] tile, so the add needs no atomic.
+The 3-pass path (a scalar loss, gradients in forward, per row stripe of all of V): `_flce_logits_kernel`
+(GEMM: exp(x - tile max) into X and fp32 partials), `_flce_softmax_grad_kernel` (X -> g * dlogits in
+place, keep flags), then `_flce_dw_kernel` with ACCUMULATE (grad_weight += X^T @ hidden) and
+`_flce_de_kernel` (grad_hidden rows = X @ W, stored in the input dtype).
 Launch order: 1-D grids in grouped super-tiles (`_grouped`), so that GROUP programs sharing an
 operand tile run in the same wave and read it from L2, not HBM (bench/roofline.py models this).
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
 from dataclasses import dataclass
 
 import triton
 import triton.language as tl
-
-from lingshu_fast.kernels._aot import AotSpec
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ BWD_CONFIGS = {("16bit", 90): BwdConfig(128, 128, 64, 128, 8, 3, 3),
 INTERPRET_FWD = FwdConfig(16, 32, 16, 4, 1)
 INTERPRET_BWD = BwdConfig(16, 32, 16, 16, 4, 1, 1, group=2)
 SM_COUNT = {80: 108, 90: 132}  # A100, H100 (H200: 132)
+
+
+def softmax_grad_warps(cfg: BwdConfig) -> int:
+    """Warps of the in-place dlogits kernel (no dot): 64 tile elements per thread. 8 warps on the fp32
+    64x64 tile left ptxas at 48 registers with a 4-byte spill on sm_80; 4 warps on 128x128 spill too."""
+    return max(1, cfg.block_n * cfg.block_v // (64 * 32))
 
 
 STRIPE_BYTES = 64 << 20  # budget of the dlogits stripe buffer D [N, S] on a GPU
@@ -246,7 +253,7 @@ def _flce_dw_kernel(d_ptr, h_ptr, kept_rows_ptr, n_kept_ptr, gw_ptr,
                     N, H, V, col0, stripe_tiles, stride_dn, stride_hn, stride_gwv,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    ACCUMULATE: tl.constexpr = False):
+                    ACCUMULATE: tl.constexpr):
     """grad_weight[col0 + tile rows, h tile] = sum over the kept row blocks of D[rows, tile]^T @ hidden.
     kept_rows[i, t] is the i-th kept row block of vocabulary tile t (n_kept[t] of them), in ascending
     order, so the sum's order is fixed: the result is bit-stable run to run. ACCUMULATE (the row
@@ -360,7 +367,8 @@ def _flce_softmax_grad_kernel(x_ptr, max_part_ptr, labels_ptr, lse_ptr, g_ptr, k
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         m = tl.load(max_part_ptr + pid_v * N + rows, mask=row_ok, other=0.0)
         local_label = tl.load(labels_ptr + rows, mask=row_ok, other=0) - vocab_start
-        d = _dlogits_of(e * tl.exp(m - lse)[:, None], cols, col_ok, live, lse, local_label, target_coef, smooth_per_class, z2)
+        d = _dlogits_of(e * tl.exp(m - lse)[:, None], cols, col_ok, live, lse, local_label, target_coef,
+                        smooth_per_class, z2)
         if FILTER:
             keep = (tl.max(tl.max(tl.abs(d), 1), 0) >= filter_eps).to(tl.int32)
         if keep != 0:
@@ -368,96 +376,5 @@ def _flce_softmax_grad_kernel(x_ptr, max_part_ptr, labels_ptr, lse_ptr, g_ptr, k
     tl.store(keep_ptr + pid_n * n_v_tiles + pid_v, keep.to(tl.int8))
 
 
-# ---- AOT specs: the launches of the 7B head ------------------------------------------------------------
-H_7B = 3584
-V_7B = 152064  # Qwen2.5-VL-7B's vocabulary (config.vocab_size); V/tp for tp in 1, 2, 4, 8 is a multiple of 16
-# (element type, dot precision): bf16 training, fp32 with allow_tf32, fp32 without it (torch's default).
-AOT_VARIANTS = (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
-
-
 def config_key(is_fp32: bool, precision: str) -> str:
     return precision if is_fp32 else "16bit"
-
-
-def _i32(*names: str) -> dict:
-    return {n: "i32" for n in names}
-
-
-def flce_aot_specs(prefix: str = "flce", variants=AOT_VARIANTS, sumx=(False, True), filters=(False, True),
-                   three_pass: bool = True) -> list:
-    """One spec per (kernel, element type, dot precision, arch, constexpr variant) that the op launches."""
-    specs = []
-    for (ty, prec), arch in itertools.product(variants, (80, 90)):
-        key = config_key(ty == "fp32", prec)
-        f, b = FWD_CONFIGS[(key, arch)], BWD_CONFIGS[(key, arch)]
-        dot = dict(DOT_PRECISION=prec, UPCAST=False)
-        tag = f"{ty},{prec}"
-        for with_sumx in sumx:
-            sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_part_ptr": "*fp32",
-                   "tgt_part_ptr": "*fp32", "sumx_part_ptr": "*fp32",
-                   **_i32("N", "H", "V", "vocab_start", "tiles_per_split", "n_splits", "stride_hn", "stride_wv")}
-            consts = dict(BLOCK_N=f.block_n, BLOCK_V=f.block_v, BLOCK_H=f.block_h, WITH_SUMX=with_sumx, **dot)
-            specs.append(_spec(f"{prefix}_fwd[{tag},sumx={with_sumx}", _flce_fwd_kernel, sig, consts, f.num_warps,
-                               f.num_stages, arch, prec, ("H", "V", "stride_hn", "stride_wv")))
-        for flt in filters:
-            sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
-                   "d_ptr": f"*{ty}", "keep_ptr": "*i8", **_i32("N", "H", "V", "vocab_start", "col0", "stripe_tiles"),
-                   "target_coef": "fp32", "smooth_per_class": "fp32", "z2": "fp32", "filter_eps": "fp32",
-                   **_i32("stride_hn", "stride_wv", "stride_dn")}
-            consts = dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h, GROUP=b.group, FILTER=flt, **dot)
-            specs.append(_spec(f"{prefix}_bwd_dlogits[{tag},filter={flt}", _flce_dlogits_kernel, sig, consts,
-                               b.num_warps, b.stages_dlogits, arch, prec,
-                               ("H", "V", "col0", "stride_hn", "stride_wv", "stride_dn")))
-        sig = {"d_ptr": f"*{ty}", "h_ptr": f"*{ty}", "kept_rows_ptr": "*i32", "n_kept_ptr": "*i32", "gw_ptr": f"*{ty}",
-               **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_hn", "stride_gwv")}
-        consts = dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h_out, GROUP=b.group, **dot)
-        specs.append(_spec(f"{prefix}_bwd_dw[{tag}", _flce_dw_kernel, sig, consts, b.num_warps, b.stages_grad, arch,
-                           prec, ("H", "V", "col0", "stride_dn", "stride_hn", "stride_gwv")))
-        sig = {"d_ptr": f"*{ty}", "w_ptr": f"*{ty}", "kept_cols_ptr": "*i32", "n_kept_ptr": "*i32", "gh_ptr": "*fp32",
-               **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_wv", "stride_ghn")}
-        specs.append(_spec(f"{prefix}_bwd_de[{tag}", _flce_de_kernel, sig, consts, b.num_warps, b.stages_grad, arch,
-                           prec, ("H", "V", "col0", "stride_dn", "stride_wv", "stride_ghn")))
-        if three_pass:
-            specs += _three_pass_specs(prefix, ty, prec, arch, b, sumx, filters)
-    return specs
-
-
-def _three_pass_specs(prefix, ty, prec, arch, b: BwdConfig, sumx, filters) -> list:
-    """The 3-pass path's launches: the logits kernel, the in-place dlogits kernel, dW accumulating across
-    row stripes, and dE written in the input dtype (the fp32 variant is the 4-pass one, listed above)."""
-    dot = dict(DOT_PRECISION=prec, UPCAST=False)
-    tag, specs = f"{ty},{prec}", []
-    for with_sumx in sumx:
-        sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "x_ptr": f"*{ty}", "max_part_ptr": "*fp32",
-               "lse_part_ptr": "*fp32",
-               "tgt_part_ptr": "*fp32", "sumx_part_ptr": "*fp32",
-               **_i32("N", "H", "V", "vocab_start", "stride_hn", "stride_wv", "stride_xn")}
-        consts = dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h, GROUP=b.group, WITH_SUMX=with_sumx,
-                      **dot)
-        specs.append(_spec(f"{prefix}_3p_logits[{tag},sumx={with_sumx}", _flce_logits_kernel, sig, consts,
-                           b.num_warps, b.stages_dlogits, arch, prec, ("H", "V", "stride_hn", "stride_wv", "stride_xn")))
-    for flt in filters:
-        sig = {"x_ptr": f"*{ty}", "max_part_ptr": "*fp32", "labels_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32", "keep_ptr": "*i8",
-               **_i32("N", "V", "vocab_start"), "target_coef": "fp32", "smooth_per_class": "fp32", "z2": "fp32",
-               "filter_eps": "fp32", "stride_xn": "i32"}
-        consts = dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, FILTER=flt)
-        spec = _spec(f"{prefix}_3p_softmax_grad[{tag},filter={flt}", _flce_softmax_grad_kernel, sig, consts,
-                     b.num_warps, 1, arch, prec, ("V", "stride_xn"))
-        specs.append(dataclasses.replace(spec, expects_wgmma=False))  # element-wise: no dot
-    consts = dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h_out, GROUP=b.group, **dot)
-    sig = {"d_ptr": f"*{ty}", "h_ptr": f"*{ty}", "kept_rows_ptr": "*i32", "n_kept_ptr": "*i32", "gw_ptr": f"*{ty}",
-           **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_hn", "stride_gwv")}
-    specs.append(_spec(f"{prefix}_3p_dw_accumulate[{tag}", _flce_dw_kernel, sig, {**consts, "ACCUMULATE": True},
-                       b.num_warps, b.stages_grad, arch, prec, ("H", "V", "col0", "stride_dn", "stride_hn", "stride_gwv")))
-    if ty != "fp32":
-        sig = {"d_ptr": f"*{ty}", "w_ptr": f"*{ty}", "kept_cols_ptr": "*i32", "n_kept_ptr": "*i32", "gh_ptr": f"*{ty}",
-               **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_wv", "stride_ghn")}
-        specs.append(_spec(f"{prefix}_3p_de[{tag}", _flce_de_kernel, sig, consts, b.num_warps, b.stages_grad, arch,
-                           prec, ("H", "V", "col0", "stride_dn", "stride_wv", "stride_ghn")))
-    return specs
-
-
-def _spec(name, fn, sig, consts, num_warps: int, num_stages: int, arch: int, prec: str, aligned) -> AotSpec:
-    return AotSpec(f"{name},H={H_7B},V={V_7B}/tp,sm{arch}]", fn, {**sig, **{k: "constexpr" for k in consts}},
-                   consts, num_warps, num_stages, expects_wgmma=prec != "ieee", aligned_args=aligned,
-                   capabilities=(arch,))

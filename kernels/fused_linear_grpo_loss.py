@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from ._flce_triton import flce_aot_specs
+from ._flce_aot import flce_aot_specs
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
