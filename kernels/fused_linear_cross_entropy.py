@@ -35,11 +35,13 @@ them (a model, not a measurement).
 - 3-pass path (a scalar loss, the SFT path): when reduction is 'sum' or 'mean' and a gradient is wanted,
   the gradients are computed IN FORWARD, row stripe by row stripe (`plan_row_stripe` rows, all of V,
   an X [rows, V] buffer of ~195 MB at the 7B head on H100): the logits kernel stores exp(x - tile
-  max) and fp32 partials (GEMM 1), torch merges the lse, a kernel turns X into g * dlogits in place
+  max) (in [0, 1], so bf16 keeps each probability to 2**-9 relative; raw bf16 logits would not) and
+  fp32 partials (GEMM 1), torch merges the lse, a kernel turns X into g * dlogits in place
   (same formula and filter as kernel 1 above), then the dW kernel adds X^T @ hidden into grad_weight
   (GEMM 2, fp32 sums added to W's dtype once per stripe) and the dE kernel writes the stripe's rows of
   grad_hidden (GEMM 3, complete in one stripe, stored in hidden's dtype). Backward only multiplies both
-  by the scalar upstream gradient, in place. Three GEMMs instead of four, as Liger, without [N, V].
+  by the scalar upstream gradient, in place. Three GEMMs instead of four, as Liger, without [N, V]:
+  ~62 ms modelled at the shape above (bench/roofline.py; Liger ~63, the 4-pass path ~72).
   Why 3-pass only for a scalar loss (`grads_in_forward` decides, nowhere else): the gradients must be
   formed before the upstream gradient is known, which is possible only when it is one number for all
   rows; reduction='none' (GRPO: per-token upstream gradients) keeps the 4-pass path. Vocab-parallel
@@ -51,7 +53,8 @@ them (a model, not a measurement).
   stored, and left out of kernels 2 and 3) when every entry of its rows that have a gradient is below
   eps in magnitude before the upstream scale g. Tiles whose rows all have g = 0 (ignored rows) are
   skipped exactly. The reference applies the same rule on the same tile grid.
-- Frozen head (weight.requires_grad False): kernel 2 is not launched and no grad_weight is allocated.
+- Frozen head (weight.requires_grad False): no dW kernel is launched and no grad_weight is allocated
+  (both paths).
 - The plain-PyTorch reference does the same maths in row chunks (at most ~16 MB of fp32 logits at a
   time) and is the CPU path. `use_triton` picks the path once per call.
 - Vocab-parallel (`tp_group`): `weight` is this rank's contiguous shard, rows
