@@ -159,6 +159,49 @@ def lingshu_flce_memory_gb(n: int, h: int, v: int, elem: int = 2, key: str = "16
     return (v * h * elem + n * h * (4 + elem) + n * tiles * cfg.block_v * elem + n * 4 * 4) / 1e9
 
 
+def lingshu_flce_three_pass(card: Card, n: int, h: int, v: int, elem: int = 2, key: str = "16bit",
+                            keep: float = 1.0, need_dw: bool = True, with_sumx: bool = False) -> Cost:
+    """The 3-pass path (scalar loss): per row stripe of `plan_row_stripe` rows, the logits kernel (GEMM,
+    stores exp(x - tile max) and fp32 partials), the torch lse merge, the in-place dlogits kernel, dW
+    accumulated into grad_weight (W's dtype; stripes after the first read and write the [V, H] rows of
+    the tiles they keep) and dE rows written once. Then backward's in-place scale of both by the scalar
+    upstream gradient (counted always; it is one multiply even when that gradient is 1)."""
+    cfg = tk.BWD_CONFIGS[(key, card.arch)]
+    l2 = card.l2_mb * 2**20
+    rows = tk.plan_row_stripe(n, cfg.block_n, card.arch)
+    n_vt, n_ht = _cdiv(v, cfg.block_v), _cdiv(h, cfg.block_h_out)
+    n_parts = 4 if with_sumx else 3
+    costs = [kernel_cost("zero dE", card, 0.0, n * h * elem)]
+    for i, r0 in enumerate(range(0, n, rows)):
+        m = min(rows, n - r0)
+        n_rb = _cdiv(m, cfg.block_n)
+        k1 = wave_panel_bytes(grouped_order(n_rb, n_vt, cfg.group), card.sms, l2, cfg.block_n * h * elem,
+                              cfg.block_v * h * elem) + m * v * elem + n_parts * n_vt * m * 4
+        costs.append(kernel_cost("logits", card, 2.0 * n_rb * cfg.block_n * n_vt * cfg.block_v * h, k1))
+        costs.append(kernel_cost("lse merge", card, 0.0, (n_parts - 1) * n_vt * m * 4 + 3 * m * 4))
+        costs.append(kernel_cost("dlogits", card, 0.0, m * v * elem * (1 + keep) + n_vt * m * 4))
+        if need_dw:
+            touched = 1.0 - (1.0 - keep) ** n_rb  # vocabulary tiles with a kept row block in the stripe
+            gw = v * h * elem * (1 if i == 0 else 2 * touched)
+            k2 = keep * wave_panel_bytes(grouped_order(n_vt, n_ht, cfg.group), card.sms, l2, m * cfg.block_v * elem,
+                                         m * cfg.block_h_out * elem) + gw
+            costs.append(kernel_cost("dW", card, keep * 2.0 * m * v * h, k2))
+        k3 = keep * wave_panel_bytes(grouped_order(n_rb, n_ht, cfg.group), card.sms, l2, cfg.block_n * v * elem,
+                                     v * cfg.block_h_out * elem) + m * h * elem
+        costs.append(kernel_cost("dE", card, keep * 2.0 * m * v * h, k3))
+    fwd = chain(f"lingshu 3-pass fwd ({_cdiv(n, rows)} row stripes of {rows})", costs)
+    bwd = kernel_cost("lingshu 3-pass bwd (scale)", card, 0.0, 2 * (n * h + (v * h if need_dw else 0)) * elem)
+    return chain("lingshu 3-pass", [fwd, bwd])
+
+
+def lingshu_three_pass_memory_gb(n: int, h: int, v: int, elem: int = 2, key: str = "16bit", arch: int = 90) -> float:
+    """Peak extra bytes of the 3-pass path: grad_weight (W's dtype), the saved dE (hidden's dtype), the
+    X stripe [rows, V], the fp32 partials [4, tiles, rows] and the lse / target / g vectors."""
+    cfg = tk.BWD_CONFIGS[(key, arch)]
+    rows = tk.plan_row_stripe(n, cfg.block_n, arch)
+    return (v * h * elem + n * h * elem + rows * v * elem + 4 * _cdiv(v, cfg.block_v) * rows * 4 + n * 4 * 3) / 1e9
+
+
 # ---- Liger-Kernel 0.8.5 (ops/fused_linear_cross_entropy.py) -----------------------------------------------
 
 def liger_chunk_rows(n: int, h: int, v: int) -> int:
@@ -245,16 +288,22 @@ PACK_ROWS = 64 * 1024  # about 64 mixed-size images
 def flce_rows(card: Card, keep: float, n: int, h: int, v: int) -> dict:
     ours = chain("lingshu", [lingshu_flce_forward(card, n, h, v), lingshu_flce_backward(card, n, h, v, keep=keep)])
     cce = chain("cce", [cce_forward(card, n, h, v), cce_backward(card, n, h, v, keep=keep)])
-    return {"lingshu": ours, "cce": cce, "liger": liger_flce(card, n, h, v)}
+    return {"lingshu 3-pass": lingshu_flce_three_pass(card, n, h, v, keep=keep), "lingshu 4-pass": ours, "cce": cce,
+            "liger": liger_flce(card, n, h, v)}
 
 
 def predicted_ms(provider: str, pass_name: str, card_key: str, n: int, h: int, v: int, keep: float = 1.0) -> float:
-    """The model's time of one bench row (bench/test_bench_flce.py): Liger does all its work in forward."""
+    """The model's time of one bench row (bench/test_bench_flce.py): Liger does all its work in forward,
+    and so does lingshu there (the bench's loss is a 'mean', the 3-pass path); "lingshu_4pass" is the
+    per-row-loss path (reduction='none')."""
     card = CARDS[card_key]
     if provider == "liger":
         total = liger_flce(card, n, h, v).ms
         return {"fwd": total, "bwd": 0.0, "fwd_bwd": total}[pass_name]
-    fwd, bwd = {"lingshu": (lingshu_flce_forward, lingshu_flce_backward),
+    if provider == "lingshu":
+        f, b = lingshu_flce_three_pass(card, n, h, v, keep=keep).parts
+        return {"fwd": f.ms, "bwd": b.ms, "fwd_bwd": f.ms + b.ms}[pass_name]
+    fwd, bwd = {"lingshu_4pass": (lingshu_flce_forward, lingshu_flce_backward),
                 "cce": (cce_forward, cce_backward)}[provider]
     f, b = fwd(card, n, h, v).ms, bwd(card, n, h, v, keep=keep).ms
     return {"fwd": f, "bwd": b, "fwd_bwd": f + b}[pass_name]
@@ -272,7 +321,7 @@ def table(keep: float = 0.1) -> str:
              "| | " + " | ".join(CARDS) + " |", "|---|" + "---|" * len(CARDS)]
     for label, k in (("filtering off", 1.0), (f"filtering on (keep {keep:.0%} of tiles)", keep)):
         rows = {c: flce_rows(card, k, **s) for c, card in CARDS.items()}
-        for impl in ("lingshu", "liger", "cce"):
+        for impl in ("lingshu 3-pass", "lingshu 4-pass", "liger", "cce"):
             if impl == "liger" and k != 1.0:
                 continue  # Liger has no gradient filter
             lines.append(f"| {impl}, {label} | " + " | ".join(f"{rows[c][impl].ms:.1f}" for c in CARDS) + " |")
@@ -281,9 +330,10 @@ def table(keep: float = 0.1) -> str:
     lines += ["", f"Check against published figures (Gemma-2-2B head, N=8,192, A100, CCE's paper): model "
               f"CCE {flce_rows(a100, keep, **g)['cce'].ms:.0f} ms (filtering on) vs 135 measured, Liger "
               f"{liger_flce(a100, **g).ms:.0f} ms vs 303 measured: the model is a lower bound."]
-    lines += ["", "Extra memory of fwd+bwd (GB, the fp32 grad_hidden and the dlogits stripe included): "
-              f"lingshu {lingshu_flce_memory_gb(**s):.2f}, Liger {liger_memory_gb(**s):.2f}, "
-              f"CCE {cce_memory_gb(**s):.2f}", "", "Other kernels, ms:", "",
+    lines += ["", "Extra memory of fwd+bwd (GB, grad_weight included): lingshu 3-pass "
+              f"{lingshu_three_pass_memory_gb(**s):.2f} (saved dE in bf16, the [rows, V] stripe), lingshu 4-pass "
+              f"{lingshu_flce_memory_gb(**s):.2f} (fp32 grad_hidden and its cast, the [N, S] stripe), "
+              f"Liger {liger_memory_gb(**s):.2f}, CCE {cce_memory_gb(**s):.2f}", "", "Other kernels, ms:", "",
               "| kernel | " + " | ".join(CARDS) + " |", "|---|" + "---|" * len(CARDS)]
     others = (("GRPO loss fwd+bwd (N=16,384, H=4,096, V=128,256)", lambda c: grpo_loss(c, **GRPO_SHAPE)),
               (f"image pack ({PACK_ROWS:,} rows, bf16)", lambda c: image_pack(c, PACK_ROWS)),

@@ -1,7 +1,8 @@
-"""The Triton side of the fused linear cross-entropy: kernels, production tiles, launch order, AOT specs.
+"""The Triton side of the fused linear cross-entropy: kernels, production tiles, planners, launch order.
 
-`fused_linear_cross_entropy.py` holds the op (reference, autograd, launch code) and its design notes;
-this file holds what the compiler sees. Four kernels, all GEMM-shaped, none with atomics:
+`fused_linear_cross_entropy.py` holds the op (reference, autograd) and its design notes,
+`_flce_launch.py` the launch code, `_flce_aot.py` the AOT specs; this file holds what the compiler
+sees. The 4-pass path's four kernels, all GEMM-shaped, none with atomics:
 - `_flce_fwd_kernel`: per (row block, vocabulary split) an online log-sum-exp over the split's tiles.
 - `_flce_dlogits_kernel`: per (row block, vocabulary tile) of one vocabulary STRIPE, recomputes the
   logits tile, forms dlogits, applies the gradient filter and stores the tile into the stripe buffer
@@ -10,18 +11,19 @@ this file holds what the compiler sees. Four kernels, all GEMM-shaped, none with
   of each vocabulary tile; written once, in the weight's dtype (no fp32 [V, H] buffer).
 - `_flce_de_kernel`: grad_hidden += D @ weight[stripe], K = S, over the kept vocabulary tiles of
   each row block; each program owns its [BLOCK_N, BLOCK_H] tile, so the add needs no atomic.
+The 3-pass path (a scalar loss, gradients in forward, per row stripe of all of V): `_flce_logits_kernel`
+(GEMM: exp(x - tile max) into X and fp32 partials), `_flce_softmax_grad_kernel` (X -> g * dlogits in
+place, keep flags), then `_flce_dw_kernel` with ACCUMULATE (grad_weight += X^T @ hidden) and
+`_flce_de_kernel` (grad_hidden rows = X @ W, stored in the input dtype).
 Launch order: 1-D grids in grouped super-tiles (`_grouped`), so that GROUP programs sharing an
 operand tile run in the same wave and read it from L2, not HBM (bench/roofline.py models this).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import triton
 import triton.language as tl
-
-from lingshu_fast.kernels._aot import AotSpec
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ INTERPRET_BWD = BwdConfig(16, 32, 16, 16, 4, 1, 1, group=2)
 SM_COUNT = {80: 108, 90: 132}  # A100, H100 (H200: 132)
 
 
+def softmax_grad_warps(cfg: BwdConfig) -> int:
+    """Warps of the in-place dlogits kernel (no dot): 64 tile elements per thread. 8 warps on the fp32
+    64x64 tile left ptxas at 48 registers with a 4-byte spill on sm_80; 4 warps on 128x128 spill too."""
+    return max(1, cfg.block_n * cfg.block_v // (64 * 32))
+
+
 STRIPE_BYTES = 64 << 20  # budget of the dlogits stripe buffer D [N, S] on a GPU
 INTERPRET_STRIPE_TILES = 2  # the interpreter: two tiles per stripe, so tests cross stripe borders
 
@@ -85,6 +93,21 @@ def plan_splits(n_row_blocks: int, n_v_tiles: int, sms: int, l2_bytes: int, row_
         if fill > best_fill + 1e-9:
             best, best_fill = splits, fill
     return best
+
+
+# Tensor-core FLOPs per HBM byte of the cards (A100: 312 TFLOP/s / 2.04 TB/s, H100: 989 / 3.35; the H200,
+# 4.8 TB/s, takes the H100's figure): bench/roofline.py's card numbers.
+TC_FLOP_PER_HBM_BYTE = {80: 153, 90: 295}
+INTERPRET_ROW_STRIPE_BLOCKS = 2  # the interpreter: two row blocks per 3-pass stripe, so tests cross stripes
+
+
+def plan_row_stripe(n_rows: int, block_n: int, arch: int) -> int:
+    """Rows per stripe of the 3-pass path (a multiple of block_n, at most N rounded up). Each stripe adds
+    its D^T @ hidden into grad_weight, a read and a write of [V, H] (2 x 2 bytes per element in 16 bit)
+    against 2 x rows FLOPs per element; the stripe is the shortest for which that GEMM stays compute-bound:
+    rows >= 2 bytes x the card's FLOP/byte balance (fp32 with tf32: twice the bytes at half the peak)."""
+    rows = -(-2 * TC_FLOP_PER_HBM_BYTE[arch] // block_n) * block_n
+    return min(rows, -(-n_rows // block_n) * block_n)
 
 
 def plan_stripe_tiles(n_rows: int, n_v_tiles: int, block_v: int, elem_bytes: int, budget_bytes: int) -> int:
@@ -168,6 +191,15 @@ def _flce_fwd_kernel(h_ptr, w_ptr, labels_ptr, lse_part_ptr, tgt_part_ptr, sumx_
 
 
 @triton.jit
+def _dlogits_of(p, cols, col_ok, live, lse, local_label, target_coef, smooth_per_class, z2):
+    """Unscaled dlogits of an fp32 probabilities tile p: p (1 + z2 lse) - c_t onehot - c_s on the rows with
+    a gradient (`live`) and the valid columns, 0 elsewhere (so a padded entry never keeps a tile)."""
+    d = p * (1.0 + z2 * lse)[:, None]
+    d -= tl.where(cols[None, :] == local_label[:, None], target_coef, 0.0)
+    return tl.where(live[:, None] & col_ok[None, :], d - smooth_per_class, 0.0)
+
+
+@triton.jit
 def _flce_dlogits_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, d_ptr, keep_ptr,
                          N, H, V, vocab_start, col0, stripe_tiles,
                          target_coef, smooth_per_class, z2, filter_eps,
@@ -193,10 +225,8 @@ def _flce_dlogits_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, d_ptr, keep_p
         local_label = tl.load(labels_ptr + rows, mask=row_ok, other=0) - vocab_start
         x = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
                          BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
-        ok = live[:, None] & col_ok[None, :]
-        d = tl.exp(x - lse[:, None]) * (1.0 + z2 * lse)[:, None]
-        d -= tl.where(cols[None, :] == local_label[:, None], target_coef, 0.0)
-        d = tl.where(ok, d - smooth_per_class, 0.0)
+        d = _dlogits_of(tl.exp(x - lse[:, None]), cols, col_ok, live, lse, local_label, target_coef,
+                        smooth_per_class, z2)
         if FILTER:
             keep = (tl.max(tl.max(tl.abs(d), 1), 0) >= filter_eps).to(tl.int32)
         if keep != 0:
@@ -206,28 +236,48 @@ def _flce_dlogits_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, d_ptr, keep_p
 
 
 @triton.jit
-def _flce_dw_kernel(d_ptr, h_ptr, kept_rows_ptr, n_kept_ptr, gw_ptr,
-                    N, H, V, col0, stripe_tiles, stride_dn, stride_hn, stride_gwv,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """grad_weight[col0 + tile rows, h tile] = sum over the kept row blocks of D[rows, tile]^T @ hidden.
-    kept_rows[i, t] is the i-th kept row block of vocabulary tile t (n_kept[t] of them), in ascending
-    order, so the sum's order is fixed: the result is bit-stable run to run."""
-    pid_v, pid_h = _grouped(tl.program_id(0), stripe_tiles, tl.cdiv(H, BLOCK_H), GROUP)
-    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = col0 + local_cols < V
-    ks = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    k_ok = ks < H
-    acc = tl.zeros([BLOCK_V, BLOCK_H], tl.float32)
-    for i in range(0, tl.load(n_kept_ptr + pid_v)):
+def _dw_sum(acc, d_ptr, h_ptr, kept_rows_ptr, n_kept, pid_v, local_cols, col_ok, ks, k_ok, N, stripe_tiles,
+            stride_dn, stride_hn, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    for i in range(0, n_kept):
         rows = tl.load(kept_rows_ptr + i * stripe_tiles + pid_v) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         d_t = tl.load(d_ptr + rows[None, :] * stride_dn + local_cols[:, None],
                       mask=row_ok[None, :] & col_ok[:, None], other=0.0)
         h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _dot(d_t, h, acc, DOT_PRECISION, UPCAST)
-    tl.store(gw_ptr + (col0 + local_cols)[:, None] * stride_gwv + ks[None, :],
-             acc.to(gw_ptr.dtype.element_ty), mask=col_ok[:, None] & k_ok[None, :])
+    return acc
+
+
+@triton.jit
+def _flce_dw_kernel(d_ptr, h_ptr, kept_rows_ptr, n_kept_ptr, gw_ptr,
+                    N, H, V, col0, stripe_tiles, stride_dn, stride_hn, stride_gwv,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    ACCUMULATE: tl.constexpr):
+    """grad_weight[col0 + tile rows, h tile] = sum over the kept row blocks of D[rows, tile]^T @ hidden.
+    kept_rows[i, t] is the i-th kept row block of vocabulary tile t (n_kept[t] of them), in ascending
+    order, so the sum's order is fixed: the result is bit-stable run to run. ACCUMULATE (the row
+    stripes of the 3-pass path): add to the stored grad_weight in fp32, and leave tiles with no kept
+    row block untouched (their grad_weight rows are neither read nor written)."""
+    pid_v, pid_h = _grouped(tl.program_id(0), stripe_tiles, tl.cdiv(H, BLOCK_H), GROUP)
+    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = col0 + local_cols < V
+    ks = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    k_ok = ks < H
+    n_kept = tl.load(n_kept_ptr + pid_v)
+    out = gw_ptr + (col0 + local_cols)[:, None] * stride_gwv + ks[None, :]
+    out_ok = col_ok[:, None] & k_ok[None, :]
+    if ACCUMULATE:
+        if n_kept > 0:
+            acc = tl.load(out, mask=out_ok, other=0.0).to(tl.float32)
+            acc = _dw_sum(acc, d_ptr, h_ptr, kept_rows_ptr, n_kept, pid_v, local_cols, col_ok, ks, k_ok, N,
+                          stripe_tiles, stride_dn, stride_hn, BLOCK_N, DOT_PRECISION, UPCAST)
+            tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        acc = _dw_sum(tl.zeros([BLOCK_V, BLOCK_H], tl.float32), d_ptr, h_ptr, kept_rows_ptr, n_kept, pid_v,
+                      local_cols, col_ok, ks, k_ok, N, stripe_tiles, stride_dn, stride_hn, BLOCK_N,
+                      DOT_PRECISION, UPCAST)
+        tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -246,7 +296,7 @@ def _flce_de_kernel(d_ptr, w_ptr, kept_cols_ptr, n_kept_ptr, gh_ptr,
     if n_kept > 0:
         out = gh_ptr + rows[:, None] * stride_ghn + ks[None, :]
         out_ok = row_ok[:, None] & k_ok[None, :]
-        acc = tl.load(out, mask=out_ok, other=0.0)
+        acc = tl.load(out, mask=out_ok, other=0.0).to(tl.float32)  # fp32, or the input dtype (3-pass)
         for i in range(0, n_kept):
             local_cols = tl.load(kept_cols_ptr + pid_n * stripe_tiles + i) * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = col0 + local_cols < V
@@ -255,61 +305,76 @@ def _flce_de_kernel(d_ptr, w_ptr, kept_cols_ptr, n_kept_ptr, gh_ptr,
             w = tl.load(w_ptr + (col0 + local_cols)[:, None] * stride_wv + ks[None, :],
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dot(d, w, acc, DOT_PRECISION, UPCAST)
-        tl.store(out, acc, mask=out_ok)
+        tl.store(out, acc.to(gh_ptr.dtype.element_ty), mask=out_ok)
 
 
-# ---- AOT specs: the launches of the 7B head ------------------------------------------------------------
-H_7B = 3584
-V_7B = 152064  # Qwen2.5-VL-7B's vocabulary (config.vocab_size); V/tp for tp in 1, 2, 4, 8 is a multiple of 16
-# (element type, dot precision): bf16 training, fp32 with allow_tf32, fp32 without it (torch's default).
-AOT_VARIANTS = (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
+@triton.jit
+def _flce_logits_kernel(h_ptr, w_ptr, labels_ptr, x_ptr, max_part_ptr, lse_part_ptr, tgt_part_ptr, sumx_part_ptr,
+                        N, H, V, vocab_start, stride_hn, stride_wv, stride_xn,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                        GROUP: tl.constexpr, WITH_SUMX: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """3-pass path, GEMM 1 of a row stripe: per (row block, vocabulary tile), exp(x - m) with m the tile's
+    row max is stored into X [rows, V] in the input dtype (values in [0, 1], so bf16 keeps every
+    probability to 2**-9 relative; raw bf16 logits of magnitude 20 would lose 6%), and fp32 partials per
+    row (m, the tile's log-sum-exp, target logit, logit sum) into [tiles, rows] buffers: the loss is as
+    exact as the 4-pass forward's.
+    Grouped order: GROUP row blocks share each weight tile while it is in L2."""
+    n_v_tiles = tl.cdiv(V, BLOCK_V)
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_v_tiles, GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    x = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                     BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
+    local_label = tl.load(labels_ptr + rows, mask=row_ok, other=0) - vocab_start
+    xm = tl.where(col_ok[None, :], x, float("-inf"))
+    m = tl.max(xm, 1)  # finite: each tile has a valid column
+    e = tl.exp(xm - m[:, None])
+    tl.store(x_ptr + rows[:, None] * stride_xn + cols[None, :], e.to(x_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    out = pid_v * N + rows
+    tl.store(max_part_ptr + out, m, mask=row_ok)
+    tl.store(lse_part_ptr + out, m + tl.log(tl.sum(e, 1)), mask=row_ok)
+    tgt = tl.sum(tl.where(col_ok[None, :] & (cols[None, :] == local_label[:, None]), x, 0.0), 1)
+    tl.store(tgt_part_ptr + out, tgt, mask=row_ok)
+    if WITH_SUMX:
+        tl.store(sumx_part_ptr + out, tl.sum(tl.where(col_ok[None, :], x, 0.0), 1), mask=row_ok)
+
+
+@triton.jit
+def _flce_softmax_grad_kernel(x_ptr, max_part_ptr, labels_ptr, lse_ptr, g_ptr, keep_ptr, N, V, vocab_start,
+                              target_coef, smooth_per_class, z2, filter_eps, stride_xn,
+                              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr):
+    """3-pass path, between the GEMMs: turns the tile exp(x - m) of X into g * dlogits IN PLACE
+    (p = exp(x - m) exp(m - lse)), with the
+    4-pass path's formula, filter rule and keep flag (`_dlogits_of`; tiles not kept are not stored and
+    left out of the dW / dE kernels). Element-wise: the plain row-major order is enough."""
+    n_v_tiles = tl.cdiv(V, BLOCK_V)
+    pid_n = tl.program_id(0) // n_v_tiles
+    pid_v = tl.program_id(0) % n_v_tiles
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)  # 0 on ignored rows
+    live = g != 0.0
+    keep = tl.max(live.to(tl.int32), 0)
+    if keep != 0:
+        ptrs = x_ptr + rows[:, None] * stride_xn + cols[None, :]
+        e = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        m = tl.load(max_part_ptr + pid_v * N + rows, mask=row_ok, other=0.0)
+        local_label = tl.load(labels_ptr + rows, mask=row_ok, other=0) - vocab_start
+        d = _dlogits_of(e * tl.exp(m - lse)[:, None], cols, col_ok, live, lse, local_label, target_coef,
+                        smooth_per_class, z2)
+        if FILTER:
+            keep = (tl.max(tl.max(tl.abs(d), 1), 0) >= filter_eps).to(tl.int32)
+        if keep != 0:
+            tl.store(ptrs, (d * g[:, None]).to(x_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(keep_ptr + pid_n * n_v_tiles + pid_v, keep.to(tl.int8))
 
 
 def config_key(is_fp32: bool, precision: str) -> str:
     return precision if is_fp32 else "16bit"
-
-
-def _i32(*names: str) -> dict:
-    return {n: "i32" for n in names}
-
-
-def flce_aot_specs(prefix: str = "flce", variants=AOT_VARIANTS, sumx=(False, True), filters=(False, True)) -> list:
-    """One spec per (kernel, element type, dot precision, arch, constexpr variant) that the op launches."""
-    specs = []
-    for (ty, prec), arch in itertools.product(variants, (80, 90)):
-        key = config_key(ty == "fp32", prec)
-        f, b = FWD_CONFIGS[(key, arch)], BWD_CONFIGS[(key, arch)]
-        dot = dict(DOT_PRECISION=prec, UPCAST=False)
-        tag = f"{ty},{prec}"
-        for with_sumx in sumx:
-            sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_part_ptr": "*fp32",
-                   "tgt_part_ptr": "*fp32", "sumx_part_ptr": "*fp32",
-                   **_i32("N", "H", "V", "vocab_start", "tiles_per_split", "n_splits", "stride_hn", "stride_wv")}
-            consts = dict(BLOCK_N=f.block_n, BLOCK_V=f.block_v, BLOCK_H=f.block_h, WITH_SUMX=with_sumx, **dot)
-            specs.append(_spec(f"{prefix}_fwd[{tag},sumx={with_sumx}", _flce_fwd_kernel, sig, consts, f.num_warps,
-                               f.num_stages, arch, prec, ("H", "V", "stride_hn", "stride_wv")))
-        for flt in filters:
-            sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
-                   "d_ptr": f"*{ty}", "keep_ptr": "*i8", **_i32("N", "H", "V", "vocab_start", "col0", "stripe_tiles"),
-                   "target_coef": "fp32", "smooth_per_class": "fp32", "z2": "fp32", "filter_eps": "fp32",
-                   **_i32("stride_hn", "stride_wv", "stride_dn")}
-            consts = dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h, GROUP=b.group, FILTER=flt, **dot)
-            specs.append(_spec(f"{prefix}_bwd_dlogits[{tag},filter={flt}", _flce_dlogits_kernel, sig, consts,
-                               b.num_warps, b.stages_dlogits, arch, prec,
-                               ("H", "V", "col0", "stride_hn", "stride_wv", "stride_dn")))
-        sig = {"d_ptr": f"*{ty}", "h_ptr": f"*{ty}", "kept_rows_ptr": "*i32", "n_kept_ptr": "*i32", "gw_ptr": f"*{ty}",
-               **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_hn", "stride_gwv")}
-        consts = dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h_out, GROUP=b.group, **dot)
-        specs.append(_spec(f"{prefix}_bwd_dw[{tag}", _flce_dw_kernel, sig, consts, b.num_warps, b.stages_grad, arch,
-                           prec, ("H", "V", "col0", "stride_dn", "stride_hn", "stride_gwv")))
-        sig = {"d_ptr": f"*{ty}", "w_ptr": f"*{ty}", "kept_cols_ptr": "*i32", "n_kept_ptr": "*i32", "gh_ptr": "*fp32",
-               **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_wv", "stride_ghn")}
-        specs.append(_spec(f"{prefix}_bwd_de[{tag}", _flce_de_kernel, sig, consts, b.num_warps, b.stages_grad, arch,
-                           prec, ("H", "V", "col0", "stride_dn", "stride_wv", "stride_ghn")))
-    return specs
-
-
-def _spec(name, fn, sig, consts, num_warps: int, num_stages: int, arch: int, prec: str, aligned) -> AotSpec:
-    return AotSpec(f"{name},H={H_7B},V={V_7B}/tp,sm{arch}]", fn, {**sig, **{k: "constexpr" for k in consts}},
-                   consts, num_warps, num_stages, expects_wgmma=prec != "ieee", aligned_args=aligned,
-                   capabilities=(arch,))

@@ -6,7 +6,8 @@
 z = the PaLM z-loss weight), and 0 for ignored rows.
 
 Design (after Apple's Cut Cross-Entropy and Liger's FLCE; no code taken from either). The Triton
-kernels live in `_flce_triton.py`; `bench/roofline.py` models them (a model, not a measurement).
+kernels live in `_flce_triton.py`, their launch code in `_flce_launch.py`; `bench/roofline.py` models
+them (a model, not a measurement).
 - Forward: one program per (row block, vocabulary split), splits varying fastest in a 1-D grid, so the
   programs of one wave share a few row blocks whose hidden states stay in L2 while each split streams
   its weight tiles (read once per wave). Each program keeps an online max / sum-exp in fp32 plus the
@@ -31,11 +32,29 @@ kernels live in `_flce_triton.py`; `bench/roofline.py` models them (a model, not
   The price: the D stripe and the fp32 grad_hidden (~0.3 GB extra at this shape), and one read-add-
   write of grad_hidden per stripe, which gradient filtering cannot skip. No design without stored
   logits does fewer than these four GEMMs; Liger does three by keeping [512, V] logits chunks.
+- 3-pass path (a scalar loss, the SFT path): when reduction is 'sum' or 'mean' and a gradient is wanted,
+  the gradients are computed IN FORWARD, row stripe by row stripe (`plan_row_stripe` rows, all of V,
+  an X [rows, V] buffer of ~195 MB at the 7B head on H100): the logits kernel stores exp(x - tile
+  max) (in [0, 1], so bf16 keeps each probability to 2**-9 relative; raw bf16 logits would not) and
+  fp32 partials (GEMM 1), torch merges the lse, a kernel turns X into g * dlogits in place
+  (same formula and filter as kernel 1 above), then the dW kernel adds X^T @ hidden into grad_weight
+  (GEMM 2, fp32 sums added to W's dtype once per stripe) and the dE kernel writes the stripe's rows of
+  grad_hidden (GEMM 3, complete in one stripe, stored in hidden's dtype). Backward only multiplies both
+  by the scalar upstream gradient, in place. Three GEMMs instead of four, as Liger, without [N, V]:
+  ~62 ms modelled at the shape above (bench/roofline.py; Liger ~63, the 4-pass path ~72).
+  Why 3-pass only for a scalar loss (`grads_in_forward` decides, nowhere else): the gradients must be
+  formed before the upstream gradient is known, which is possible only when it is one number for all
+  rows; reduction='none' (GRPO: per-token upstream gradients) keeps the 4-pass path. Vocab-parallel
+  heads keep it too (the lse of a stripe would need an all-reduce inside the forward's stripe loop).
+  Costs: grad_weight is rounded to W's dtype once per row stripe (26 times at the 7B head on H100; Liger
+  rounds its bf16 addmm accumulator once per chunk), work is wasted if the loss is never backwarded, and
+  a second backward (retain_graph) through the scalar is refused.
 - Gradient filtering (`filter_eps` > 0, off by default; CCE's rule): a dlogits tile is skipped (not
   stored, and left out of kernels 2 and 3) when every entry of its rows that have a gradient is below
   eps in magnitude before the upstream scale g. Tiles whose rows all have g = 0 (ignored rows) are
   skipped exactly. The reference applies the same rule on the same tile grid.
-- Frozen head (weight.requires_grad False): kernel 2 is not launched and no grad_weight is allocated.
+- Frozen head (weight.requires_grad False): no dW kernel is launched and no grad_weight is allocated
+  (both paths).
 - The plain-PyTorch reference does the same maths in row chunks (at most ~16 MB of fp32 logits at a
   time) and is the CPU path. `use_triton` picks the path once per call.
 - Vocab-parallel (`tp_group`): `weight` is this rank's contiguous shard, rows
@@ -58,10 +77,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import triton
 
-from lingshu_fast.kernels import _flce_triton as tk
-from lingshu_fast.kernels._dispatch import interpreting, use_triton
+from lingshu_fast.kernels._dispatch import use_triton
+from lingshu_fast.kernels._flce_aot import flce_aot_specs
+from lingshu_fast.kernels._flce_launch import _configs, _triton_backward, _triton_forward, _triton_forward_with_grads
 
 _REF_CHUNK_ELEMS = 1 << 22  # fp32 logits elements per reference chunk (16 MB)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -76,112 +95,6 @@ class FlceOptions:
     filter_eps: float = 0.0
     tp_group: Any = None
     triton: bool = False
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting; 16-bit inputs always use tensor cores.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _upcast_dots(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreting()
-
-
-def _arch(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
-
-
-def _configs(dtype: torch.dtype, device: torch.device) -> tuple[tk.FwdConfig, tk.BwdConfig]:
-    """The tiles the Triton path launches on this device (the interpreter's on CPU); the reference's
-    gradient filter judges the same backward tiles."""
-    arch = _arch(device)
-    if arch is None:
-        return tk.INTERPRET_FWD, tk.INTERPRET_BWD
-    key = (tk.config_key(dtype == torch.float32, _dot_precision(dtype)), arch)
-    return tk.FWD_CONFIGS[key], tk.BWD_CONFIGS[key]
-
-
-def _num_v_splits(n_row_blocks: int, n_v_tiles: int, row_block_bytes: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return min(n_v_tiles, 2)  # the interpreter: exercise the split merge without slowing tests
-    props = torch.cuda.get_device_properties(device)
-    return tk.plan_splits(n_row_blocks, n_v_tiles, props.multi_processor_count, props.L2_cache_size, row_block_bytes)
-
-
-def _triton_forward(hidden, weight, labels, vocab_start: int, with_sumx: bool):
-    n_rows, h_dim = hidden.shape
-    v_local = weight.shape[0]
-    cfg = _configs(hidden.dtype, hidden.device)[0]
-    n_row_blocks = triton.cdiv(n_rows, cfg.block_n)
-    n_v_tiles = triton.cdiv(v_local, cfg.block_v)
-    splits = _num_v_splits(n_row_blocks, n_v_tiles, cfg.block_n * h_dim * hidden.element_size(), hidden.device)
-    tiles_per_split = triton.cdiv(n_v_tiles, splits)
-    splits = triton.cdiv(n_v_tiles, tiles_per_split)  # every split owns >= 1 valid tile
-    parts = torch.empty(3 if with_sumx else 2, splits, n_rows, device=hidden.device, dtype=torch.float32)
-    sumx_buf = parts[2] if with_sumx else parts[1]
-    tk._flce_fwd_kernel[(n_row_blocks * splits,)](
-        hidden, weight, labels, parts[0], parts[1], sumx_buf,
-        n_rows, h_dim, v_local, vocab_start, tiles_per_split, splits, hidden.stride(0), weight.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, WITH_SUMX=with_sumx,
-        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dots(hidden.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    lse = torch.logsumexp(parts[0], dim=0)
-    return lse, parts[1].sum(0), (parts[2].sum(0) if with_sumx else None)
-
-
-def _kept_lists(keep: torch.Tensor):
-    """From keep [row blocks, tiles] (int8): per tile its kept row blocks, per row block its kept tiles,
-    each ascending and packed to the front (stable sort of 'not kept'), with their counts (int32)."""
-    dropped = (keep == 0).to(torch.int8)
-    kept_rows = torch.argsort(dropped, dim=0, stable=True).to(torch.int32).contiguous()
-    kept_cols = torch.argsort(dropped, dim=1, stable=True).to(torch.int32).contiguous()
-    kept = keep != 0
-    return kept_rows, kept.sum(0, dtype=torch.int32), kept_cols, kept.sum(1, dtype=torch.int32)
-
-
-def _triton_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_eps: float,
-                     need_dh: bool, need_dw: bool):
-    """Stripe by stripe of the vocabulary: dlogits tiles into D [N, S] (kernel 1), then grad_weight of the
-    stripe from D (kernel 2, written once) and grad_hidden += D @ W_stripe (kernel 3). No atomics."""
-    n_rows, h_dim = hidden.shape
-    v_local = weight.shape[0]
-    cfg = _configs(hidden.dtype, hidden.device)[1]
-    n_rb, n_vt = triton.cdiv(n_rows, cfg.block_n), triton.cdiv(v_local, cfg.block_v)
-    budget = tk.STRIPE_BYTES if hidden.is_cuda else tk.INTERPRET_STRIPE_TILES * n_rows * cfg.block_v * hidden.element_size()
-    stripe_tiles = tk.plan_stripe_tiles(n_rows, n_vt, cfg.block_v, hidden.element_size(), budget)
-    d_buf = torch.empty(n_rows, stripe_tiles * cfg.block_v, device=hidden.device, dtype=hidden.dtype)
-    keep_buf = torch.empty(n_rb * stripe_tiles, device=hidden.device, dtype=torch.int8)
-    grad_h = torch.zeros(n_rows, h_dim, device=hidden.device, dtype=torch.float32) if need_dh else None
-    grad_w = torch.empty_like(weight) if need_dw else None  # every element written once, in W's dtype
-    n_h_tiles = triton.cdiv(h_dim, cfg.block_h_out)
-    dot = dict(DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dots(hidden.dtype))
-    for first_tile in range(0, n_vt, stripe_tiles):
-        tiles = min(stripe_tiles, n_vt - first_tile)
-        col0 = first_tile * cfg.block_v
-        keep = keep_buf[:n_rb * tiles].view(n_rb, tiles)
-        tk._flce_dlogits_kernel[(n_rb * tiles,)](
-            hidden, weight, labels, lse, g, d_buf, keep, n_rows, h_dim, v_local, vocab_start, col0, tiles,
-            *coefs, filter_eps, hidden.stride(0), weight.stride(0), d_buf.stride(0),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP=cfg.group, FILTER=filter_eps > 0,
-            **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_dlogits)
-        kept_rows, n_kept_per_tile, kept_cols, n_kept_per_row_block = _kept_lists(keep)
-        if need_dw:
-            tk._flce_dw_kernel[(tiles * n_h_tiles,)](
-                d_buf, hidden, kept_rows, n_kept_per_tile, grad_w, n_rows, h_dim, v_local, col0, tiles,
-                d_buf.stride(0), hidden.stride(0), grad_w.stride(0),
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
-                **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
-        if need_dh:
-            tk._flce_de_kernel[(n_rb * n_h_tiles,)](
-                d_buf, weight, kept_cols, n_kept_per_row_block, grad_h, n_rows, h_dim, v_local, col0, tiles,
-                d_buf.stride(0), weight.stride(0), grad_h.stride(0),
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
-                **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
-    return grad_h, grad_w
 
 
 def _row_chunks(n_rows: int, v_local: int, align: int):
@@ -255,6 +168,16 @@ def _torch_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_e
     return grad_h, grad_w
 
 
+def _torch_forward_with_grads(hidden, weight, labels, g, coefs, filter_eps: float, with_sumx: bool,
+                              need_dh: bool, need_dw: bool):
+    """Reference of the 3-pass path: the reference forward, then the reference backward with g (the same
+    maths and filter as the 4-pass path), gradients returned in the inputs' dtypes."""
+    lse, tgt, sumx = _torch_forward(hidden, weight, labels, 0, with_sumx)
+    grad_h, grad_w = _torch_backward(hidden, weight, labels, 0, lse, g, coefs, filter_eps, need_dh, need_dw)
+    return (lse, tgt, sumx, grad_h.to(hidden.dtype) if need_dh else None,
+            grad_w.to(weight.dtype) if need_dw else None)
+
+
 def _tp_merge(lse, tgt, sumx, group):
     """Global lse / target / logit sum from each rank's shard: a MAX then one SUM all-reduce."""
     lse_max = lse.clone()
@@ -263,6 +186,22 @@ def _tp_merge(lse, tgt, sumx, group):
     stacked = torch.stack(parts)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
     return lse_max + torch.log(stacked[0]), stacked[1], (stacked[2] if sumx is not None else None)
+
+
+def _valid_labels(labels: torch.Tensor, v_global: int, ignore_index: int) -> torch.Tensor:
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= v_global))
+    if bool(bad.any()):
+        raise ValueError(f"fused_linear_cross_entropy: label {int(labels[bad][0])} is outside the vocabulary "
+                         f"[0, {v_global}) and is not ignore_index={ignore_index}")
+    return valid
+
+
+def _loss_rows(lse, tgt, sumx, valid, opts: FlceOptions, v_global: int) -> torch.Tensor:
+    loss = lse - (1.0 - opts.label_smoothing) * tgt + opts.z_loss_weight * lse * lse
+    if sumx is not None:
+        loss = loss - (opts.label_smoothing / v_global) * sumx
+    return torch.where(valid, loss, 0.0)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -275,21 +214,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         world = dist.get_world_size(group) if group is not None else 1
         v_local = weight.shape[0]
         vocab_start, v_global = rank * v_local, world * v_local
-        valid = labels != opts.ignore_index
-        bad = valid & ((labels < 0) | (labels >= v_global))
-        if bool(bad.any()):
-            raise ValueError(f"fused_linear_cross_entropy: label {int(labels[bad][0])} is outside the vocabulary "
-                             f"[0, {v_global}) and is not ignore_index={opts.ignore_index}")
+        valid = _valid_labels(labels, v_global, opts.ignore_index)
         hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
         smoothing = opts.label_smoothing > 0
         fwd = _triton_forward if opts.triton else _torch_forward
         lse, tgt, sumx = fwd(hidden, weight, labels, vocab_start, smoothing)
         if group is not None and world > 1:
             lse, tgt, sumx = _tp_merge(lse, tgt, sumx, group)
-        loss = lse - (1.0 - opts.label_smoothing) * tgt + opts.z_loss_weight * lse * lse
-        if smoothing:
-            loss = loss - (opts.label_smoothing / v_global) * sumx
-        loss = torch.where(valid, loss, 0.0)
+        loss = _loss_rows(lse, tgt, sumx, valid, opts, v_global)
         ctx.save_for_backward(hidden, weight, labels, lse, valid)
         ctx.opts, ctx.vocab_start, ctx.v_global, ctx.world = opts, vocab_start, v_global, world
         return loss
@@ -311,6 +243,47 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h.to(hidden.dtype) if need_dh else None
         grad_w = grad_w.to(weight.dtype) if need_dw else None
         return grad_h, grad_w, None, None
+
+
+class _FusedLinearCrossEntropyGradsInForward(torch.autograd.Function):
+    """The 3-pass path: a scalar loss whose gradients are computed in forward (scaled by 1 for 'sum', 1 / the
+    number of valid labels for 'mean'); backward only multiplies them by the scalar upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, opts: FlceOptions, reduction: str, need_dh: bool, need_dw: bool):
+        v_global = weight.shape[0]
+        valid = _valid_labels(labels, v_global, opts.ignore_index)
+        hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+        n_valid = valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
+        g = torch.where(valid, 1.0 / n_valid, 0.0).contiguous()  # the 4-pass path's upstream gradient
+        coefs = (1.0 - opts.label_smoothing, opts.label_smoothing / v_global, 2.0 * opts.z_loss_weight)
+        run = _triton_forward_with_grads if opts.triton else _torch_forward_with_grads
+        lse, tgt, sumx, grad_h, grad_w = run(hidden, weight, labels, g, coefs, opts.filter_eps,
+                                             opts.label_smoothing > 0, need_dh, need_dw)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.need, ctx.used = (need_dh, need_dw), False
+        return _loss_rows(lse, tgt, sumx, valid, opts, v_global).sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("fused_linear_cross_entropy: a second backward through a scalar loss is not "
+                               "supported (its saved gradients were scaled in place); use reduction='none'")
+        ctx.used = True
+        grad_h, grad_w = ctx.saved_tensors
+        # In place: a scaled copy of grad_weight would hold a second [V, H] tensor at the peak.
+        grad_h = grad_h.mul_(grad_loss) if ctx.need[0] else None
+        grad_w = grad_w.mul_(grad_loss) if ctx.need[1] else None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def grads_in_forward(reduction: str, hidden: torch.Tensor, weight: torch.Tensor, opts: FlceOptions) -> bool:
+    """THE choice between the 3-pass and the 4-pass path (see the module docstring): gradients in forward
+    when the loss is a scalar (its upstream gradient is one number, so the gradients can be formed before
+    it is known and scaled after), a gradient is wanted, and the head is not vocab-parallel."""
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    tp = opts.tp_group is not None and dist.get_world_size(opts.tp_group) > 1
+    return reduction != "none" and wants_grad and not tp
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -341,6 +314,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"filter_eps={filter_eps} must be >= 0 (0 turns gradient filtering off)")
     opts = FlceOptions(ignore_index=ignore_index, z_loss_weight=z_loss_weight, label_smoothing=label_smoothing,
                        filter_eps=float(filter_eps), tp_group=tp_group, triton=use_triton(hidden, weight, labels))
+    if grads_in_forward(reduction, hidden, weight, opts):
+        return _FusedLinearCrossEntropyGradsInForward.apply(hidden, weight, labels.long(), opts, reduction,
+                                                            hidden.requires_grad, weight.requires_grad)
     loss_rows = _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), opts)
     if reduction == "none":
         return loss_rows
@@ -353,4 +329,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 def aot_specs() -> list:
     """The launches of the 7B head (H=3584, V_local=152064/tp, any N): per element type, dot precision,
     target arch, kernel and constexpr variant, at the tiles and num_stages the launch code uses."""
-    return tk.flce_aot_specs()
+    return flce_aot_specs()

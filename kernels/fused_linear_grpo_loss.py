@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from ._flce_triton import flce_aot_specs
+from ._flce_aot import flce_aot_specs
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -172,4 +172,5 @@ def fused_linear_grpo_loss(
 def aot_specs() -> list:
     """The Triton launches of this loss on the GPU: the fused CE's kernels as `token_logprobs` calls them
     (bf16, no label smoothing so no logit sum, no gradient filter), at the 7B head's shapes."""
-    return flce_aot_specs(prefix="grpo_loss", variants=(("bf16", "tf32"),), sumx=(False,), filters=(False,))
+    return flce_aot_specs(prefix="grpo_loss", variants=(("bf16", "tf32"),), sumx=(False,), filters=(False,),
+                          three_pass=False)

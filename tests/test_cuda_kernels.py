@@ -66,8 +66,9 @@ def _cpu_truth(hidden, weight, labels, grad_rows):
     return (loss.detach(), *torch.autograd.grad(loss, (h, w), grad_rows.cpu()))
 
 
-def check_flce(device, shape, precision, use_kernels, count_calls, monkeypatch):
-    """fused_linear_cross_entropy on `device`'s Triton kernels against the CPU fp32 truth."""
+def check_flce(device, shape, precision, use_kernels, count_calls, monkeypatch, reduction="none"):
+    """fused_linear_cross_entropy on `device`'s Triton kernels against the CPU fp32 truth. reduction='sum'
+    takes the 3-pass path (gradients in forward), with an upstream gradient != 1."""
     n, h, v = shape
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if device == "cuda":  # fp32 dots follow torch's setting (kernels/fused_linear_cross_entropy.py)
@@ -75,21 +76,29 @@ def check_flce(device, shape, precision, use_kernels, count_calls, monkeypatch):
     hidden, weight, labels, grad_rows = _head_inputs(n, h, v, dtype, device)
     hidden.requires_grad_()
     weight.requires_grad_()
-    launches = (count_calls(flce_mod, "_triton_forward"), count_calls(flce_mod, "_triton_backward"))
+    launches = [count_calls(flce_mod, name)
+                for name in ("_triton_forward", "_triton_backward", "_triton_forward_with_grads")]
+    upstream = grad_rows if reduction == "none" else grad_rows[0].abs() + 0.5
     use_kernels("triton")
-    loss = flce_mod.fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
-    got = (loss.detach(), *torch.autograd.grad(loss, (hidden, weight), grad_rows))
-    assert [len(c) for c in launches] == [1, 1], f"expected one Triton forward and one backward: {launches}"
+    loss = flce_mod.fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    got = (loss.detach(), *torch.autograd.grad(loss, (hidden, weight), upstream))
+    expected = [1, 1, 0] if reduction == "none" else [0, 0, 1]
+    assert [len(c) for c in launches] == expected, f"expected Triton launches {expected}: {launches}"
     assert got[1].dtype == dtype and got[2].dtype == dtype and got[1].device.type == device
+    if reduction != "none":
+        grad_rows = upstream.expand(n)
     want = _cpu_truth(hidden, weight, labels, grad_rows)
+    if reduction != "none":
+        want = (want[0].sum(), *want[1:])
     if precision != "bf16":
         bound = 1e-5 if precision == "fp32" else 2e-3
         for name, a, b in zip(("loss", "grad_hidden", "grad_weight"), got, want):
             assert _rel_err(a, b) <= bound, (name, _rel_err(a, b), bound)
         return
     h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-    native_loss = F.cross_entropy(h @ w.T, labels, reduction="none")  # torch's own bf16, on the device
-    native = (native_loss.detach(), *torch.autograd.grad(native_loss, (h, w), grad_rows.to(native_loss.dtype)))
+    native_loss = F.cross_entropy(h @ w.T, labels, reduction=reduction)  # torch's own bf16, on the device
+    native_up = (grad_rows if reduction == "none" else upstream).to(native_loss.dtype)
+    native = (native_loss.detach(), *torch.autograd.grad(native_loss, (h, w), native_up))
     for name, ours, torch_bf16, truth in zip(("loss", "grad_hidden", "grad_weight"), got, native, want):
         truth = truth.to(ours.device)
         err = (ours.float() - truth).abs().max()
@@ -102,6 +111,21 @@ def check_flce(device, shape, precision, use_kernels, count_calls, monkeypatch):
 def test_flce_kernel_cpu_twin(shape, precision, use_kernels, count_calls, monkeypatch):
     """CPU twin of test_flce_kernel_cuda: the same check, the kernels interpreted."""
     check_flce("cpu", shape, precision, use_kernels, count_calls, monkeypatch)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flce_three_pass_cpu_twin(precision, use_kernels, count_calls, monkeypatch):
+    """CPU twin of test_flce_three_pass_cuda (the ragged small head: 37 rows cross a row stripe)."""
+    check_flce("cpu", SMALL_HEADS[0], precision, use_kernels, count_calls, monkeypatch, reduction="sum")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,precision", CUDA_FLCE_CASES,
+                         ids=["N{}H{}V{}-{}".format(*shape, p) for shape, p in CUDA_FLCE_CASES])
+def test_flce_three_pass_cuda(shape, precision, use_kernels, count_calls, monkeypatch):
+    """Pins the compiled 3-pass path (scalar loss: logits kernel, in-place dlogits, accumulating dW, dE in
+    the input dtype) at the production tiles and row stripes, and at shapes smaller than one tile."""
+    check_flce("cuda", shape, precision, use_kernels, count_calls, monkeypatch, reduction="sum")
 
 
 @pytest.mark.cuda

@@ -65,3 +65,30 @@ def test_table_says_it_is_a_model():
     text = roofline.table(0.1)
     assert text.startswith("MODEL:") and "not measurements" in text
     assert all(card in text for card in ("A100", "H100", "H200"))
+
+
+def test_lingshu_three_pass_counts_from_its_tiles():
+    """N=256, H=64, V=256 bf16 on the H100 (128x128 tiles, 128-wide grad tiles): one row stripe of 256 rows
+    (the planner's 640 capped at N), 2 row blocks x 2 vocabulary tiles, 1 H tile. HBM bytes by hand:
+    zero dE 256*64*2 = 32,768; logits: 2 hidden + 2 weight panels of 128*64*2 (65,536) + X written
+    (256*256*2) + 3 partials (3*2*256*4) = 202,752; lse merge: 2 partials read + 3 vectors = 7,168;
+    dlogits: X read + written (keep 1) + max partial = 264,192; dW: 2 X panels (256*128*2) + 1 hidden panel
+    (256*128*2) + grad_weight written once (first stripe) = 229,376; dE: 2 X panels (128*256*2) + 1
+    weight panel (256*128*2) + its rows = 229,376; backward's scale of dE and dW: read + write = 131,072.
+    Three GEMMs of 2*256*256*64 FLOPs: the logits are never recomputed."""
+    card = roofline.CARDS["H100"]
+    cost = roofline.lingshu_flce_three_pass(card, 256, 64, 256)
+    fwd, bwd = cost.parts
+    assert [c.hbm_bytes for c in fwd.parts] == [32_768, 202_752, 7_168, 264_192, 229_376, 229_376]
+    assert bwd.hbm_bytes == 131_072
+    assert cost.flops == 3 * 2 * 256 * 256 * 64
+
+
+def test_row_stripe_keeps_the_dw_accumulation_compute_bound():
+    """The planner's rule on the modelled cards: each stripe's grad_weight read + write (2 x 2 bytes per
+    element) takes no longer than its dW GEMM (2 x rows FLOPs per element) at the card's peaks."""
+    for card in (roofline.CARDS["A100"], roofline.CARDS["H100"]):
+        rows = roofline.tk.plan_row_stripe(16384, 128, card.arch)
+        assert rows % 128 == 0
+        assert 2 * rows / (card.tc_tflops * 1e12) >= 4 / (card.hbm_tb_s * 1e12) * 0.999
+        assert 2 * (rows - 128) / (card.tc_tflops * 1e12) < 4 / (card.hbm_tb_s * 1e12)  # the shortest such

@@ -80,15 +80,22 @@ def state_bytes(numel: dict[str, int], cfg: Config, *, dp: int, param_bytes: int
     return StateBytes(params, trainable * grad_bytes, trainable * optim_per, trainable)
 
 
-def flce_workspace_bytes(w: Widths, tokens: int, split: Split, backend: str, head_trainable: bool) -> float:
+def flce_workspace_bytes(w: Widths, tokens: int, split: Split, backend: str, head_trainable: bool,
+                         scalar_loss: bool = False) -> float:
     """The fused linear cross-entropy's buffers during its backward (kernels/fused_linear_cross_entropy.py):
     Triton path: the dlogits stripe D [N, S] (<= STRIPE_BYTES), fp32 grad_hidden and its cast, and the
-    head's weight gradient in the weight's dtype; reference path: fp32 grad_weight, grad_hidden and one
-    row chunk of logits."""
+    head's weight gradient in the weight's dtype; with a scalar loss (`scalar_loss`: stages 1-3) and no
+    vocabulary split, the 3-pass path instead: the [rows, V] stripe and its fp32 partials, grad_hidden
+    and grad_weight in the inputs' dtype (formed in forward, held until backward); reference path: fp32
+    grad_weight, grad_hidden and one row chunk of logits."""
     v_local = w.vocab // split.tp
     if backend == "fused":
         cfg = flce.BWD_CONFIGS[("16bit", 90)]
         n_tiles = -(-v_local // cfg.block_v)
+        if scalar_loss and split.tp == 1:
+            rows = flce.plan_row_stripe(tokens, cfg.block_n, 90)
+            head_grad = v_local * w.hidden * 2 if head_trainable else 0
+            return rows * v_local * 2 + 4 * n_tiles * rows * 4 + tokens * w.hidden * 2 + head_grad
         stripe = flce.plan_stripe_tiles(tokens, n_tiles, cfg.block_v, 2, flce.STRIPE_BYTES)
         head_grad = v_local * w.hidden * 2 if head_trainable else 0
         return tokens * stripe * cfg.block_v * 2 + tokens * w.hidden * (4 + 2) + head_grad
@@ -152,7 +159,8 @@ def rollout_budget_bytes(cfg: Config, device_bytes: float, static_bytes: float) 
 def activation_terms(w: Widths, tokens: int, patches: int, pieces: RankPieces, cfg: Config, *, policy: str,
                      backend: str, split: Split, vit_depth: int, in_flight: float) -> tuple[float, float]:
     head_trainable = "llm" not in cfg.model.freeze
-    workspace = flce_workspace_bytes(w, tokens, split, backend, head_trainable) if pieces.last else 0.0
+    scalar_loss = cfg.train.stage != 4  # the GRPO loss sends per-token gradients (the 4-pass path)
+    workspace = flce_workspace_bytes(w, tokens, split, backend, head_trainable, scalar_loss) if pieces.last else 0.0
     embed_grad = w.vocab // split.tp * w.hidden * BACKENDS[backend] if head_trainable else 0.0
     return rank_activation_peak(w, tokens, patches, pieces, policy=policy, every_k=cfg.model.checkpoint_every_k_layers,
                                 backend=backend, split=split, vit_depth=vit_depth, head_workspace=workspace,
