@@ -11,9 +11,14 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+# the benchmarks' helper modules (roofline.py, record.py, ...) sit beside them; pytest's importlib mode
+# keeps bench/ off sys.path, so `pytest bench/ --benchmark` puts it there (gpu_run.py does the same)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCH_DIR = Path(__file__).resolve().parent
 SKIP_REASON = "pass --benchmark to run benchmarks"
