@@ -44,6 +44,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from lingshu_fast.config import ROLLOUT_CPU_GB, ROLLOUT_FREE_FRACTION
 from lingshu_fast.data import images as img
@@ -316,12 +318,8 @@ def _model_parallel_first(value):
     scores the (identical) responses itself, but a verifier call that hits its time limit on one
     rank only would give the ranks different rewards: different advantages and, with equal-group
     filtering, different micro-batches, i.e. mismatched TP collectives and pipeline schedules."""
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         return value
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized():
         return value
     group = ps.get_model_parallel_group()
@@ -334,12 +332,8 @@ def _model_parallel_first(value):
 
 def _data_parallel_union(bad: set[int]) -> set[int]:
     """The unreadable prompts any rank of this rank's data-parallel group has met."""
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         return bad
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
         return bad
     group = ps.get_data_parallel_group()
@@ -357,11 +351,7 @@ def rollout_budget_bytes(rl_cfg, device: torch.device) -> int:
     if device.type != "cuda":
         return int(ROLLOUT_CPU_GB * 2**30)
     free = torch.tensor([float(torch.cuda.mem_get_info(device)[0]) * ROLLOUT_FREE_FRACTION], device=device)
-    import torch.distributed as dist
-
     if dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=ps.get_model_parallel_group())
     return int(free.item())
 

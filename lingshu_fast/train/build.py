@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
 
 from lingshu_fast.config import Config, ConfigError
 from lingshu_fast.data.loader import PackedLoader, resolve_max_steps
@@ -119,8 +120,6 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
                     device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
     """(model, optimizer, LR schedule) of every stage: the rank's model with `model.freeze` applied,
     AdamW over its parameter groups (ZeRO-1 over DP when asked), and the warmup/decay schedule."""
-    from megatron.core import parallel_state as ps
-
     model = build_rank_model(cfg, dims, model_path, dtype=dtype, device=device)
     set_trainable(model, cfg.model.freeze)
     groups = param_groups(model)

@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.train.metrics import SkipTracker
@@ -110,8 +111,6 @@ class StepEngine:
 def _dp_group(dims: ParallelDims):
     if dims.dp == 1:
         return None
-    from megatron.core import parallel_state as ps
-
     return ps.get_data_parallel_group()
 
 
