@@ -131,6 +131,15 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
     return model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
 
+def microbatches_per_rank(cfg: Config, dims: ParallelDims) -> int:
+    """Packed micro-batches each data-parallel rank takes per step (train.global_microbatches / DP)."""
+    g = cfg.train.global_microbatches
+    if g % dims.dp:
+        raise ConfigError(f"train.global_microbatches={g} is not divisible by the data-parallel size {dims.dp} "
+                          f"(world {dims.world} / (tp {dims.tp} * pp {dims.pp})); pick a multiple of {dims.dp}")
+    return g // dims.dp
+
+
 def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
@@ -138,7 +147,7 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           seed=cfg.run.seed, epochs=cfg.train.epochs, device=device)
     # before the LR schedule is built: null (or more than the data holds) -> the steps of train.epochs
-    per_step = cfg.train.global_microbatches // dims.dp
+    per_step = microbatches_per_rank(cfg, dims)
     enough = None if cfg.train.max_steps is None else cfg.train.max_steps * per_step
     cfg.train.max_steps = resolve_max_steps(cfg.train.max_steps, loader.total_microbatches(enough) // per_step,
                                             epochs=cfg.train.epochs)
