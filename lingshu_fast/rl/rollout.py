@@ -318,9 +318,7 @@ def _model_parallel_first(value):
     scores the (identical) responses itself, but a verifier call that hits its time limit on one
     rank only would give the ranks different rewards: different advantages and, with equal-group
     filtering, different micro-batches, i.e. mismatched TP collectives and pipeline schedules."""
-    if not dist.is_available() or not dist.is_initialized():
-        return value
-    if not ps.model_parallel_is_initialized():
+    if not (dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()):
         return value
     group = ps.get_model_parallel_group()
     if dist.get_world_size(group) == 1:
