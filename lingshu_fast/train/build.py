@@ -72,7 +72,7 @@ def resolve_model_path(cfg: Config, tokenizer) -> str:
                               f"(no config.json); point it at a previous stage's run.dir/hf")
         return str(path)
     if cfg.model.path == "tiny":
-            return str(ensure_tiny_model(Path(cfg.run.dir) / "tiny_init", tokenizer, seed=cfg.run.seed))
+        return str(ensure_tiny_model(Path(cfg.run.dir) / "tiny_init", tokenizer, seed=cfg.run.seed))
     if not (Path(cfg.model.path) / "config.json").exists():
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face Qwen2.5-VL folder (no config.json)")
     return cfg.model.path
