@@ -16,7 +16,7 @@ Megatron-Core's DDP design, written for this trainer (its own needs CUDA):
   (a text-only micro-batch skips the vision tower, which sits last in the order) leave their
   buckets for `finish`, which launches what is left, in order, and waits for everything.
 - `shard=True` (the distributed optimizer): buckets are reduce-scattered, so each DP rank holds the
-  summed gradient of its own shard of every bucket (`local_ranges`), and after the optimizer has
+  summed gradient of its own shard of every bucket (`param_pieces`), and after the optimizer has
   written the new values of its shard into the parameter buffer, `gather_params` all-gathers the
   shards (optionally asynchronously, waited for by forward pre-hooks: overlapped with the next
   forward). `shard=False`: buckets are all-reduced and every rank holds everything.
@@ -172,18 +172,16 @@ class GradBuffers:
         self._launching = False
 
     # ------------------------------------------------------------------ this rank's share
-    def local_ranges(self) -> list[tuple[FlatBuffer, int, int]]:
-        """(buffer, lo, hi) of every bucket's part this rank owns: its shard, or all of it."""
-        if not self.shard:
-            return [(b.buffer, b.start, b.end) for b in self.buckets]
-        return [(b.buffer, *b.shard(self.dp_rank, self.dp)) for b in self.buckets]
+    def _owned(self, b: Bucket) -> tuple[int, int]:
+        """[lo, hi) of bucket `b` this rank owns: its shard, or all of it."""
+        return b.shard(self.dp_rank, self.dp) if self.shard else (b.start, b.end)
 
     def param_pieces(self) -> list[tuple[torch.nn.Parameter, FlatBuffer, int, int]]:
         """(param, buffer, lo, hi): the part [lo, hi) of each parameter's buffer span this rank owns
         (absolute buffer offsets; parameters it owns nothing of are left out)."""
         out = []
         for b in self.buckets:
-            lo, hi = b.shard(self.dp_rank, self.dp) if self.shard else (b.start, b.end)
+            lo, hi = self._owned(b)
             for p in b.params:
                 start = b.buffer.offsets[id(p)]
                 a, z = max(lo, start), min(hi, start + p.numel())
@@ -194,8 +192,9 @@ class GradBuffers:
     @torch.no_grad()
     def scale_(self, factor: float) -> None:
         if factor != 1.0:
-            for buf, lo, hi in self.local_ranges():
-                buf.grads[lo:hi].mul_(factor)
+            for b in self.buckets:
+                lo, hi = self._owned(b)
+                b.buffer.grads[lo:hi].mul_(factor)
 
     # ------------------------------------------------------------------ parameters back to every rank
     def gather_params(self, async_op: bool = False) -> None:

@@ -19,12 +19,11 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from megatron.core import parallel_state as ps
 
 
 def _pipeline():
     """(pp size, this rank's pp rank, pp group, the group's global ranks by pp rank)."""
-    from megatron.core import parallel_state as ps
-
     if not dist.is_initialized() or not ps.model_parallel_is_initialized():
         return 1, 0, None, [0]
     pp = ps.get_pipeline_model_parallel_world_size()

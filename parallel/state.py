@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 
 def free_port() -> int:
@@ -45,8 +47,6 @@ def _pick_backend(backend: str) -> str:
 
 
 def init_parallel(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 30) -> ParallelDims:
-    from megatron.core import parallel_state as ps
-
     if tp > 1:
         _one_cuda_connection()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -94,8 +94,6 @@ def _one_cuda_connection() -> None:
     if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
         return
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        import warnings
-
         warnings.warn("tensor parallelism wants CUDA_DEVICE_MAX_CONNECTIONS=1 but CUDA is already initialised; "
                       "export it before launching (torchrun ... with CUDA_DEVICE_MAX_CONNECTIONS=1)", stacklevel=3)
         return
@@ -103,8 +101,6 @@ def _one_cuda_connection() -> None:
 
 
 def current_dims() -> ParallelDims:
-    from megatron.core import parallel_state as ps
-
     return ParallelDims(
         world=dist.get_world_size(),
         rank=dist.get_rank(),
@@ -119,8 +115,6 @@ def current_dims() -> ParallelDims:
 
 
 def shutdown_parallel() -> None:
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

@@ -12,7 +12,6 @@ from lingshu_fast.train.metrics import (
     SkipTracker,
     StepTimer,
     TrainingDiverged,
-    all_finite,
     mem_gb,
     mfu,
     peak_flops_per_s,
@@ -42,15 +41,13 @@ def test_mfu_and_cpu_peak():
         assert peak_flops_per_s() is None
 
 
-def test_step_timer_mem_and_finite():
+def test_step_timer_and_mem():
     """Pins: the timer reports seconds (not ms) and mem_gb reports GiB of this process's peak RSS
     on CPU (a Python + torch process holds well over 10 MiB and, here, under 24 GiB)."""
     with StepTimer("cpu") as t:
         time.sleep(0.05)
     assert 0.04 < t.elapsed_s < 2.0
     assert 0.01 < mem_gb("cpu") < 24
-    assert all_finite(1.0, torch.tensor([1.0, 2.0]), None)
-    assert not all_finite(1.0, float("nan")) and not all_finite(torch.tensor([1.0, float("inf")]))
 
 
 def test_skip_tracker_stops_after_consecutive_skips():

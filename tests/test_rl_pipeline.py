@@ -228,7 +228,7 @@ def test_pipeline_rl_refuses_sequences_longer_than_the_static_micro_batch():
                                    pp_rank=0, dp_rank=0)
     with pytest.raises(ConfigError, match=r"data.max_length=512 .* data.max_tokens_per_microbatch=256"):
         _check_layout(cfg, dims(2))
-    assert _check_layout(cfg, dims(1)) == 4
+    _check_layout(cfg, dims(1))  # the same settings without PP: no error
 
 
 def _loop_layout(dims, run_dir, data):

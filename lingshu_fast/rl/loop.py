@@ -62,11 +62,10 @@ from lingshu_fast.train.session import Evaluator, StageRun
 @dataclass
 class RLState(TrainState):
     ref_model: Any = None  # the frozen reference (rl.beta > 0), the same chunks as the policy
-    prompts_per_rank: int = 0
 
 
-def _check_layout(cfg: Config, dims: ParallelDims) -> int:
-    """Prompts per rank per rollout."""
+def _check_layout(cfg: Config, dims: ParallelDims) -> None:
+    """The stage-4 settings this layout cannot run, each a one-line ConfigError before any model loads."""
     rl = cfg.rl
     if dims.pp > 1 and cfg.data.max_length > cfg.data.max_tokens_per_microbatch:
         raise ConfigError(f"data.max_length={cfg.data.max_length} (prompt + response) exceeds "
@@ -85,12 +84,11 @@ def _check_layout(cfg: Config, dims: ParallelDims) -> int:
     if rl.temperature <= 0:
         raise ConfigError(f"rl.temperature must be > 0 for GRPO sampling, got {rl.temperature}")
     parse_reward_spec(rl.rewards)  # a typo fails before the models load
-    return rl.rollout_batch // dims.dp
 
 
 def build_rl_state(cfg: Config, dims: ParallelDims) -> RLState:
     """The policy's TrainState with the prompt stream as its loader, and the frozen reference model."""
-    per_rank = _check_layout(cfg, dims)
+    _check_layout(cfg, dims)
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more RL JSONL files (records with 'answer')")
     device, dtype, tokenizer, model_path = prepare_run(cfg, dims)
@@ -111,7 +109,7 @@ def build_rl_state(cfg: Config, dims: ParallelDims) -> RLState:
 
     return RLState(model=model, optimizer=optimizer, scheduler=scheduler, loader=prompts, runner=runner,
                    device=device, tokenizer=tokenizer, flops_of=flops_of, export=hf_exporter(model, tokenizer, dims),
-                   ref_model=ref_model, prompts_per_rank=per_rank)
+                   ref_model=ref_model)
 
 
 def _rollout_seed(seed: int, rollout: int, dp_rank: int) -> int:
@@ -160,7 +158,6 @@ def _rollout(run: StageRun, backend, rollout_index: int) -> tuple[list, dict, fl
     update. Returns (updates, rollout metrics, the log-prob passes' seconds per update)."""
     cfg, state, rl = run.cfg, run.state, run.cfg.rl
     indices = state.loader.next_indices(rl.rollout_batch)
-    assert len(indices) == state.prompts_per_rank
     ro = collect_rollout(state.model, state.loader, indices, rl, state.tokenizer,
                          seed=_rollout_seed(cfg.run.seed, rollout_index, run.dims.dp_rank), backend=backend)
     model = state.model

@@ -44,6 +44,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from lingshu_fast.config import ROLLOUT_CPU_GB, ROLLOUT_FREE_FRACTION
 from lingshu_fast.data import images as img
@@ -57,8 +59,8 @@ logger = logging.getLogger(__name__)
 
 
 class _View:
-    """`dataset.samples[i]` / `.ids[i]` / `.grids[i]`: prompt i's record, token ids or image grids,
-    read from its data file when asked (the dataset holds only the index)."""
+    """`dataset.samples[i]` / `.ids[i]`: prompt i's record or token ids, read from its data file when
+    asked (the dataset holds only the index)."""
 
     def __init__(self, dataset: "PromptDataset", what: str):
         self._dataset, self._what = dataset, what
@@ -91,7 +93,7 @@ class PromptDataset:
                             f"problem)")
         self.skips.log_summary(f"{len(lengths)} usable RL prompts")
         self._lengths = lengths
-        self.samples, self.ids, self.grids = _View(self, "sample"), _View(self, "prompt_ids"), _View(self, "grid")
+        self.samples, self.ids = _View(self, "sample"), _View(self, "prompt_ids")
         self.fingerprint = zlib.crc32(lengths.tobytes()) ^ len(lengths)
         self.position = 0  # global position in the prompt stream
         self.bad: set[int] = set()  # prompts whose images failed to decode in a rollout (any DP rank)
@@ -143,7 +145,7 @@ class PromptDataset:
         next readable prompt of the data set (in data-set order) stands in (see the module docstring)."""
         out = []
         for index in indices:
-            for candidate in (int(index + k) % len(self.samples) for k in range(len(self.samples))):
+            for candidate in (int(index + k) % len(self) for k in range(len(self))):
                 if candidate in self.bad:
                     continue
                 try:
@@ -285,14 +287,14 @@ def collect_rollout(model, dataset: PromptDataset, indices: Sequence[int], rl_cf
     indices = _model_parallel_first([i for i, _ in usable])
     prompts = [p for _, p in usable] if indices == [i for i, _ in usable] else [dataset.prompt(i) for i in indices]
     g = rl_cfg.num_generations
+    start = time.perf_counter()
     if backend is None:
-        outputs, generate_s = _generate_native(model, prompts, rl_cfg, ids, seed)
+        outputs = _generate_native(model, prompts, rl_cfg, ids, seed)
     else:
-        start = time.perf_counter()
         outputs = backend.generate_rollout(dataset, indices, rl_cfg, stop_token_ids=[ids["im_end_id"]])
-        generate_s = time.perf_counter() - start
         if len(outputs) != len(prompts) * g:
             raise RuntimeError(f"rollout backend returned {len(outputs)} responses for {len(prompts)} prompts x {g}")
+    generate_s = time.perf_counter() - start
     vision_ids = {ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     responses, finished, texts = [], [], []
     for out in outputs:
@@ -316,13 +318,7 @@ def _model_parallel_first(value):
     scores the (identical) responses itself, but a verifier call that hits its time limit on one
     rank only would give the ranks different rewards: different advantages and, with equal-group
     filtering, different micro-batches, i.e. mismatched TP collectives and pipeline schedules."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return value
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
+    if not (dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()):
         return value
     group = ps.get_model_parallel_group()
     if dist.get_world_size(group) == 1:
@@ -334,20 +330,14 @@ def _model_parallel_first(value):
 
 def _data_parallel_union(bad: set[int]) -> set[int]:
     """The unreadable prompts any rank of this rank's data-parallel group has met."""
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         return bad
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
         return bad
     group = ps.get_data_parallel_group()
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, sorted(bad), group=group)
     return {int(i) for part in gathered for i in part}
-
-
 
 
 def rollout_budget_bytes(rl_cfg, device: torch.device) -> int:
@@ -359,30 +349,24 @@ def rollout_budget_bytes(rl_cfg, device: torch.device) -> int:
     if device.type != "cuda":
         return int(ROLLOUT_CPU_GB * 2**30)
     free = torch.tensor([float(torch.cuda.mem_get_info(device)[0]) * ROLLOUT_FREE_FRACTION], device=device)
-    import torch.distributed as dist
-
     if dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=ps.get_model_parallel_group())
     return int(free.item())
 
 
-def _generate_native(model, prompts: list[Prompt], rl_cfg, ids: dict, seed: Optional[int]):
-    """(outputs, seconds): our generator, `repeats=G` (each prompt's images encoded once for its group)."""
+def _generate_native(model, prompts: list[Prompt], rl_cfg, ids: dict, seed: Optional[int]) -> list:
+    """Our generator's outputs, `repeats=G` (each prompt's images encoded once for its group),
+    synchronised so that the caller's clock counts the queued kernels."""
     from lingshu_fast.model.generate import generate
 
     device = next(model.parameters()).device
-    g = rl_cfg.num_generations
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
     outputs = generate(model, prompts, max_new_tokens=rl_cfg.max_new_tokens, temperature=rl_cfg.temperature,
                        top_p=rl_cfg.top_p, stop_token_ids=[ids["im_end_id"]], seed=seed,
-                       pad_token_id=ids["pad_token_id"], repeats=g,
+                       pad_token_id=ids["pad_token_id"], repeats=rl_cfg.num_generations,
                        memory_budget_bytes=rollout_budget_bytes(rl_cfg, device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    generate_s = time.perf_counter() - start
     model.train(was_training)
-    return outputs, generate_s
+    return outputs

@@ -30,10 +30,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from lingshu_fast.data.batch import IGNORE_INDEX, MicroBatch
 from lingshu_fast.data.prompt import Prompt
 from lingshu_fast.kernels import fused_linear_grpo_loss, token_logprobs
+from lingshu_fast.parallel.relay import relay
 
 
 @dataclass
@@ -158,8 +160,6 @@ def forward_hidden(model: torch.nn.Module, rmb: RLMicroBatch, hidden_in: Optiona
 
 
 def _tp(tp_group):
-    import torch.distributed as dist
-
     return tp_group if tp_group is not None and dist.is_initialized() and dist.get_world_size(tp_group) > 1 else None
 
 
@@ -172,8 +172,6 @@ def sequence_logprobs(model: torch.nn.Module, rmb: RLMicroBatch, *, temperature:
     Under pipeline parallelism `model` is this rank's chunk(s): the pass runs stage by stage
     (`relay`), and the log-probs come back on the rank holding the last stage only (None on the
     others), the one place the loss reads them."""
-    from lingshu_fast.parallel.relay import relay
-
     labels = torch.where(rmb.loss_mask, rmb.mb.labels, torch.full_like(rmb.mb.labels, IGNORE_INDEX))
 
     def run_chunk(chunk, hidden_in):

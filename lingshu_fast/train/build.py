@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
 
 from lingshu_fast.config import Config, ConfigError
 from lingshu_fast.data.loader import PackedLoader, resolve_max_steps
@@ -71,7 +72,7 @@ def resolve_model_path(cfg: Config, tokenizer) -> str:
                               f"(no config.json); point it at a previous stage's run.dir/hf")
         return str(path)
     if cfg.model.path == "tiny":
-            return str(ensure_tiny_model(Path(cfg.run.dir) / "tiny_init", tokenizer, seed=cfg.run.seed))
+        return str(ensure_tiny_model(Path(cfg.run.dir) / "tiny_init", tokenizer, seed=cfg.run.seed))
     if not (Path(cfg.model.path) / "config.json").exists():
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face Qwen2.5-VL folder (no config.json)")
     return cfg.model.path
@@ -119,8 +120,6 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
                     device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
     """(model, optimizer, LR schedule) of every stage: the rank's model with `model.freeze` applied,
     AdamW over its parameter groups (ZeRO-1 over DP when asked), and the warmup/decay schedule."""
-    from megatron.core import parallel_state as ps
-
     model = build_rank_model(cfg, dims, model_path, dtype=dtype, device=device)
     set_trainable(model, cfg.model.freeze)
     groups = param_groups(model)
@@ -132,6 +131,15 @@ def build_trainable(cfg: Config, dims: ParallelDims, model_path: str, *, dtype: 
     return model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
 
+def microbatches_per_rank(cfg: Config, dims: ParallelDims) -> int:
+    """Packed micro-batches each data-parallel rank takes per step (train.global_microbatches / DP)."""
+    g = cfg.train.global_microbatches
+    if g % dims.dp:
+        raise ConfigError(f"train.global_microbatches={g} is not divisible by the data-parallel size {dims.dp} "
+                          f"(world {dims.world} / (tp {dims.tp} * pp {dims.pp})); pick a multiple of {dims.dp}")
+    return g // dims.dp
+
+
 def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more JSONL files (data.train=[a.jsonl,b.jsonl])")
@@ -139,7 +147,7 @@ def build_state(cfg: Config, dims: ParallelDims) -> TrainState:
     loader = PackedLoader(cfg.data.train, tokenizer, cfg.data, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           seed=cfg.run.seed, epochs=cfg.train.epochs, device=device)
     # before the LR schedule is built: null (or more than the data holds) -> the steps of train.epochs
-    per_step = cfg.train.global_microbatches // dims.dp
+    per_step = microbatches_per_rank(cfg, dims)
     enough = None if cfg.train.max_steps is None else cfg.train.max_steps * per_step
     cfg.train.max_steps = resolve_max_steps(cfg.train.max_steps, loader.total_microbatches(enough) // per_step,
                                             epochs=cfg.train.epochs)

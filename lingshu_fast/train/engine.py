@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from lingshu_fast.parallel.state import ParallelDims
 from lingshu_fast.train.metrics import SkipTracker
@@ -53,7 +54,7 @@ class StepEngine:
                  skips: SkipTracker):
         self.model, self.optimizer, self.scheduler, self.runner = model, optimizer, scheduler, runner
         self.dims, self.grad_clip, self.skips = dims, float(grad_clip), skips
-        self.dp_group = _dp_group(dims)
+        self.dp_group = ps.get_data_parallel_group() if dims.dp > 1 else None
         self.host_syncs = 0  # device -> host copies the engine made (one per step)
 
     def step(self, micro_batches: Sequence, first_forward: Callable, loss_of: Callable, *, count: float,
@@ -105,14 +106,6 @@ class StepEngine:
         self.host_syncs += 1
         keys = ["count", *host, *totals.keys, "norm_sq"]
         return dict(zip(keys, values))
-
-
-def _dp_group(dims: ParallelDims):
-    if dims.dp == 1:
-        return None
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_group()
 
 
 def _collective_device(device: torch.device) -> torch.device:

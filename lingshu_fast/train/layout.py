@@ -9,6 +9,8 @@ layers are split into pp*V stages and rank r holds the V chunks s = c*pp + r (`m
 """
 from __future__ import annotations
 
+from megatron.core import parallel_state as ps
+
 from lingshu_fast.config import Config, ConfigError
 from lingshu_fast.model.flops import pipeline_layer_split
 from lingshu_fast.parallel.relay import model_chunks
@@ -66,8 +68,6 @@ def mark_tied_copies(model, dims: ParallelDims) -> None:
     buffers sum their gradients over it before the DP reduction and both take the same update; the
     last stage's copy is marked `shared` so the gradient norm counts it once. Call before the
     optimizer (its buffers place tied parameters apart)."""
-    from megatron.core import parallel_state as ps
-
     if dims.pp == 1 or not model.config.tie_word_embeddings or not ps.is_rank_in_embedding_group():
         return
     chunks = model_chunks(model)

@@ -11,20 +11,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from lingshu_fast.config import Config, ConfigError
+from lingshu_fast.config import Config
 from lingshu_fast.data.formats import DataError
 from lingshu_fast.parallel.state import ParallelDims
-from lingshu_fast.train.build import build_state
+from lingshu_fast.train.build import build_state, microbatches_per_rank
 from lingshu_fast.train.session import Evaluator, StageRun
 from lingshu_fast.train.step import LossOptions, sft_closures
-
-
-def microbatches_per_rank(cfg: Config, dims: ParallelDims) -> int:
-    g = cfg.train.global_microbatches
-    if g % dims.dp:
-        raise ConfigError(f"train.global_microbatches={g} is not divisible by the data-parallel size {dims.dp} "
-                          f"(world {dims.world} / (tp {dims.tp} * pp {dims.pp})); pick a multiple of {dims.dp}")
-    return g // dims.dp
 
 
 def train(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optional[Evaluator] = None) -> dict:

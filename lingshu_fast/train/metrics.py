@@ -120,19 +120,6 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
-def all_finite(*values: float | torch.Tensor | None) -> bool:
-    """True when every given number (or tensor) is finite; None is ignored."""
-    for v in values:
-        if v is None:
-            continue
-        if isinstance(v, torch.Tensor):
-            if not bool(torch.isfinite(v).all()):
-                return False
-        elif not math.isfinite(float(v)):
-            return False
-    return True
-
-
 class SkipTracker:
     """Counts skipped (non-finite) steps; raises TrainingDiverged after `max_consecutive` in a row."""
 

@@ -103,6 +103,8 @@ class MainParamAdamW(torch.optim.AdamW):
                 main.grad = buf.grads[lo:hi]  # a view: the reduced main gradient, no copy
             self.pieces.append((p, buf, lo, hi, main))
             by_group[group_of[id(p)]].append(main)
+        # separate fp32 masters (what a checkpoint saves as "master") unless the parameters are fp32 themselves
+        self.has_masters = any(buf.params.dtype != torch.float32 for _, buf, *_ in self.pieces)
         super().__init__([{**g, "params": ps} for g, ps in zip(groups, by_group)], **kwargs)
         self.updates = 0  # optimizer steps taken (Adam's step count, the same for every tensor)
         self._prehooks = buffers.wait_before_forward(model) if overlap_param_gather and model is not None else []

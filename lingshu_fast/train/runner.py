@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state as ps
 
 from lingshu_fast.parallel.pipeline import PipelineSchedules, microbatch_count
 from lingshu_fast.parallel.relay import model_chunks
@@ -96,8 +97,6 @@ class PipelineRunner:
     (the caller fills the difference with empty micro-batches)."""
 
     def __init__(self, model, dims: ParallelDims, *, schedule: str, tokens: int, per_rank: Optional[int] = None):
-        from megatron.core import parallel_state as ps
-
         chunks = model_chunks(model)
         self.model, self.dims, self.tokens = model, dims, tokens
         self.slots = tokens // SEGMENT_SLOTS_PER_TOKENS + 2
@@ -158,8 +157,6 @@ class PipelineRunner:
 
 def build_runner(model, dims: ParallelDims, *, schedule: str, tokens: int, per_rank: Optional[int] = None):
     """The runner of this layout: a `PipelineRunner` under pipeline parallelism, else a `LocalRunner`."""
-    from megatron.core import parallel_state as ps
-
     if dims.pp > 1:
         return PipelineRunner(model, dims, schedule=schedule, tokens=tokens, per_rank=per_rank)
     return LocalRunner(model, ps.get_tensor_model_parallel_group())

@@ -40,8 +40,7 @@ def start_run_dir(cfg: Config, dims: ParallelDims) -> Path:
     return run_dir
 
 
-def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker,
-               collapse: Optional[CollapseWatch] = None) -> int:
+def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker, collapse: CollapseWatch) -> int:
     """The step to continue after: that of the newest complete checkpoint in run.dir (0: none).
 
     The checkpoint may come from any (TP, PP, DP) layout: the tensors are read by name and sliced
@@ -63,8 +62,7 @@ def resume_run(state, cfg: Config, dims: ParallelDims, skips: SkipTracker,
     state.loader.load_state_dict(own["loader"])
     ckpt.restore_rng_state(own["rng"])
     skips.load_state_dict(run_state["skips"])
-    if collapse is not None:
-        collapse.load_state_dict(run_state.get("collapse", {}))
+    collapse.load_state_dict(run_state.get("collapse", {}))
     step = int(run_state["step"])
     if dims.rank == 0:
         moved = "" if same_layout else f" (saved under {saved['layout']}, resharded)"
@@ -79,17 +77,12 @@ def resume_schedule(scheduler, last_epoch: int) -> None:
         group["lr"] = base * fn(last_epoch)
 
 
-def _vocab_size(hf_config) -> Optional[int]:
-    text = getattr(hf_config, "text_config", None)
-    return getattr(text, "vocab_size", None) or getattr(hf_config, "vocab_size", None)
-
-
 def _layout(dims: ParallelDims) -> dict:
     return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}
 
 
 def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTracker,
-             collapse: Optional[CollapseWatch] = None) -> ckpt.SaveJob:
+             collapse: CollapseWatch) -> ckpt.SaveJob:
     """Checkpoint `step` gathered into host memory (collective); the files are written by the writer."""
     tensors = collect_state(state.model, state.optimizer, stage_rank=dims.tp_rank * dims.dp + dims.dp_rank,
                             stage_size=dims.tp * dims.dp)
@@ -98,7 +91,7 @@ def save_job(state, cfg: Config, dims: ParallelDims, step: int, skips: SkipTrack
     if dims.rank == 0:
         global_state = {"step": step, "stage": cfg.train.stage, "updates": state.optimizer.updates,
                         "sched": {"last_epoch": state.scheduler.last_epoch}, "skips": skips.state_dict(),
-                        "collapse": collapse.state_dict() if collapse is not None else {}, **rank_state}
+                        "collapse": collapse.state_dict(), **rank_state}
     nbytes = sum(t.numel() * t.element_size() for named in tensors.values() for t in named.values())
     return ckpt.SaveJob(step=step, write_tensors=lambda folder: write_tensors(tensors, folder, dims.rank),
                         global_state=global_state, rank_state=rank_state, layout=_layout(dims), tensor_bytes=nbytes)
@@ -116,7 +109,7 @@ class StageRun:
         self.state = state = build(cfg, dims)
         self.skips = SkipTracker(cfg.train.max_consecutive_skips)
         # ln(V) is the uniform cross-entropy: stages 1-3 only (a GRPO loss has no such level)
-        self.collapse = CollapseWatch(_vocab_size(state.model.config) if cfg.train.stage <= 3 else None,
+        self.collapse = CollapseWatch(state.model.config.text_config.vocab_size if cfg.train.stage <= 3 else None,
                                       rank=dims.rank)
         self.start = self.step = resume_run(state, cfg, dims, self.skips, self.collapse)
         self.engine = StepEngine(state.model, state.optimizer, state.scheduler, state.runner, dims,

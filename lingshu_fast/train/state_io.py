@@ -41,10 +41,6 @@ def _named_specs(model, specs_of: Callable) -> Iterator[tuple[str, torch.nn.Para
             yield name, params[name], spec
 
 
-def _has_masters(optimizer) -> bool:
-    return any(main.data_ptr() != buf.params[lo:hi].data_ptr() for _, buf, lo, hi, main in optimizer.pieces)
-
-
 def _bucket_state(optimizer, kind: str) -> Iterator[dict[int, torch.Tensor]]:
     """Per grad bucket: {id(param): its whole local (TP-shard) tensor of `kind`}, all-gathered over DP."""
     buffers = optimizer.buffers
@@ -83,7 +79,7 @@ def collect_state(model, optimizer, *, stage_rank: int, stage_size: int) -> dict
     for _, p, spec in _named_specs(model, saved_specs):
         keep("model", p.detach(), spec)
     specs = {id(p): spec for _, p, spec in _named_specs(model, param_specs)}
-    kinds = (["master"] if _has_masters(optimizer) else []) + (list(MOMENTS) if optimizer.updates else [])
+    kinds = (["master"] if optimizer.has_masters else []) + (list(MOMENTS) if optimizer.updates else [])
     for kind in kinds:
         for per_param in _bucket_state(optimizer, kind):
             for pid, local in per_param.items():
