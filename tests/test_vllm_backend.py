@@ -268,7 +268,7 @@ def test_rollout_through_backend_and_weight_push(tmp_path):
             from PIL import Image
 
             size = Image.open(io.BytesIO(base64.b64decode(images[0]["image_url"]["url"].split(",", 1)[1]))).size
-            _, h, w = dataset.grids[i][0].tolist()
+            _, h, w = dataset.grid(i)[0].tolist()
             assert size == (w * 14, h * 14)
 
         with torch.no_grad():
