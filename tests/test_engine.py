@@ -55,10 +55,11 @@ def test_loss_curve_is_layout_independent(tmp_path, demo_data):
     of gradients (1e-5); TP and PP also split matmuls and move tensors between processes (1e-4)."""
     data = demo_data["instruct"]
     curves = {}
-    # (tp, pp, world, sequence parallel, distributed optimizer)
-    layouts = [(1, 1, 1, False, False), (2, 1, 2, False, True), (1, 2, 2, False, True), (1, 1, 2, False, False),
-               (1, 1, 2, False, True), (1, 1, 4, False, True), (2, 1, 2, True, True), (2, 1, 4, False, True),
-               (1, 2, 4, False, True)]
+    # (tp, pp, world, sequence parallel, distributed optimizer). TP alone and PP alone are inside the
+    # TP2 x DP2 and PP2 x DP2 layouts (and tests/test_model_tp.py, test_interleaved_pipeline_...), DP=2
+    # with the distributed optimizer inside DP=4's (uneven shard boundaries): kept out for the suite's time
+    layouts = [(1, 1, 1, False, False), (1, 1, 2, False, False), (1, 1, 4, False, True), (2, 1, 2, True, True),
+               (2, 1, 4, False, True), (1, 2, 4, False, True)]
     for tp, pp, world, sp, distributed in layouts:
         run_dir = tmp_path / f"tp{tp}_pp{pp}_w{world}_sp{int(sp)}_d{int(distributed)}"
         curves[(tp, pp, world, sp, distributed)] = spawn(_train_layout, world, str(run_dir), str(data), sp,
