@@ -29,7 +29,7 @@ import triton.language as tl
 
 from lingshu_fast.kernels._aot import AotSpec
 from lingshu_fast.kernels._dispatch import use_triton
-from lingshu_fast.kernels.vision_geometry import FACTOR, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+from lingshu_fast.kernels.vision_geometry import FACTOR, MERGE_SIZE, MERGE_UNIT, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
 CHANNELS = 3
 PATCH_AREA = PATCH_SIZE * PATCH_SIZE  # 196
@@ -137,7 +137,7 @@ def window_index(
 def _window_rows(grid_thw: torch.Tensor, window_size_px: int) -> torch.Tensor:
     """Output row r in window order <- natural row index[r // 4] * 4 + r % 4."""
     index, _ = window_index(grid_thw, window_size_px)
-    unit = MERGE_SIZE * MERGE_SIZE
+    unit = MERGE_UNIT
     return (index[:, None] * unit + torch.arange(unit)).reshape(-1)
 
 

@@ -1,9 +1,18 @@
 """Shared test set-up. TRITON_INTERPRET must be set before triton is first imported, so that the
 Triton kernels can run on CPU tensors when a test selects LINGSHU_KERNELS=triton."""
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# pytest's importlib mode keeps folders off sys.path; two are wanted: tests/ for the shared input
+# builders (tests/*_cases.py, not collected) and bench/ for the benchmark modules tests pin
+# (record.py, plot.py, gpu_run.py, roofline.py; plot imports record as a sibling)
+for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "bench"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 import pytest  # noqa: E402

@@ -6,30 +6,19 @@ real pytest process (a fast benchmark, then one that sleeps past the budget) und
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import textwrap
 from pathlib import Path
 
+import gpu_run
 import pytest
+import record
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ROOT = BENCH.parent
 
 
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_run = _load("gpu_run")
-record = _load("record")
 
 
 def test_plan_is_ordered_by_value_and_quick_fits_its_budget():

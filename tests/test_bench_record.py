@@ -6,23 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+import plot
 import pytest
+import record
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _load(name: str):
-    if str(BENCH) not in sys.path:  # plot.py imports record as a sibling module
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-record = _load("record")
-plot = _load("plot")
 
 
 def fake_run(commit: str, date: str, device: str = "Fake CPU 9000", kind: str = "cpu", tokens_per_s: float = 1000.0,

@@ -129,36 +129,33 @@ def test_api_key_only_from_the_named_variable(serve, monkeypatch):
         load_config("tiny-base", ["eval.judge_url=file:///etc/passwd"])
 
 
-def test_medevalkit_judge_decides_open_questions(serve):
-    url = serve(_Judge)
-    judge = Judge(url=url)
+def _judge_replying(serve, monkeypatch, reply) -> Judge:
+    """A judge client on a fresh fake server answering `reply(prompt)` (restored after the test)."""
+    monkeypatch.setattr(_Judge, "reply", reply)
     _Judge.seen.clear()
-    _Judge.reply = lambda prompt: "<judge>0</judge>" if "hepatic organ" in prompt else "<judge>1</judge>"
-    try:
-        assert score_item("Hepatic organ", OPEN, judge=judge) == (True, "hepatic organ")
-        assert score_item("liver", OPEN, judge=judge)[0] is False   # the judge, not exact match, decides
-        assert score_item("no", YESNO, judge=judge)[0] is True      # yes/no: rules only, no request
-        prompt = _Judge.seen[0][2]["messages"][0]["content"]
-        assert "The standard answer: liver" in prompt and "The user's answer: hepatic organ" in prompt
-        assert len(_Judge.seen) == 2 and _Judge.seen[0][2]["temperature"] == 0
-        assert score_item("broken", OPEN, judge=judge)[0] is False   # HTTP 500: exact-match verdict kept
-        _Judge.reply = "0"                                           # no <judge> span: the whole reply
-        assert score_item("hepar", OPEN, judge=judge)[0] is True
-    finally:
-        _Judge.reply = "<think>same</think><judge>0</judge>"
+    return Judge(url=serve(_Judge))
 
 
-def test_lenient_judge_only_after_exact_match_fails(serve):
-    url = serve(_Judge)
-    judge = Judge(url=url)
-    _Judge.seen.clear()
-    _Judge.reply = lambda prompt: "Correct." if "Candidate answer: hepatic organ" in prompt else "incorrect"
-    try:
-        assert score_item("The Liver.", OPEN, scoring="lenient", judge=judge) == (True, "The Liver.")
-        assert _Judge.seen == []
-        assert score_item("hepatic organ", OPEN, scoring="lenient", judge=judge) == (True, "hepatic organ")
-        assert score_item("spleen", OPEN, scoring="lenient", judge=judge) == (False, "spleen")
-        assert score_item("broken", OPEN, scoring="lenient", judge=judge) == (False, "broken")
-        assert len(_Judge.seen) == 3
-    finally:
-        _Judge.reply = "<think>same</think><judge>0</judge>"
+def test_medevalkit_judge_decides_open_questions(serve, monkeypatch):
+    judge = _judge_replying(serve, monkeypatch,
+                            lambda prompt: "<judge>0</judge>" if "hepatic organ" in prompt else "<judge>1</judge>")
+    assert score_item("Hepatic organ", OPEN, judge=judge) == (True, "hepatic organ")
+    assert score_item("liver", OPEN, judge=judge)[0] is False   # the judge, not exact match, decides
+    assert score_item("no", YESNO, judge=judge)[0] is True      # yes/no: rules only, no request
+    prompt = _Judge.seen[0][2]["messages"][0]["content"]
+    assert "The standard answer: liver" in prompt and "The user's answer: hepatic organ" in prompt
+    assert len(_Judge.seen) == 2 and _Judge.seen[0][2]["temperature"] == 0
+    assert score_item("broken", OPEN, judge=judge)[0] is False   # HTTP 500: exact-match verdict kept
+    monkeypatch.setattr(_Judge, "reply", "0")                     # no <judge> span: the whole reply
+    assert score_item("hepar", OPEN, judge=judge)[0] is True
+
+
+def test_lenient_judge_only_after_exact_match_fails(serve, monkeypatch):
+    judge = _judge_replying(serve, monkeypatch,
+                            lambda prompt: "Correct." if "Candidate answer: hepatic organ" in prompt else "incorrect")
+    assert score_item("The Liver.", OPEN, scoring="lenient", judge=judge) == (True, "The Liver.")
+    assert _Judge.seen == []
+    assert score_item("hepatic organ", OPEN, scoring="lenient", judge=judge) == (True, "hepatic organ")
+    assert score_item("spleen", OPEN, scoring="lenient", judge=judge) == (False, "spleen")
+    assert score_item("broken", OPEN, scoring="lenient", judge=judge) == (False, "broken")
+    assert len(_Judge.seen) == 3

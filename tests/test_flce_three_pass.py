@@ -12,21 +12,13 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from flce_cases import flce_inputs, peaky_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 flce_mod = importlib.import_module("lingshu_fast.kernels.fused_linear_cross_entropy")
 tk = importlib.import_module("lingshu_fast.kernels._flce_triton")
-
-
-def _inputs(n, h, v, dtype=torch.float32, ignored=(), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) * (1.5 / h**0.5)
-    labels = torch.randint(0, v, (n,), generator=gen)
-    labels[list(ignored)] = -100
-    return hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels
 
 
 def _run(hidden, weight, labels, reduction, grad_out, **kw):
@@ -65,7 +57,7 @@ def test_fp32_three_pass_matches_reference(monkeypatch, spy, reduction, case):
     grad_weight accumulated across stripes, grad_hidden written per stripe, ignored rows, and the
     backward's scaling by an upstream gradient != 1 (a backward that ignores it is off by 2.5x)."""
     n, h, v, ignored = case
-    hidden, weight, labels = _inputs(n, h, v, ignored=ignored)
+    hidden, weight, labels = flce_inputs(n, h, v, ignored=ignored)
     g = torch.tensor(2.5)
     kw = dict(z_loss_weight=1e-2, label_smoothing=0.1)
     want = _reference(monkeypatch, hidden, weight, labels, reduction, g, **kw)
@@ -82,7 +74,7 @@ def test_bf16_three_pass_meets_cce_bar(monkeypatch, spy, path):
     bf16 and grad_weight is added into bf16 once per row stripe (two stripes here), which must still meet
     the bar the 4-pass path meets."""
     monkeypatch.setenv("LINGSHU_KERNELS", path)
-    hidden, weight, labels = _inputs(48, 64, 300, dtype=torch.bfloat16, ignored=(1, 7))
+    hidden, weight, labels = flce_inputs(48, 64, 300, dtype=torch.bfloat16, ignored=(1, 7))
     got = _run(hidden, weight, labels, "sum", torch.tensor(1.0))
     assert spy[path] == 1 and got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
     h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
@@ -96,23 +88,13 @@ def test_bf16_three_pass_meets_cce_bar(monkeypatch, spy, path):
         assert err <= bar, (err, bar)
 
 
-def _peaky_inputs(dtype):
-    """As test_fused_linear_cross_entropy._peaky_inputs: the tiles of the last 104 ids hold probabilities
-    near e**-16, far below 2**-12, and are filtered; 40 rows cross a row stripe."""
-    hidden, weight, labels = _inputs(40, 32, 200, ignored=(5,), seed=7)
-    weight = weight.detach() * 4
-    weight[96:] *= 0.02
-    labels = torch.where(labels >= 0, labels % 96, labels)
-    return hidden.detach().to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_filtered_three_pass_equals_reference_with_the_same_filter(monkeypatch, spy, dtype):
     """Filtering in the 3-pass path judges the same tiles with the same rule (before the 1/n of 'mean') as
     the 4-pass reference; tiles not kept must leave grad_weight rows untouched across stripes. Checks that
     some tile really was dropped. bf16 tolerance: one bf16 ulp of the largest entry (the kernel rounds
     dlogits and the per-stripe grad_weight sums to bf16, the fp32 reference does not)."""
-    hidden, weight, labels = _peaky_inputs(dtype)
+    hidden, weight, labels = peaky_inputs(dtype)
     eps = flce_mod.FILTER_EPS_BF16
     g = torch.tensor(0.5)
     reference = _reference(monkeypatch, hidden, weight, labels, "mean", g, filter_eps=eps)
@@ -149,7 +131,7 @@ def test_frozen_head_three_pass_allocates_no_weight_grad(monkeypatch, spy, path)
     """A frozen head on the scalar path: no [V, H] tensor may be created in forward (where the gradients
     are now computed) or backward, and grad_hidden equals the trainable-head run bit for bit."""
     monkeypatch.setenv("LINGSHU_KERNELS", path)
-    hidden, weight, labels = _inputs(40, 24, 70, ignored=(4,))
+    hidden, weight, labels = flce_inputs(40, 24, 70, ignored=(4,))
     g = torch.tensor(1.5)
     want_gh = _run(hidden, weight, labels, "mean", g)[1]
     frozen = weight.detach()
@@ -167,7 +149,7 @@ def test_three_pass_is_bit_stable_across_runs_and_launch_orders(monkeypatch, spy
     fixed order, so the gradients are bit-identical run to run and for any grouping (1 = row-major,
     3 = ragged super-tiles). bf16 inputs, 3 row stripes."""
     monkeypatch.setenv("LINGSHU_KERNELS", "triton")
-    hidden, weight, labels = _inputs(70, 24, 100, dtype=torch.bfloat16, ignored=(3,))
+    hidden, weight, labels = flce_inputs(70, 24, 100, dtype=torch.bfloat16, ignored=(3,))
     runs = []
     for group in (2, 2, 1, 3):
         monkeypatch.setattr(tk, "INTERPRET_BWD", dataclasses.replace(tk.INTERPRET_BWD, group=group))
@@ -185,7 +167,7 @@ def test_three_pass_matches_liger_flce(monkeypatch, spy, reduction):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     monkeypatch.setenv("LINGSHU_KERNELS", "triton")
-    hidden, weight, labels = _inputs(37, 45, 150, ignored=(2, 30))
+    hidden, weight, labels = flce_inputs(37, 45, 150, ignored=(2, 30))
     g = torch.tensor(2.5)
     got = _run(hidden, weight, labels, reduction, g)
     assert spy["triton"] == 1
@@ -201,7 +183,7 @@ def test_dispatch_picks_three_pass_only_for_a_scalar_loss_with_grads(monkeypatch
     the 4-pass path; a second backward through the scalar loss is refused (its gradients were scaled in
     place) instead of returning gradients scaled twice."""
     monkeypatch.setenv("LINGSHU_KERNELS", "torch")
-    hidden, weight, labels = _inputs(9, 16, 40)
+    hidden, weight, labels = flce_inputs(9, 16, 40)
     fused_linear_cross_entropy(hidden, weight, labels, reduction="none").sum().backward()
     with torch.no_grad():
         fused_linear_cross_entropy(hidden, weight, labels, reduction="mean")

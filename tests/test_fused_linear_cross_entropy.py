@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from flce_cases import flce_inputs, peaky_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -22,15 +23,6 @@ PATHS = ("torch", "triton")
 # By module path: kernels/__init__ re-exports a function of the same name as this module.
 flce_mod = importlib.import_module("lingshu_fast.kernels.fused_linear_cross_entropy")
 tk = importlib.import_module("lingshu_fast.kernels._flce_triton")
-
-
-def _inputs(n, h, v, dtype=torch.float32, ignored=(), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) * (1.5 / h**0.5)  # logits of std ~1.5, peaky softmax
-    labels = torch.randint(0, v, (n,), generator=gen)
-    labels[list(ignored)] = -100
-    return hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels
 
 
 def _truth(hidden, weight, labels, reduction, grad_out, z_loss_weight=0.0, label_smoothing=0.0):
@@ -79,7 +71,7 @@ def test_fp32_matches_full_logits_torch(monkeypatch, path, reduction, case):
     (reduction='none' with a random grad_out catches a backward that assumes a uniform gradient)."""
     monkeypatch.setenv("LINGSHU_KERNELS", path)
     n, h, v, ignored = case
-    hidden, weight, labels = _inputs(n, h, v, ignored=ignored)
+    hidden, weight, labels = flce_inputs(n, h, v, ignored=ignored)
     g = _grad_out(n, reduction)
     got = _ours(hidden, weight, labels, reduction, g)
     want = _truth(hidden, weight, labels, reduction, g)
@@ -94,7 +86,7 @@ def test_fp32_matches_liger_flce(monkeypatch, path, reduction):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     monkeypatch.setenv("LINGSHU_KERNELS", path)
-    hidden, weight, labels = _inputs(37, 45, 150, ignored=(2, 30))
+    hidden, weight, labels = flce_inputs(37, 45, 150, ignored=(2, 30))
     g = torch.tensor(1.0)
     got = _ours(hidden, weight, labels, reduction, g)
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
@@ -108,7 +100,7 @@ def test_fp32_matches_liger_flce(monkeypatch, path, reduction):
 def test_all_ignored_gives_zero_loss_and_zero_grads(monkeypatch, path):
     """'mean' over zero valid labels must be 0 (not 0/0 = NaN), and so must every gradient."""
     monkeypatch.setenv("LINGSHU_KERNELS", path)
-    hidden, weight, labels = _inputs(9, 20, 50, ignored=range(9))
+    hidden, weight, labels = flce_inputs(9, 20, 50, ignored=range(9))
     for reduction in ("mean", "sum", "none"):
         loss, gh, gw = _ours(hidden, weight, labels, reduction, _grad_out(9, reduction))
         assert torch.all(loss == 0) and torch.all(gh == 0) and torch.all(gw == 0)
@@ -119,7 +111,7 @@ def test_z_loss_and_label_smoothing(monkeypatch, path):
     """Smoothing as torch defines it (eps spread over all V classes) plus the PaLM z-loss z*lse^2:
     the extra dlogits terms (-eps/V, 2 z lse p) are easy to get wrong on masked columns."""
     monkeypatch.setenv("LINGSHU_KERNELS", path)
-    hidden, weight, labels = _inputs(21, 40, 100, ignored=(4,))
+    hidden, weight, labels = flce_inputs(21, 40, 100, ignored=(4,))
     g = _grad_out(21, "none")
     kw = dict(z_loss_weight=1e-2, label_smoothing=0.1)
     got = _ours(hidden, weight, labels, "none", g, **kw)
@@ -135,7 +127,7 @@ def test_bf16_meets_cce_bar(monkeypatch, path):
     magnitude: grads are returned in bf16 (half an ulp of rounding alone) and dlogits are rounded to bf16
     before the tensor-core dot, as the GPU kernel must."""
     monkeypatch.setenv("LINGSHU_KERNELS", path)
-    hidden, weight, labels = _inputs(48, 64, 300, dtype=torch.bfloat16, ignored=(1, 7))
+    hidden, weight, labels = flce_inputs(48, 64, 300, dtype=torch.bfloat16, ignored=(1, 7))
     g = torch.tensor(1.0)
     got = _ours(hidden, weight, labels, "sum", g)
     want = _truth(hidden, weight, labels, "sum", g)
@@ -155,7 +147,7 @@ def test_triton_production_tiles_under_interpreter(monkeypatch):
     monkeypatch.setenv("LINGSHU_KERNELS", "triton")
     monkeypatch.setattr(tk, "INTERPRET_FWD", tk.FWD_CONFIGS[("16bit", 90)])
     monkeypatch.setattr(tk, "INTERPRET_BWD", tk.BWD_CONFIGS[("16bit", 90)])
-    hidden, weight, labels = _inputs(5, 30, 70, ignored=(2,))
+    hidden, weight, labels = flce_inputs(5, 30, 70, ignored=(2,))
     g = _grad_out(5, "none")
     for a, b in zip(_ours(hidden, weight, labels, "none", g), _truth(hidden, weight, labels, "none", g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -172,16 +164,6 @@ def test_filter_rule_drops_whole_tiles_below_eps():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def _peaky_inputs(dtype):
-    """Logits of std ~6 over the first 96 ids (every label among them) and ~0 over the last 104: the tiles
-    of those columns hold probabilities near e**-16, far below 2**-12, the others are kept."""
-    hidden, weight, labels = _inputs(40, 32, 200, ignored=(5,), seed=7)
-    weight = weight.detach() * 4
-    weight[96:] *= 0.02
-    labels = torch.where(labels >= 0, labels % 96, labels)
-    return hidden.detach().to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_filter_triton_equals_reference_with_the_same_filter(monkeypatch, dtype):
     """Filtering is an approximation, so its oracle is the reference with the same filter on the same
@@ -190,7 +172,7 @@ def test_filter_triton_equals_reference_with_the_same_filter(monkeypatch, dtype)
     tiles really were dropped (else the test could pass with the filter off). Tolerance: fp32 as the
     exact tests; bf16: the kernel rounds dlogits to bf16 before its dots (as on the GPU) and the fp32
     reference does not, so one bf16 ulp (2**-7 relative) of the output's largest entry."""
-    hidden, weight, labels = _peaky_inputs(dtype)
+    hidden, weight, labels = peaky_inputs(dtype)
     g = torch.tensor(1.0)
     eps = flce_mod.FILTER_EPS_BF16
     runs = {}
@@ -209,7 +191,7 @@ def test_backward_is_bit_stable_across_runs_and_launch_orders(monkeypatch):
     are bit-identical run to run and under any grouping of the launch order (group 1 = row-major,
     3 = ragged super-tiles). bf16 inputs, the path training takes."""
     monkeypatch.setenv("LINGSHU_KERNELS", "triton")
-    hidden, weight, labels = _inputs(37, 24, 100, dtype=torch.bfloat16, ignored=(3,))  # 3 row blocks, 4 tiles
+    hidden, weight, labels = flce_inputs(37, 24, 100, dtype=torch.bfloat16, ignored=(3,))  # 3 row blocks, 4 tiles
     g = _grad_out(37, "none")
     runs = []
     for group in (2, 2, 1, 3):
@@ -244,7 +226,7 @@ def test_frozen_head_computes_and_allocates_no_weight_grad(monkeypatch, path):
     dtype may be created in the backward (the weight itself is fp32 here, so the reference's fp32 view
     of it is no copy), and grad_hidden must equal the trainable-head run bit for bit."""
     monkeypatch.setenv("LINGSHU_KERNELS", path)
-    hidden, weight, labels = _inputs(21, 24, 70, ignored=(4,))
+    hidden, weight, labels = flce_inputs(21, 24, 70, ignored=(4,))
     g = _grad_out(21, "none")
     (want_gh, _) = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels, reduction="none"),
                                        (hidden, weight), g)
@@ -277,7 +259,7 @@ def test_strided_hidden_frozen_weight_and_temperature(monkeypatch, path):
 
 def test_clear_errors():
     """Out-of-vocabulary labels would otherwise give a silent target logit of 0 (a wrong loss)."""
-    hidden, weight, labels = _inputs(4, 8, 10)
+    hidden, weight, labels = flce_inputs(4, 8, 10)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         fused_linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 10, 2]))
     with pytest.raises(ValueError, match="reduction"):
@@ -318,7 +300,7 @@ def test_tp2_equals_tp1_and_megatron():
     shard grad must equal TP=1 (our reference path) and Megatron-Core's vocab_parallel_cross_entropy
     on the sharded logits. One spawn for both paths and both checks (each spawn costs ~8 s)."""
     n, h, v = 24, 32, 130  # V/2 = 65 per rank: ragged against the 32-wide interpreter tile
-    hidden, weight, labels = _inputs(n, h, v, ignored=(5, 11))
+    hidden, weight, labels = flce_inputs(n, h, v, ignored=(5, 11))
     hidden, weight = hidden.detach(), weight.detach()
     labels[3], labels[4] = 64, 65  # the last id of rank 0's shard and the first of rank 1's
     grad_rows = _grad_out(n, "none")

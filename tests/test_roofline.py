@@ -4,17 +4,8 @@ The model's predictions are only as good as its counts: these pin the wave L2 mo
 it reads, the forward's FLOPs and bytes from the kernel's own tiles and split planner, Liger's chunk
 rule and the roofline max. Exact equality: every figure is an integer count or a ratio of them.
 """
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "roofline.py"
-_spec = importlib.util.spec_from_file_location("roofline", _PATH)
-roofline = importlib.util.module_from_spec(_spec)
-sys.modules["roofline"] = roofline  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(roofline)
+import roofline
 
 
 def test_grouped_order_is_the_kernels_super_tile_order():

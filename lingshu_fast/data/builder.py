@@ -27,7 +27,7 @@ from lingshu_fast.data.dataset import Part, image_grids, record_length
 from lingshu_fast.data.formats import DataError, SampleError, SkipReason
 from lingshu_fast.data.rope import sample_position_ids
 from lingshu_fast.data.template import ChatTemplate, TemplateError
-from lingshu_fast.kernels.vision_geometry import MERGE_SIZE, PATCH_SIZE
+from lingshu_fast.kernels.vision_geometry import MERGE_SIZE, PATCH_SIZE, image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class BatchBuilder:
                 continue
             expected = record_length(part, k, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
             kept.append((sid, expected, grids, part.source(k)))
-            items.append((sample.messages, [int(t * h * w) // MERGE_SIZE**2 for t, h, w in grids]))
+            items.append((sample.messages, [image_tokens(t, h, w) for t, h, w in grids]))
             loaded.extend(arrays)
         if not kept:
             return self.empty(), failures

@@ -53,7 +53,7 @@ from lingshu_fast.data.dataset import image_grids, open_parts, select_usable
 from lingshu_fast.data.formats import DataError, SampleError, SkipLog
 from lingshu_fast.data.prompt import Prompt, make_prompt
 from lingshu_fast.data.template import ChatTemplate
-from lingshu_fast.kernels.vision_geometry import MERGE_SIZE, PATCH_SIZE
+from lingshu_fast.kernels.vision_geometry import PATCH_SIZE, image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,10 @@ class PromptDataset:
 
     def prompt_ids(self, index: int) -> np.ndarray:
         """int64 token ids of prompt `index` (rendered now; its length is the index's)."""
-        sample, grid = self.sample(index), self.grid(index)
-        ids = self.template.render_prompt(sample.messages, [int(t * h * w) // MERGE_SIZE**2 for t, h, w in grid])
+        return self._render(index, self.sample(index), self.grid(index))
+
+    def _render(self, index: int, sample, grid: np.ndarray) -> np.ndarray:
+        ids = self.template.render_prompt(sample.messages, [image_tokens(t, h, w) for t, h, w in grid])
         if len(ids) != int(self._lengths[index]):
             raise DataError(f"{sample.source}: {len(ids)} tokens now, {int(self._lengths[index])} in the index: the "
                             f"data or tokenizer changed since indexing; delete the index to rebuild it")
@@ -189,7 +191,8 @@ class PromptDataset:
             raise DataError(f"{self.sample(index).source}: corrupt_image: {err}") from err
 
     def _decode(self, index: int) -> Prompt:
-        sample, ids, grid = self.sample(index), self.prompt_ids(index), self.grid(index)
+        sample, grid = self.sample(index), self.grid(index)  # the record is read once
+        ids = self._render(index, sample, grid)
         pixel_values = grid_thw = None
         if sample.images:
             arrays = [img.load_image(p) for p in sample.images]
