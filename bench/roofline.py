@@ -121,8 +121,10 @@ def lingshu_flce_forward(card: Card, n: int, h: int, v: int, elem: int = 2, key:
 
 
 def lingshu_flce_backward(card: Card, n: int, h: int, v: int, elem: int = 2, key: str = "16bit",
-                          keep: float = 1.0, need_dw: bool = True) -> Cost:
-    """The three kernels per vocabulary stripe; `keep` the fraction of dlogits tiles kept by the filter."""
+                          keep: float = 1.0, need_dw: bool = True, main_grad: bool = False) -> Cost:
+    """The three kernels per vocabulary stripe; `keep` the fraction of dlogits tiles kept by the filter.
+    `main_grad`: dW is added into the fp32 main gradient (read + write of the tiles with a kept row block)
+    instead of written once in W's dtype."""
     cfg = tk.BWD_CONFIGS[(key, card.arch)]
     l2 = card.l2_mb * 2**20
     n_rb, n_vt = _cdiv(n, cfg.block_n), _cdiv(v, cfg.block_v)
@@ -139,8 +141,9 @@ def lingshu_flce_backward(card: Card, n: int, h: int, v: int, elem: int = 2, key
         k1_cost = kernel_cost("dlogits", card, 2.0 * n_rb * cfg.block_n * cols * h, k1)
         part = [k1_cost]
         if need_dw:
+            out = cols * h * 8 * (1.0 - (1.0 - keep) ** n_rb) if main_grad else cols * h * elem
             k2 = keep * wave_panel_bytes(grouped_order(t, n_ht, cfg.group), card.sms, l2, n * cfg.block_v * elem,
-                                         n * cfg.block_h_out * elem) + cols * h * elem
+                                         n * cfg.block_h_out * elem) + out
             part.append(kernel_cost("dW", card, keep * 2.0 * n * cols * h, k2))
         touched = 1.0 - (1.0 - keep) ** t  # row blocks with a kept tile in the stripe: the others skip
         k3 = keep * wave_panel_bytes(grouped_order(n_rb, n_ht, cfg.group), card.sms, l2, cfg.block_n * cols * elem,
@@ -152,23 +155,30 @@ def lingshu_flce_backward(card: Card, n: int, h: int, v: int, elem: int = 2, key
     return out
 
 
-def lingshu_flce_memory_gb(n: int, h: int, v: int, elem: int = 2, key: str = "16bit", arch: int = 90) -> float:
-    """Peak extra bytes of fwd+bwd: grad_weight (W's dtype), grad_hidden fp32 + its cast, the D stripe."""
+def lingshu_flce_memory_gb(n: int, h: int, v: int, elem: int = 2, key: str = "16bit", arch: int = 90,
+                           main_grad: bool = False) -> float:
+    """Peak extra bytes of fwd+bwd: grad_weight (W's dtype; none with `main_grad`), grad_hidden fp32 + its
+    cast, the D stripe."""
     cfg = tk.BWD_CONFIGS[(key, arch)]
     tiles = tk.plan_stripe_tiles(n, _cdiv(v, cfg.block_v), cfg.block_v, elem, tk.STRIPE_BYTES)
-    return (v * h * elem + n * h * (4 + elem) + n * tiles * cfg.block_v * elem + n * 4 * 4) / 1e9
+    grad_w = 0 if main_grad else v * h * elem
+    return (grad_w + n * h * (4 + elem) + n * tiles * cfg.block_v * elem + n * 4 * 4) / 1e9
 
 
 def lingshu_flce_three_pass(card: Card, n: int, h: int, v: int, elem: int = 2, key: str = "16bit",
-                            keep: float = 1.0, need_dw: bool = True, with_sumx: bool = False) -> Cost:
+                            keep: float = 1.0, need_dw: bool = True, with_sumx: bool = False,
+                            main_grad: bool = False) -> Cost:
     """The 3-pass path (scalar loss): per row stripe of `plan_row_stripe` rows, the logits kernel (GEMM,
     stores exp(x - tile max) and fp32 partials), the torch lse merge, the in-place dlogits kernel, dW
     accumulated into grad_weight (W's dtype; stripes after the first read and write the [V, H] rows of
     the tiles they keep) and dE rows written once. Then backward's in-place scale of both by the scalar
-    upstream gradient (counted always; it is one multiply even when that gradient is 1)."""
+    upstream gradient (counted always; it is one multiply even when that gradient is 1).
+    `main_grad` (gradient-accumulation fusion): every stripe, the first too, reads and writes the fp32 main
+    gradient's rows of the tiles it keeps, the stripe planner doubles the rows for it, and backward scales
+    only dE."""
     cfg = tk.BWD_CONFIGS[(key, card.arch)]
     l2 = card.l2_mb * 2**20
-    rows = tk.plan_row_stripe(n, cfg.block_n, card.arch)
+    rows = tk.plan_row_stripe(n, cfg.block_n, card.arch, 4 // elem if main_grad else 1)
     n_vt, n_ht = _cdiv(v, cfg.block_v), _cdiv(h, cfg.block_h_out)
     n_parts = 4 if with_sumx else 3
     costs = [kernel_cost("zero dE", card, 0.0, n * h * elem)]
@@ -182,7 +192,7 @@ def lingshu_flce_three_pass(card: Card, n: int, h: int, v: int, elem: int = 2, k
         costs.append(kernel_cost("dlogits", card, 0.0, m * v * elem * (1 + keep) + n_vt * m * 4))
         if need_dw:
             touched = 1.0 - (1.0 - keep) ** n_rb  # vocabulary tiles with a kept row block in the stripe
-            gw = v * h * elem * (1 if i == 0 else 2 * touched)
+            gw = v * h * 8 * touched if main_grad else v * h * elem * (1 if i == 0 else 2 * touched)
             k2 = keep * wave_panel_bytes(grouped_order(n_vt, n_ht, cfg.group), card.sms, l2, m * cfg.block_v * elem,
                                          m * cfg.block_h_out * elem) + gw
             costs.append(kernel_cost("dW", card, keep * 2.0 * m * v * h, k2))
@@ -190,16 +200,26 @@ def lingshu_flce_three_pass(card: Card, n: int, h: int, v: int, elem: int = 2, k
                                      v * cfg.block_h_out * elem) + m * h * elem
         costs.append(kernel_cost("dE", card, keep * 2.0 * m * v * h, k3))
     fwd = chain(f"lingshu 3-pass fwd ({_cdiv(n, rows)} row stripes of {rows})", costs)
-    bwd = kernel_cost("lingshu 3-pass bwd (scale)", card, 0.0, 2 * (n * h + (v * h if need_dw else 0)) * elem)
+    scaled = n * h + (v * h if need_dw and not main_grad else 0)
+    bwd = kernel_cost("lingshu 3-pass bwd (scale)", card, 0.0, 2 * scaled * elem)
     return chain("lingshu 3-pass", [fwd, bwd])
 
 
-def lingshu_three_pass_memory_gb(n: int, h: int, v: int, elem: int = 2, key: str = "16bit", arch: int = 90) -> float:
-    """Peak extra bytes of the 3-pass path: grad_weight (W's dtype), the saved dE (hidden's dtype), the
-    X stripe [rows, V], the fp32 partials [4, tiles, rows] and the lse / target / g vectors."""
+def lingshu_three_pass_memory_gb(n: int, h: int, v: int, elem: int = 2, key: str = "16bit", arch: int = 90,
+                                 main_grad: bool = False) -> float:
+    """Peak extra bytes of the 3-pass path: grad_weight (W's dtype; none with `main_grad`), the saved dE
+    (hidden's dtype), the X stripe [rows, V], the fp32 partials [4, tiles, rows] and the lse / target / g
+    vectors."""
     cfg = tk.BWD_CONFIGS[(key, arch)]
-    rows = tk.plan_row_stripe(n, cfg.block_n, arch)
-    return (v * h * elem + n * h * elem + rows * v * elem + 4 * _cdiv(v, cfg.block_v) * rows * 4 + n * 4 * 3) / 1e9
+    rows = tk.plan_row_stripe(n, cfg.block_n, arch, 4 // elem if main_grad else 1)
+    grad_w = 0 if main_grad else v * h * elem
+    return (grad_w + n * h * elem + rows * v * elem + 4 * _cdiv(v, cfg.block_v) * rows * 4 + n * 4 * 3) / 1e9
+
+
+def hook_add(card: Card, v: int, h: int, elem: int = 2) -> Cost:
+    """The trainer's post-accumulate-grad hook for a head whose loss returns grad_weight through autograd:
+    main_grad (fp32) += grad_weight (W's dtype), a read of both and a write of main_grad."""
+    return kernel_cost("main_grad += grad_weight", card, 0.0, v * h * (elem + 8))
 
 
 # ---- Liger-Kernel 0.8.5 (ops/fused_linear_cross_entropy.py) -----------------------------------------------
@@ -260,11 +280,12 @@ def cce_memory_gb(n: int, h: int, v: int, elem: int = 2) -> float:
 # ---- the other kernels ----------------------------------------------------------------------------------
 
 def grpo_loss(card: Card, n: int, h: int, v: int, elem: int = 2) -> Cost:
-    """fused_linear_grpo_loss = the fused CE forward (log-probs) + its backward with per-token gradients;
-    the PPO arithmetic is elementwise on [N] vectors (a few vector passes, bytes only)."""
+    """fused_linear_grpo_loss = the fused CE forward (log-probs) + its backward with per-token gradients
+    (dW into the fp32 main gradient, as the trainer runs it); the PPO arithmetic is elementwise on [N]
+    vectors (a few vector passes, bytes only)."""
     return chain("grpo loss fwd+bwd", [lingshu_flce_forward(card, n, h, v, elem),
                                        kernel_cost("ppo [N] math", card, 0.0, 12 * n * 4),
-                                       lingshu_flce_backward(card, n, h, v, elem)])
+                                       lingshu_flce_backward(card, n, h, v, elem, main_grad=True)])
 
 
 def image_pack(card: Card, rows: int, out_elem: int = 2) -> Cost:
@@ -290,6 +311,25 @@ def flce_rows(card: Card, keep: float, n: int, h: int, v: int) -> dict:
     cce = chain("cce", [cce_forward(card, n, h, v), cce_backward(card, n, h, v, keep=keep)])
     return {"lingshu 3-pass": lingshu_flce_three_pass(card, n, h, v, keep=keep), "lingshu 4-pass": ours, "cce": cce,
             "liger": liger_flce(card, n, h, v)}
+
+
+def trainer_rows(card: Card, keep: float, n: int, h: int, v: int) -> dict[str, Cost]:
+    """Fused CE fwd+bwd as the trainer needs it: the head's gradient ends in its fp32 main gradient. Ours
+    adds it there in the dW kernel (`main_grad`); a loss returning grad_weight through autograd pays the
+    grad buffer's hook on top (and holds that grad_weight until the hook has run)."""
+    hook = hook_add(card, v, h)
+    cce = chain("cce", [cce_forward(card, n, h, v), cce_backward(card, n, h, v, keep=keep), hook])
+    return {"lingshu 3-pass into main_grad": lingshu_flce_three_pass(card, n, h, v, keep=keep, main_grad=True),
+            "lingshu 3-pass + hook": chain("lingshu", [lingshu_flce_three_pass(card, n, h, v, keep=keep), hook]),
+            "cce + hook": cce, "liger + hook": chain("liger", [liger_flce(card, n, h, v), hook])}
+
+
+def trainer_memory_gb(n: int, h: int, v: int) -> dict[str, float]:
+    """Extra memory of fwd+bwd in the trainer (the fp32 main gradient exists either way: not counted)."""
+    return {"lingshu 3-pass into main_grad": lingshu_three_pass_memory_gb(n, h, v, main_grad=True),
+            "lingshu 4-pass into main_grad": lingshu_flce_memory_gb(n, h, v, main_grad=True),
+            "lingshu 3-pass + hook": lingshu_three_pass_memory_gb(n, h, v),
+            "cce + hook": cce_memory_gb(n, h, v), "liger + hook": liger_memory_gb(n, h, v)}
 
 
 def predicted_ms(provider: str, pass_name: str, card_key: str, n: int, h: int, v: int, keep: float = 1.0) -> float:
@@ -330,6 +370,17 @@ def table(keep: float = 0.1) -> str:
     lines += ["", f"Check against published figures (Gemma-2-2B head, N=8,192, A100, CCE's paper): model "
               f"CCE {flce_rows(a100, keep, **g)['cce'].ms:.0f} ms (filtering on) vs 135 measured, Liger "
               f"{liger_flce(a100, **g).ms:.0f} ms vs 303 measured: the model is a lower bound."]
+    lines += ["", "In the trainer (the head's gradient must end in its fp32 main gradient: ours adds it there in the "
+              "dW kernel, a loss returning grad_weight pays the grad buffer's hook on top), ms:", "",
+              "| | " + " | ".join(CARDS) + " |", "|---|" + "---|" * len(CARDS)]
+    for label, k in (("filtering off", 1.0), (f"filtering on (keep {keep:.0%})", keep)):
+        rows = {c: trainer_rows(card, k, **s) for c, card in CARDS.items()}
+        for impl in rows["H100"]:
+            if impl.startswith("liger") and k != 1.0:
+                continue
+            lines.append(f"| {impl}, {label} | " + " | ".join(f"{rows[c][impl].ms:.1f}" for c in CARDS) + " |")
+    lines += ["", "Extra memory in the trainer (GB, the main gradient not counted: it exists for every "
+              "parameter): " + ", ".join(f"{k} {gb:.2f}" for k, gb in trainer_memory_gb(**s).items())]
     lines += ["", "Extra memory of fwd+bwd (GB, grad_weight included): lingshu 3-pass "
               f"{lingshu_three_pass_memory_gb(**s):.2f} (saved dE in bf16, the [rows, V] stripe), lingshu 4-pass "
               f"{lingshu_flce_memory_gb(**s):.2f} (fp32 grad_hidden and its cast, the [N, S] stripe), "

@@ -76,9 +76,10 @@ def _kept_lists(keep: torch.Tensor):
 
 
 def _triton_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_eps: float,
-                     need_dh: bool, need_dw: bool):
+                     need_dh: bool, need_dw: bool, main_grad=None):
     """Stripe by stripe of the vocabulary: dlogits tiles into D [N, S] (kernel 1), then grad_weight of the
-    stripe from D (kernel 2, written once) and grad_hidden += D @ W_stripe (kernel 3). No atomics."""
+    stripe from D (kernel 2, written once; with `main_grad`, added into it and nothing of [V, H] is
+    allocated) and grad_hidden += D @ W_stripe (kernel 3). No atomics."""
     n_rows, h_dim = hidden.shape
     v_local = weight.shape[0]
     cfg = _configs(hidden.dtype, hidden.device)[1]
@@ -88,7 +89,8 @@ def _triton_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_
     d_buf = torch.empty(n_rows, stripe_tiles * cfg.block_v, device=hidden.device, dtype=hidden.dtype)
     keep_buf = torch.empty(n_rb * stripe_tiles, device=hidden.device, dtype=torch.int8)
     grad_h = torch.zeros(n_rows, h_dim, device=hidden.device, dtype=torch.float32) if need_dh else None
-    grad_w = torch.empty_like(weight) if need_dw else None  # every element written once, in W's dtype
+    fused = need_dw and main_grad is not None
+    grad_w = main_grad if fused else (torch.empty_like(weight) if need_dw else None)  # written once: W's dtype
     n_h_tiles = triton.cdiv(h_dim, cfg.block_h_out)
     dot = dict(DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dots(hidden.dtype))
     for first_tile in range(0, n_vt, stripe_tiles):
@@ -106,32 +108,35 @@ def _triton_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_
                 d_buf, hidden, kept_rows, n_kept_per_tile, grad_w, n_rows, h_dim, v_local, col0, tiles,
                 d_buf.stride(0), hidden.stride(0), grad_w.stride(0),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
-                ACCUMULATE=False, **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
+                ACCUMULATE=fused, **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
         if need_dh:
             tk._flce_de_kernel[(n_rb * n_h_tiles,)](
                 d_buf, weight, kept_cols, n_kept_per_row_block, grad_h, n_rows, h_dim, v_local, col0, tiles,
                 d_buf.stride(0), weight.stride(0), grad_h.stride(0),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
                 **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
-    return grad_h, grad_w
+    return grad_h, (None if fused else grad_w)
 
 
-def _row_stripe_rows(n_rows: int, cfg: tk.BwdConfig, device: torch.device) -> int:
+def _row_stripe_rows(n_rows: int, cfg: tk.BwdConfig, device: torch.device, rmw_ratio: int) -> int:
     arch = _arch(device)
     if arch is None:
         return min(n_rows, tk.INTERPRET_ROW_STRIPE_BLOCKS * cfg.block_n)
-    return tk.plan_row_stripe(n_rows, cfg.block_n, arch)
+    return tk.plan_row_stripe(n_rows, cfg.block_n, arch, rmw_ratio)
 
 
 def _triton_forward_with_grads(hidden, weight, labels, g, coefs, filter_eps: float, with_sumx: bool,
-                               need_dh: bool, need_dw: bool):
+                               need_dh: bool, need_dw: bool, main_grad=None):
     """The 3-pass path, row stripe by row stripe (all of V per stripe, X [rows, V] in the input dtype):
     exp(logits - tile max) into X with fp32 partials (GEMM 1), lse, X -> g * dlogits in place, grad_weight += X^T @
-    hidden (GEMM 2, fp32 sums added to W's dtype), grad_hidden rows = X @ W (GEMM 3, written once)."""
+    hidden (GEMM 2, fp32 sums added to W's dtype, or into `main_grad` from the first stripe on: then no [V, H]
+    buffer is allocated and grad_weight is returned as None), grad_hidden rows = X @ W (GEMM 3, written once)."""
     n_rows, h_dim = hidden.shape
     v_local = weight.shape[0]
     cfg = _configs(hidden.dtype, hidden.device)[1]
-    rows = _row_stripe_rows(n_rows, cfg, hidden.device)
+    fused = need_dw and main_grad is not None
+    target = main_grad if fused else weight  # what each stripe reads and writes back: its bytes set the stripe
+    rows = _row_stripe_rows(n_rows, cfg, hidden.device, target.element_size() // hidden.element_size())
     n_vt, n_ht = triton.cdiv(v_local, cfg.block_v), triton.cdiv(h_dim, cfg.block_h_out)
     x_buf = torch.empty(rows, v_local, device=hidden.device, dtype=hidden.dtype)
     n_parts = 4 if with_sumx else 3  # per (tile, row): max, log-sum-exp, target logit [, logit sum]
@@ -140,7 +145,7 @@ def _triton_forward_with_grads(hidden, weight, labels, g, coefs, filter_eps: flo
     lse = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     tgt, sumx = torch.empty_like(lse), (torch.empty_like(lse) if with_sumx else None)
     grad_h = torch.zeros_like(hidden) if need_dh else None  # rows of a row block with no kept tile stay 0
-    grad_w = torch.empty_like(weight) if need_dw else None  # the first stripe writes every element
+    grad_w = main_grad if fused else (torch.empty_like(weight) if need_dw else None)  # stripe 1 writes all
     dot = dict(DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dots(hidden.dtype))
     for r0 in range(0, n_rows, rows):
         m = min(rows, n_rows - r0)
@@ -168,11 +173,11 @@ def _triton_forward_with_grads(hidden, weight, labels, g, coefs, filter_eps: flo
                 x_buf, h_s, kept_rows, n_kept_per_tile, grad_w, m, h_dim, v_local, 0, n_vt,
                 x_buf.stride(0), hidden.stride(0), grad_w.stride(0),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
-                ACCUMULATE=r0 > 0, **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
+                ACCUMULATE=fused or r0 > 0, **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
         if need_dh:
             tk._flce_de_kernel[(n_rb * n_ht,)](
                 x_buf, weight, kept_cols, n_kept_per_row_block, grad_h[r0:r0 + m], m, h_dim, v_local, 0, n_vt,
                 x_buf.stride(0), weight.stride(0), grad_h.stride(0),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h_out, GROUP=cfg.group,
                 **dot, num_warps=cfg.num_warps, num_stages=cfg.stages_grad)
-    return lse, tgt, sumx, grad_h, grad_w
+    return lse, tgt, sumx, grad_h, (None if fused else grad_w)

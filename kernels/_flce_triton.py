@@ -101,12 +101,14 @@ TC_FLOP_PER_HBM_BYTE = {80: 153, 90: 295}
 INTERPRET_ROW_STRIPE_BLOCKS = 2  # the interpreter: two row blocks per 3-pass stripe, so tests cross stripes
 
 
-def plan_row_stripe(n_rows: int, block_n: int, arch: int) -> int:
+def plan_row_stripe(n_rows: int, block_n: int, arch: int, rmw_ratio: int = 1) -> int:
     """Rows per stripe of the 3-pass path (a multiple of block_n, at most N rounded up). Each stripe adds
     its D^T @ hidden into grad_weight, a read and a write of [V, H] (2 x 2 bytes per element in 16 bit)
     against 2 x rows FLOPs per element; the stripe is the shortest for which that GEMM stays compute-bound:
-    rows >= 2 bytes x the card's FLOP/byte balance (fp32 with tf32: twice the bytes at half the peak)."""
-    rows = -(-2 * TC_FLOP_PER_HBM_BYTE[arch] // block_n) * block_n
+    rows >= 2 bytes x the card's FLOP/byte balance (fp32 with tf32: twice the bytes at half the peak).
+    `rmw_ratio`: bytes of the accumulated grad_weight element over the input's (2 when 16-bit inputs add
+    into an fp32 main gradient: twice the bytes per stripe, so twice the rows)."""
+    rows = -(-2 * rmw_ratio * TC_FLOP_PER_HBM_BYTE[arch] // block_n) * block_n
     return min(rows, -(-n_rows // block_n) * block_n)
 
 

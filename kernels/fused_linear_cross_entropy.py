@@ -55,6 +55,18 @@ them (a model, not a measurement).
   skipped exactly. The reference applies the same rule on the same tile grid.
 - Frozen head (weight.requires_grad False): no dW kernel is launched and no grad_weight is allocated
   (both paths).
+- Gradient-accumulation fusion (`main_grad`, as Megatron's `gradient_accumulation_fusion`): the trainer
+  keeps an fp32 main gradient per parameter (parallel/grad_buffer.py); given the head's, the dW kernel
+  adds into it (read-add-write, fp32 sums) instead of writing a [V, H] grad_weight, which autograd then
+  never sees (the weight's gradient is returned as None; `on_main_grad()` tells the grad buffer the
+  contribution is in, for its bucket's reduction; leave it None when the weight also gets a gradient
+  through autograd, as a tied embedding does). Nothing of [V, H] is allocated, and the hook's bf16 ->
+  fp32 add of a separate grad_weight is gone. 4-pass: the add happens in backward. 3-pass: in forward,
+  before the upstream gradient is known, so the caller promises it is exactly 1 (the trainer backwards
+  loss SUMS and scales the main gradients once per step); backward checks that on the device (no
+  host sync) and refuses anything else. The 3-pass stripe doubles when the add is fp32 (twice the bytes
+  per stripe's read-add-write at the same arithmetic; `plan_row_stripe`). A 3-pass loss computed with
+  `main_grad` MUST be backwarded: its contribution is in main_grad from the forward on.
 - The plain-PyTorch reference does the same maths in row chunks (at most ~16 MB of fp32 logits at a
   time) and is the CPU path. `use_triton` picks the path once per call.
 - Vocab-parallel (`tp_group`): `weight` is this rank's contiguous shard, rows
@@ -72,7 +84,7 @@ non-ignored labels (all ignored: 0 with zero gradients). Temperature: divide `hi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -133,16 +145,21 @@ def filter_tiles_(d: torch.Tensor, tile_rows: int, tile_cols: int, eps: float) -
 
 
 def _torch_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_eps: float,
-                    need_dh: bool, need_dw: bool):
+                    need_dh: bool, need_dw: bool, main_grad=None):
     """Reference backward: recompute each chunk's logits, form dlogits in place (the kernel's formula and
     filter, on the tiles the Triton path would use on this device), two matmuls. Nothing of [V, H] is
-    allocated unless grad_weight is wanted."""
+    allocated unless grad_weight is wanted and there is no fp32 `main_grad` to add it into (then grad_weight
+    is returned as None)."""
     target_coef, smooth_per_class, z2 = coefs
     n_rows, v_local = hidden.shape[0], weight.shape[0]
     tile = _configs(hidden.dtype, hidden.device)[1]
     w32 = weight.float()
     grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
-    grad_w = torch.zeros(w32.shape, dtype=torch.float32, device=hidden.device) if need_dw else None
+    fused = need_dw and main_grad is not None
+    if fused and main_grad.dtype == torch.float32:
+        grad_w = main_grad  # added into chunk by chunk
+    else:
+        grad_w = torch.zeros(w32.shape, dtype=torch.float32, device=hidden.device) if need_dw else None
     local = labels - vocab_start
     in_shard = (local >= 0) & (local < v_local)
     for a, b in _row_chunks(n_rows, v_local, tile.block_n):
@@ -165,17 +182,22 @@ def _torch_backward(hidden, weight, labels, vocab_start, lse, g, coefs, filter_e
             grad_h[a:b] = d @ w32
         if need_dw:
             grad_w.addmm_(d.T, h32)
+    if fused:
+        if grad_w is not main_grad:
+            main_grad.add_(grad_w)
+        return grad_h, None
     return grad_h, grad_w
 
 
 def _torch_forward_with_grads(hidden, weight, labels, g, coefs, filter_eps: float, with_sumx: bool,
-                              need_dh: bool, need_dw: bool):
+                              need_dh: bool, need_dw: bool, main_grad=None):
     """Reference of the 3-pass path: the reference forward, then the reference backward with g (the same
     maths and filter as the 4-pass path), gradients returned in the inputs' dtypes."""
     lse, tgt, sumx = _torch_forward(hidden, weight, labels, 0, with_sumx)
-    grad_h, grad_w = _torch_backward(hidden, weight, labels, 0, lse, g, coefs, filter_eps, need_dh, need_dw)
+    grad_h, grad_w = _torch_backward(hidden, weight, labels, 0, lse, g, coefs, filter_eps, need_dh, need_dw,
+                                     main_grad)
     return (lse, tgt, sumx, grad_h.to(hidden.dtype) if need_dh else None,
-            grad_w.to(weight.dtype) if need_dw else None)
+            grad_w.to(weight.dtype) if grad_w is not None else None)
 
 
 def _tp_merge(lse, tgt, sumx, group):
@@ -208,7 +230,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Per-row losses [N] (fp32); the reduction happens outside, so any upstream grad is honoured."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, opts: FlceOptions):
+    def forward(ctx, hidden, weight, labels, opts: FlceOptions, sink: "_MainGradSink"):
         group = opts.tp_group
         rank = dist.get_rank(group) if group is not None else 0
         world = dist.get_world_size(group) if group is not None else 1
@@ -223,7 +245,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             lse, tgt, sumx = _tp_merge(lse, tgt, sumx, group)
         loss = _loss_rows(lse, tgt, sumx, valid, opts, v_global)
         ctx.save_for_backward(hidden, weight, labels, lse, valid)
-        ctx.opts, ctx.vocab_start, ctx.v_global, ctx.world = opts, vocab_start, v_global, world
+        ctx.opts, ctx.vocab_start, ctx.v_global, ctx.world, ctx.sink = opts, vocab_start, v_global, world, sink
         return loss
 
     @staticmethod
@@ -233,16 +255,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # A frozen head (weight.requires_grad False) computes and allocates no grad_weight at all.
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dh or need_dw):
-            return None, None, None, None
+            return None, None, None, None, None
         g = torch.where(valid, grad_rows.float(), 0.0).contiguous()
         coefs = (1.0 - opts.label_smoothing, opts.label_smoothing / ctx.v_global, 2.0 * opts.z_loss_weight)
         bwd = _triton_backward if opts.triton else _torch_backward
-        grad_h, grad_w = bwd(hidden, weight, labels, ctx.vocab_start, lse, g, coefs, opts.filter_eps, need_dh, need_dw)
+        main_grad = ctx.sink.main_grad if need_dw else None
+        grad_h, grad_w = bwd(hidden, weight, labels, ctx.vocab_start, lse, g, coefs, opts.filter_eps, need_dh, need_dw,
+                             main_grad)
+        if main_grad is not None:
+            ctx.sink.added()
         if need_dh and opts.tp_group is not None and ctx.world > 1:
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=opts.tp_group)  # ColumnParallelLinear's job
         grad_h = grad_h.to(hidden.dtype) if need_dh else None
-        grad_w = grad_w.to(weight.dtype) if need_dw else None
-        return grad_h, grad_w, None, None
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
 
 
 class _FusedLinearCrossEntropyGradsInForward(torch.autograd.Function):
@@ -250,7 +276,8 @@ class _FusedLinearCrossEntropyGradsInForward(torch.autograd.Function):
     number of valid labels for 'mean'); backward only multiplies them by the scalar upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, opts: FlceOptions, reduction: str, need_dh: bool, need_dw: bool):
+    def forward(ctx, hidden, weight, labels, opts: FlceOptions, reduction: str, need_dh: bool, need_dw: bool,
+                sink: "_MainGradSink"):
         v_global = weight.shape[0]
         valid = _valid_labels(labels, v_global, opts.ignore_index)
         hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
@@ -258,10 +285,12 @@ class _FusedLinearCrossEntropyGradsInForward(torch.autograd.Function):
         g = torch.where(valid, 1.0 / n_valid, 0.0).contiguous()  # the 4-pass path's upstream gradient
         coefs = (1.0 - opts.label_smoothing, opts.label_smoothing / v_global, 2.0 * opts.z_loss_weight)
         run = _triton_forward_with_grads if opts.triton else _torch_forward_with_grads
+        main_grad = sink.main_grad if need_dw else None
         lse, tgt, sumx, grad_h, grad_w = run(hidden, weight, labels, g, coefs, opts.filter_eps,
-                                             opts.label_smoothing > 0, need_dh, need_dw)
+                                             opts.label_smoothing > 0, need_dh, need_dw, main_grad)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.need, ctx.used = (need_dh, need_dw), False
+        ctx.need, ctx.used, ctx.sink = (need_dh, need_dw and main_grad is None), False, sink
+        ctx.fused = main_grad is not None
         return _loss_rows(lse, tgt, sumx, valid, opts, v_global).sum() / n_valid
 
     @staticmethod
@@ -271,10 +300,40 @@ class _FusedLinearCrossEntropyGradsInForward(torch.autograd.Function):
                                "supported (its saved gradients were scaled in place); use reduction='none'")
         ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
+        if ctx.fused:  # main_grad already holds the weight's gradient for an upstream gradient of exactly 1
+            torch._assert_async(grad_loss == 1.0, "fused_linear_cross_entropy: main_grad was given, so the "
+                                "scalar loss must be backwarded with gradient 1 (scale the main gradients instead)")
+            ctx.sink.added()
         # In place: a scaled copy of grad_weight would hold a second [V, H] tensor at the peak.
         grad_h = grad_h.mul_(grad_loss) if ctx.need[0] else None
         grad_w = grad_w.mul_(grad_loss) if ctx.need[1] else None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _MainGradSink:
+    """Where the weight's gradient goes instead of autograd (gradient-accumulation fusion), and whom to tell."""
+    main_grad: Optional[torch.Tensor] = None
+    on_added: Optional[Callable[[], None]] = None
+
+    def added(self) -> None:
+        if self.on_added is not None:
+            self.on_added()
+
+
+def _main_grad_sink(weight: torch.Tensor, main_grad, on_main_grad) -> _MainGradSink:
+    if main_grad is None:
+        if on_main_grad is not None:
+            raise ValueError("on_main_grad is given without main_grad")
+        return _MainGradSink()
+    if not weight.requires_grad:
+        raise ValueError("main_grad is given but weight does not require a gradient (a frozen head has none)")
+    if main_grad.shape != weight.shape or main_grad.device != weight.device or not main_grad.is_contiguous():
+        raise ValueError(f"main_grad must be a contiguous {tuple(weight.shape)} tensor on {weight.device}; got "
+                         f"{tuple(main_grad.shape)} on {main_grad.device}")
+    if main_grad.dtype not in (torch.float32, weight.dtype):
+        raise ValueError(f"main_grad must be fp32 or the weight's dtype ({weight.dtype}); got {main_grad.dtype}")
+    return _MainGradSink(main_grad, on_main_grad)
 
 
 def grads_in_forward(reduction: str, hidden: torch.Tensor, weight: torch.Tensor, opts: FlceOptions) -> bool:
@@ -289,7 +348,8 @@ def grads_in_forward(reduction: str, hidden: torch.Tensor, weight: torch.Tensor,
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                ignore_index: int = -100, reduction: str = "mean", tp_group=None,
                                z_loss_weight: float = 0.0, label_smoothing: float = 0.0,
-                               filter_eps: float = 0.0) -> torch.Tensor:
+                               filter_eps: float = 0.0, main_grad: Optional[torch.Tensor] = None,
+                               on_main_grad: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels` without materialising the logits.
 
     hidden [N, H], weight [V_local, H] (same dtype), labels [N] long (global ids; `ignore_index` rows
@@ -298,6 +358,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     `tp_group`: vocab-parallel, see the module docstring (grad_hidden is all-reduced here).
     `filter_eps` > 0: CCE's gradient filtering (an approximation; FILTER_EPS_BF16 = 2**-12 is CCE's
     choice for bf16), off by default.
+    `main_grad` (fp32 or the weight's dtype, the weight's shape): ADD the weight's gradient into it instead of
+    returning it through autograd; `on_main_grad()` is called once it is in (see the module docstring's
+    gradient-accumulation fusion: with a scalar loss the upstream gradient must be exactly 1).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {', '.join(_REDUCTIONS)}")
@@ -312,12 +375,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
     if not filter_eps >= 0.0:
         raise ValueError(f"filter_eps={filter_eps} must be >= 0 (0 turns gradient filtering off)")
+    sink = _main_grad_sink(weight, main_grad, on_main_grad)
     opts = FlceOptions(ignore_index=ignore_index, z_loss_weight=z_loss_weight, label_smoothing=label_smoothing,
                        filter_eps=float(filter_eps), tp_group=tp_group, triton=use_triton(hidden, weight, labels))
     if grads_in_forward(reduction, hidden, weight, opts):
         return _FusedLinearCrossEntropyGradsInForward.apply(hidden, weight, labels.long(), opts, reduction,
-                                                            hidden.requires_grad, weight.requires_grad)
-    loss_rows = _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), opts)
+                                                            hidden.requires_grad, weight.requires_grad, sink)
+    loss_rows = _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), opts, sink)
     if reduction == "none":
         return loss_rows
     if reduction == "sum":

@@ -57,14 +57,19 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = _IGNORE,
     tp_group=None,
+    main_grad: Optional[torch.Tensor] = None,
+    on_main_grad=None,
 ) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / temperature)[labels] per token ([N] fp32, 0 where ignored),
-    without [N, V] logits; differentiable. Also what the RL step uses for old/reference log-probs."""
+    without [N, V] logits; differentiable. Also what the RL step uses for old/reference log-probs.
+    `main_grad` / `on_main_grad`: the weight's gradient is added into main_grad in backward (see
+    fused_linear_cross_entropy's gradient-accumulation fusion)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     scaled = hidden if temperature == 1.0 else hidden / temperature
     nll = fused_linear_cross_entropy(
-        scaled, weight, labels, ignore_index=ignore_index, reduction="none", tp_group=tp_group
+        scaled, weight, labels, ignore_index=ignore_index, reduction="none", tp_group=tp_group,
+        main_grad=main_grad, on_main_grad=on_main_grad,
     )
     return -nll.float()
 
@@ -126,12 +131,15 @@ def fused_linear_grpo_loss(
     temperature: float = 1.0,
     loss_agg: str = "token-mean",
     tp_group=None,
+    main_grad: Optional[torch.Tensor] = None,
+    on_main_grad=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO/PPO clipped loss from hidden states; see the module docstring for the exact definition."""
     _check_inputs(hidden, weight, labels, advantages, loss_mask, seq_index, old_logprobs, ref_logprobs,
                   clip_low, clip_high, loss_agg)
     ce_labels = torch.where(loss_mask, labels, torch.full_like(labels, _IGNORE))
-    logp = token_logprobs(hidden, weight, ce_labels, temperature=temperature, tp_group=tp_group)
+    logp = token_logprobs(hidden, weight, ce_labels, temperature=temperature, tp_group=tp_group,
+                          main_grad=main_grad, on_main_grad=on_main_grad)
     logp_now = logp.detach()
     zeros = torch.zeros_like(logp_now)
     # Unmasked positions get neutral inputs (ratio 1, A 0, ref = logp) so that nothing non-finite can

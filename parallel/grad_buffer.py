@@ -8,7 +8,9 @@ Megatron-Core's DDP design, written for this trainer (its own needs CUDA):
   gradients (the reverse of the forward's): buckets of about `bucket_numel` elements, each padded
   to a multiple of the data-parallel size so that it splits into equal shards, one per DP rank.
 - A post-accumulate-grad hook adds each gradient into its main-gradient slot (upcast) and frees
-  `param.grad`: gradients never accumulate in bf16 over micro-batches.
+  `param.grad`: gradients never accumulate in bf16 over micro-batches. A kernel may add a gradient
+  into `param.main_grad` itself (gradient-accumulation fusion, as the fused cross-entropy does for the
+  LM head) and then call `param.main_grad_added()`, which counts as the gradient's arrival.
 - On the last micro-batch of a step (`start_last_backward`), a bucket's reduction launches
   asynchronously as soon as all of its parameters have their gradient AND every earlier bucket has
   launched, so the reductions overlap the rest of the backward and are issued in bucket order on
@@ -27,6 +29,7 @@ gloo has no reduce-scatter: there it is an all-reduce of the bucket (each rank t
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -85,6 +88,8 @@ class GradBuffers:
         self._launching = False
         self._next = 0  # the first bucket not launched yet
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        for p in self.params:
+            p.main_grad_added = functools.partial(self._arrived, p)
 
     def _build(self, params: list, bucket_numel: int, grad_dtype: torch.dtype) -> None:
         if not params:
@@ -130,8 +135,13 @@ class GradBuffers:
 
     @torch.no_grad()
     def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if p.grad is None:  # autograd got None for it (a kernel added into main_grad and announces it itself)
+            return
         p.main_grad.add_(p.grad)
         p.grad = None
+        self._arrived(p)
+
+    def _arrived(self, p: torch.nn.Parameter) -> None:
         if self._launching:
             bucket = self._bucket_of[id(p)]
             bucket.pending.discard(id(p))

@@ -1,8 +1,9 @@
 """Inputs of the fused cross-entropy tests (tests/test_fused_linear_cross_entropy.py and
-tests/test_flce_three_pass.py); a helper module, not collected."""
+tests/test_flce_three_pass.py, tests/test_flce_main_grad.py); a helper module, not collected."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def flce_inputs(n, h, v, dtype=torch.float32, ignored=(), seed=0):
@@ -24,3 +25,21 @@ def peaky_inputs(dtype):
     weight[96:] *= 0.02
     labels = torch.where(labels >= 0, labels % 96, labels)
     return hidden.detach().to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels
+
+
+class AllocationLog(TorchDispatchMode):
+    """Shape and dtype of every tensor an aten op returns in NEW storage (views, and the interpreter's
+    re-wrapping of an input's storage, share it: skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        owned = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values())
+                 if isinstance(a, torch.Tensor)}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
+                self.seen.append((func.__name__, tuple(t.shape), t.dtype))
+        return out

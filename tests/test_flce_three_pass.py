@@ -12,8 +12,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from flce_cases import flce_inputs, peaky_inputs
-from torch.utils._python_dispatch import TorchDispatchMode
+from flce_cases import AllocationLog, flce_inputs, peaky_inputs
 
 from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
@@ -108,24 +107,6 @@ def test_filtered_three_pass_equals_reference_with_the_same_filter(monkeypatch, 
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item())
 
 
-class _AllocationLog(TorchDispatchMode):
-    """Shape and dtype of every tensor an aten op returns in NEW storage (views, and the interpreter's
-    re-wrapping of an input's storage, share it: skipped)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        owned = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values())
-                 if isinstance(a, torch.Tensor)}
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
-                self.seen.append((func.__name__, tuple(t.shape), t.dtype))
-        return out
-
-
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_frozen_head_three_pass_allocates_no_weight_grad(monkeypatch, spy, path):
     """A frozen head on the scalar path: no [V, H] tensor may be created in forward (where the gradients
@@ -135,7 +116,7 @@ def test_frozen_head_three_pass_allocates_no_weight_grad(monkeypatch, spy, path)
     g = torch.tensor(1.5)
     want_gh = _run(hidden, weight, labels, "mean", g)[1]
     frozen = weight.detach()
-    with _AllocationLog() as log:
+    with AllocationLog() as log:
         loss = fused_linear_cross_entropy(hidden, frozen, labels, reduction="mean")
         (got_gh,) = torch.autograd.grad(loss, (hidden,), g)
     assert spy[path] == 2

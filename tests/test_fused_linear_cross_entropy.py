@@ -13,8 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from flce_cases import flce_inputs, peaky_inputs
-from torch.utils._python_dispatch import TorchDispatchMode
+from flce_cases import AllocationLog, flce_inputs, peaky_inputs
 
 from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from lingshu_fast.parallel.spawn import spawn
@@ -202,24 +201,6 @@ def test_backward_is_bit_stable_across_runs_and_launch_orders(monkeypatch):
             assert torch.equal(a, b)
 
 
-class _AllocationLog(TorchDispatchMode):
-    """Records shape and dtype of every tensor an aten op returns in NEW storage (views and the
-    interpreter's re-wrapping of existing storage, e.g. `set_`, share an input's storage: skipped)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-        owned = {a.untyped_storage().data_ptr() for a in inputs}
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
-                self.seen.append((func.__name__, tuple(t.shape), t.dtype))
-        return out
-
-
 @pytest.mark.parametrize("path", PATHS)
 def test_frozen_head_computes_and_allocates_no_weight_grad(monkeypatch, path):
     """A frozen head (stage 1, the reference model) must not pay for grad_weight: no [V, H] tensor of any
@@ -232,7 +213,7 @@ def test_frozen_head_computes_and_allocates_no_weight_grad(monkeypatch, path):
                                        (hidden, weight), g)
     frozen = weight.detach()
     loss = fused_linear_cross_entropy(hidden, frozen, labels, reduction="none")
-    with _AllocationLog() as log:
+    with AllocationLog() as log:
         (got_gh,) = torch.autograd.grad(loss, (hidden,), g)
     assert torch.equal(got_gh, want_gh)
     assert log.seen, "the dispatch log saw nothing: it would miss a [V, H] buffer too"

@@ -83,3 +83,38 @@ def test_row_stripe_keeps_the_dw_accumulation_compute_bound():
         assert rows % 128 == 0
         assert 2 * rows / (card.tc_tflops * 1e12) >= 4 / (card.hbm_tb_s * 1e12) * 0.999
         assert 2 * (rows - 128) / (card.tc_tflops * 1e12) < 4 / (card.hbm_tb_s * 1e12)  # the shortest such
+
+
+def test_row_stripe_doubles_for_an_fp32_main_gradient():
+    """Adding into an fp32 main gradient moves 2 x 4 bytes per element and stripe instead of 2 x 2: the
+    shortest compute-bound stripe then has twice the rows (the same rule as above, twice the bytes)."""
+    for card in (roofline.CARDS["A100"], roofline.CARDS["H100"]):
+        rows = roofline.tk.plan_row_stripe(1 << 20, 128, card.arch, 2)
+        assert 2 * rows / (card.tc_tflops * 1e12) >= 8 / (card.hbm_tb_s * 1e12) * 0.999
+        assert 2 * (rows - 128) / (card.tc_tflops * 1e12) < 8 / (card.hbm_tb_s * 1e12)
+
+
+def test_three_pass_into_main_grad_counts_its_read_add_write():
+    """The same N=256, H=64, V=256 case with `main_grad`: the only stripe reads and writes the fp32 main
+    gradient (256*64*8 = 131,072 instead of writing 32,768 bf16 bytes) and backward scales dE alone
+    (65,536); no grad_weight is held, so the extra memory drops by V*H*2."""
+    card = roofline.CARDS["H100"]
+    fwd, bwd = roofline.lingshu_flce_three_pass(card, 256, 64, 256, main_grad=True).parts
+    assert fwd.parts[4].hbm_bytes == 229_376 - 32_768 + 131_072
+    assert bwd.hbm_bytes == 65_536
+    n, h, v = 256, 64, 256  # one stripe of N rows either way: only grad_weight differs
+    assert roofline.lingshu_three_pass_memory_gb(n, h, v) - roofline.lingshu_three_pass_memory_gb(
+        n, h, v, main_grad=True) == pytest.approx(v * h * 2 / 1e9)
+
+
+def test_in_the_trainer_the_head_meets_its_peers_time_and_cce_memory():
+    """The fused CE's targets at the 7B head (H100 model), where the trainer needs the head's gradient:
+    in its fp32 main gradient: filtering off no slower than Liger, filtering on no slower than CCE, and
+    less extra memory than CCE (whose bf16 grad_weight is held until the grad buffer's hook has run)."""
+    s, h100 = roofline.FLCE_SHAPE, roofline.CARDS["H100"]
+    off, on = roofline.trainer_rows(h100, 1.0, **s), roofline.trainer_rows(h100, 0.1, **s)
+    ours = "lingshu 3-pass into main_grad"
+    assert off[ours].ms <= off["liger + hook"].ms and off[ours].ms <= roofline.liger_flce(h100, **s).ms
+    assert on[ours].ms <= on["cce + hook"].ms
+    memory = roofline.trainer_memory_gb(**s)
+    assert memory[ours] <= memory["cce + hook"] and memory["lingshu 4-pass into main_grad"] <= memory["cce + hook"]

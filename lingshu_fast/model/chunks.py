@@ -35,6 +35,10 @@ class ModelChunks(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.chunks[-1].lm_head_weight
 
+    @property
+    def lm_head_is_embedding(self) -> bool:
+        return self.chunks[-1].lm_head_is_embedding
+
     def forward(self, *args, **kwargs):
         raise RuntimeError("ModelChunks runs only through the pipeline runner (its chunks are pipeline stages)")
 

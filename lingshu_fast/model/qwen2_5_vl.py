@@ -143,6 +143,12 @@ class Qwen25VLModel(nn.Module):
         return self.lm_head.weight if self.lm_head.weight is not None else self.embed_tokens.weight
 
     @property
+    def lm_head_is_embedding(self) -> bool:
+        """True when `lm_head_weight` IS this stage's embedding weight (tied, one stage), whose gradient
+        then also arrives through the embedding's backward."""
+        return self.lm_head.weight is None
+
+    @property
     def vocab_start_end(self) -> tuple[int, int]:
         """[start, end) of the global vocabulary ids held by this TP rank's lm_head_weight."""
         from megatron.core import parallel_state as ps

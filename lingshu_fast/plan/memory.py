@@ -81,26 +81,29 @@ def state_bytes(numel: dict[str, int], cfg: Config, *, dp: int, param_bytes: int
 
 
 def flce_workspace_bytes(w: Widths, tokens: int, split: Split, backend: str, head_trainable: bool,
-                         scalar_loss: bool = False) -> float:
+                         scalar_loss: bool = False, main_grad_bytes: int = 0) -> float:
     """The fused linear cross-entropy's buffers during its backward (kernels/fused_linear_cross_entropy.py):
     Triton path: the dlogits stripe D [N, S] (<= STRIPE_BYTES), fp32 grad_hidden and its cast, and the
     head's weight gradient in the weight's dtype; with a scalar loss (`scalar_loss`: stages 1-3) and no
     vocabulary split, the 3-pass path instead: the [rows, V] stripe and its fp32 partials, grad_hidden
     and grad_weight in the inputs' dtype (formed in forward, held until backward); reference path: fp32
-    grad_weight, grad_hidden and one row chunk of logits."""
+    grad_weight, grad_hidden and one row chunk of logits. `main_grad_bytes` > 0 (the trainer: its grad
+    buffers give the head a main gradient of that element size): the weight's gradient is added into it
+    (gradient-accumulation fusion), so no grad_weight is held (the reference keeps an fp32 one only for a
+    16-bit main gradient) and the 3-pass stripe is sized for that main gradient's read-add-write."""
     v_local = w.vocab // split.tp
+    fused_head = head_trainable and main_grad_bytes > 0
     if backend == "fused":
         cfg = flce.BWD_CONFIGS[("16bit", 90)]
         n_tiles = -(-v_local // cfg.block_v)
+        head_grad = v_local * w.hidden * 2 if head_trainable and not fused_head else 0
         if scalar_loss and split.tp == 1:
-            rows = flce.plan_row_stripe(tokens, cfg.block_n, 90)
-            head_grad = v_local * w.hidden * 2 if head_trainable else 0
+            rows = flce.plan_row_stripe(tokens, cfg.block_n, 90, max(1, main_grad_bytes // 2) if fused_head else 1)
             return rows * v_local * 2 + 4 * n_tiles * rows * 4 + tokens * w.hidden * 2 + head_grad
         stripe = flce.plan_stripe_tiles(tokens, n_tiles, cfg.block_v, 2, flce.STRIPE_BYTES)
-        head_grad = v_local * w.hidden * 2 if head_trainable else 0
         return tokens * stripe * cfg.block_v * 2 + tokens * w.hidden * (4 + 2) + head_grad
     chunk_rows = max(1, (1 << 22) // max(v_local, 1))
-    head_grad = v_local * w.hidden * 4 if head_trainable else 0
+    head_grad = v_local * w.hidden * 4 if head_trainable and (not fused_head or main_grad_bytes != 4) else 0
     return tokens * w.hidden * 4 + min(tokens, chunk_rows) * v_local * 4 + head_grad
 
 
@@ -160,7 +163,9 @@ def activation_terms(w: Widths, tokens: int, patches: int, pieces: RankPieces, c
                      backend: str, split: Split, vit_depth: int, in_flight: float) -> tuple[float, float]:
     head_trainable = "llm" not in cfg.model.freeze
     scalar_loss = cfg.train.stage != 4  # the GRPO loss sends per-token gradients (the 4-pass path)
-    workspace = flce_workspace_bytes(w, tokens, split, backend, head_trainable, scalar_loss) if pieces.last else 0.0
+    main_grad_bytes = 4 if cfg.optim.grad_accumulation_dtype == "fp32" else BACKENDS[backend]  # grad buffers
+    workspace = (flce_workspace_bytes(w, tokens, split, backend, head_trainable, scalar_loss, main_grad_bytes)
+                 if pieces.last else 0.0)
     embed_grad = w.vocab // split.tp * w.hidden * BACKENDS[backend] if head_trainable else 0.0
     return rank_activation_peak(w, tokens, patches, pieces, policy=policy, every_k=cfg.model.checkpoint_every_k_layers,
                                 backend=backend, split=split, vit_depth=vit_depth, head_workspace=workspace,

@@ -190,13 +190,15 @@ def norm_count(rmb: RLMicroBatch, loss_agg: str) -> int:
     return rmb.num_masked if loss_agg == "token-mean" else rmb.num_seqs
 
 
-def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, rmb: RLMicroBatch, rl_cfg, tp_group=None):
-    """(this micro-batch's `loss_agg` mean, stats) from the final hidden states: `fused_linear_grpo_loss`."""
+def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, rmb: RLMicroBatch, rl_cfg, tp_group=None,
+              head_grad: Optional[dict] = None):
+    """(this micro-batch's `loss_agg` mean, stats) from the final hidden states: `fused_linear_grpo_loss`
+    (`head_grad`: the runner's `head_grad_fusion()`)."""
     return fused_linear_grpo_loss(
         hidden, lm_head_weight, rmb.mb.labels, rmb.advantages, rmb.loss_mask, rmb.seq_index,
         old_logprobs=rmb.old_logprobs, ref_logprobs=rmb.ref_logprobs, beta=rl_cfg.beta,
         clip_low=rl_cfg.clip_low, clip_high=rl_cfg.clip_high, temperature=rl_cfg.temperature,
-        loss_agg=rl_cfg.loss_agg, tp_group=_tp(tp_group))
+        loss_agg=rl_cfg.loss_agg, tp_group=_tp(tp_group), **(head_grad or {}))
 
 
 STAT_KEYS = ("kl", "clip_frac", "masked_tokens")  # summed per update: kl and clip_frac times masked tokens
@@ -249,7 +251,7 @@ def grpo_closures(runner, rmbs: Sequence[RLMicroBatch], rl_cfg, pad_token_id: in
         count = norm_count(rmb, rl_cfg.loss_agg)
         if count == 0:  # nothing trained (padding, or every response cut to nothing)
             return hidden.sum() * 0.0, {"kl": 0.0, "clip_frac": 0.0, "masked_tokens": 0.0}
-        loss, stats = grpo_loss(hidden, runner.lm_head_weight, rmb, rl_cfg, runner.tp_group)
+        loss, stats = grpo_loss(hidden, runner.lm_head_weight, rmb, rl_cfg, runner.tp_group, runner.head_grad_fusion())
         n = rmb.num_masked
         return loss * count, {"kl": stats["kl"] * n, "clip_frac": stats["clip_frac"] * n, "masked_tokens": n}
 

@@ -9,6 +9,8 @@
   sync per micro-batch); only the rank holding the last stage computes them (`holds_loss`).
 - `on_last_backward()`: called when this rank's backward of the step's last micro-batch starts (the
   grad buffers then reduce each bucket as soon as it is complete, overlapping the backward).
+- `head_grad_fusion()`: the fused losses' keywords that add the head's weight gradient straight into
+  its main gradient (Megatron's gradient-accumulation fusion): no [V, H] grad_weight is allocated.
 
 `LocalRunner` runs the micro-batches one after the other (TP and DP still apply); `PipelineRunner`
 hands them to the pipeline schedules (`lingshu_fast.parallel.pipeline`). Both pad a micro-batch to
@@ -54,6 +56,16 @@ def _pad_to_multiple(mb, multiple: int, pad_token_id: int):
     return mb.pad_to(mb.num_tokens + extra, int(mb.cu_seqlens.numel()), pad_token_id=pad_token_id) if extra else mb
 
 
+def head_grad_fusion(model, weight: torch.Tensor) -> dict:
+    """`main_grad` / `on_main_grad` for the fused losses when the grad buffers gave the head weight a main
+    gradient (nothing otherwise). A head tied to this stage's embedding still receives the embedding's
+    gradient through autograd, whose hook then announces it: no `on_main_grad` for it."""
+    main_grad = getattr(weight, "main_grad", None)
+    if main_grad is None or not weight.requires_grad:
+        return {}
+    return dict(main_grad=main_grad, on_main_grad=None if model.lm_head_is_embedding else weight.main_grad_added)
+
+
 class LocalRunner:
     """Forward/backward without pipeline parallelism (TP and DP still apply)."""
 
@@ -67,6 +79,9 @@ class LocalRunner:
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.lm_head_weight
+
+    def head_grad_fusion(self) -> dict:
+        return head_grad_fusion(self.model, self.lm_head_weight)
 
     def pad(self, mb, pad_token_id: int = 0):
         return _pad_to_multiple(mb, self.token_multiple, pad_token_id)
@@ -123,6 +138,9 @@ class PipelineRunner:
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self._last.lm_head_weight
+
+    def head_grad_fusion(self) -> dict:
+        return head_grad_fusion(self._last, self.lm_head_weight)
 
     def count(self, n: int) -> int:
         return self.schedules.count(n)

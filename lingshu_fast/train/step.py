@@ -26,12 +26,14 @@ class LossOptions:
 
 
 def lm_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                tp_group: Optional[dist.ProcessGroup], opts: LossOptions) -> torch.Tensor:
+                tp_group: Optional[dist.ProcessGroup], opts: LossOptions, head_grad: Optional[dict] = None) -> torch.Tensor:
     """Summed next-token cross-entropy of final hidden states against (pre-shifted) labels, from the
-    vocab-sharded head weight, without materialising logits."""
+    vocab-sharded head weight, without materialising logits. `head_grad`: the runner's
+    `head_grad_fusion()` (the sum is then backwarded as it is, with gradient 1, as the runners do)."""
     tp = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     return fused_linear_cross_entropy(hidden, lm_head_weight, labels, reduction="sum", tp_group=tp,
-                                      z_loss_weight=opts.z_loss_weight, label_smoothing=opts.label_smoothing)
+                                      z_loss_weight=opts.z_loss_weight, label_smoothing=opts.label_smoothing,
+                                      **(head_grad or {}))
 
 
 def model_inputs(mb: MicroBatch) -> dict:
@@ -49,6 +51,7 @@ def sft_closures(runner, microbatches: Sequence[MicroBatch], opts: LossOptions,
         return first(**model_inputs(mbs[k])).hidden_states
 
     def loss_of(hidden: torch.Tensor, k: int):
-        return lm_loss_sum(hidden, runner.lm_head_weight, mbs[k].labels, runner.tp_group, opts), {}
+        return lm_loss_sum(hidden, runner.lm_head_weight, mbs[k].labels, runner.tp_group, opts,
+                           runner.head_grad_fusion()), {}
 
     return mbs, first_forward, loss_of
