@@ -36,6 +36,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from lingshu_fast.parallel.relay import model_chunks
+
 DEFAULT_BUCKET_NUMEL = 40_000_000
 
 
@@ -232,12 +234,19 @@ class GradBuffers:
                 b.gather_work = None
 
     def wait_before_forward(self, model: torch.nn.Module) -> list:
-        """Forward pre-hooks that wait for a module's parameters' gather (overlap with the forward)."""
+        """Forward pre-hooks that wait for a module's parameters' gather (overlap with the forward), and on
+        each pipeline chunk (`model_chunks`) a forward hook that waits for all of the chunk's: a parameter
+        read outside its module's forward (the LM head weight, which the fused loss takes directly after
+        the forward) is then complete before anything reads it."""
         handles = []
         for module in model.modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in self._bucket_of]
             if own:
                 handles.append(module.register_forward_pre_hook(lambda m, args, own=own: self.wait_params(own)))
+        for chunk in model_chunks(model):
+            own = [p for p in chunk.parameters() if id(p) in self._bucket_of]
+            if own:
+                handles.append(chunk.register_forward_hook(lambda m, args, out, own=own: self.wait_params(own)))
         return handles
 
     # ------------------------------------------------------------------ accounting

@@ -307,3 +307,53 @@ def test_bf16_params_get_fp32_master_weights():
     assert torch.equal(plain16.detach(), start16)  # the stall the masters exist for
     assert not torch.equal(w16.detach(), start16)
     torch.testing.assert_close(w16.detach(), w32.detach().to(torch.bfloat16), rtol=0, atol=0)
+
+
+class _HeadReadOutsideForward(torch.nn.Module):
+    """A trunk and a head whose forward never runs: the loss reads `head.weight` directly after the
+    model's forward, as the fused cross-entropy reads the LM head weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 9, bias=False)
+
+    def forward(self, x):
+        return self.trunk(x)
+
+
+def _overlapped_gather_steps(dims, overlap: bool):
+    """DP=2, distributed optimizer: 3 steps; with `overlap`, each step's parameter all-gather runs
+    asynchronously into the next forward. Reports, per step, whether every gather had been waited for
+    when the model's forward returned (what the loss then reads must be complete)."""
+    from megatron.core import parallel_state as ps
+
+    model = _HeadReadOutsideForward()
+    cfg = OptimConfig(lr=1e-2, warmup_steps=0, distributed=True, overlap_param_gather=overlap)
+    opt = build_optimizer({"llm": list(model.parameters())}, cfg, dp_group=ps.get_data_parallel_group(), model=model,
+                          bucket_numel=30)  # the head (54 elements) in a bucket of its own
+    complete_after_forward = []
+    for step in range(3):
+        torch.manual_seed(100 + step + dims.dp_rank)
+        x = torch.randn(3, 4)
+        opt.buffers.zero()
+        opt.buffers.start_last_backward()
+        hidden = model(x)
+        complete_after_forward.append(all(b.gather_work is None for b in opt.buffers.buckets))
+        (hidden @ model.head.weight.T).square().sum().backward()
+        opt.buffers.finish()
+        opt.step()
+    opt.buffers.wait_params()
+    return complete_after_forward, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.dist
+def test_overlapped_param_gather_completes_before_the_loss_reads_the_head():
+    """optim.overlap_param_gather: forward pre-hooks wait for each module's gather, and the model's
+    forward hook for the rest, so the head weight the loss reads outside any module forward is never
+    read mid-gather; the weights equal the non-overlapped run's. (Without the forward hook the head's
+    bucket is still in flight when the forward returns: the first assertion fails.)"""
+    overlapped, plain = spawn(_overlapped_gather_steps, 2, True), spawn(_overlapped_gather_steps, 2, False)
+    for (complete, weights), (_, want) in zip(overlapped, plain):
+        assert complete == [True, True, True]
+        assert torch.equal(weights, want)
