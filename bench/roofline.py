@@ -340,8 +340,8 @@ def predicted_ms(provider: str, pass_name: str, card_key: str, n: int, h: int, v
     if provider == "liger":
         total = liger_flce(card, n, h, v).ms
         return {"fwd": total, "bwd": 0.0, "fwd_bwd": total}[pass_name]
-    if provider == "lingshu":
-        f, b = lingshu_flce_three_pass(card, n, h, v, keep=keep).parts
+    if provider in ("lingshu", "lingshu_main_grad"):
+        f, b = lingshu_flce_three_pass(card, n, h, v, keep=keep, main_grad=provider == "lingshu_main_grad").parts
         return {"fwd": f.ms, "bwd": b.ms, "fwd_bwd": f.ms + b.ms}[pass_name]
     fwd, bwd = {"lingshu_4pass": (lingshu_flce_forward, lingshu_flce_backward),
                 "cce": (cce_forward, cce_backward)}[provider]

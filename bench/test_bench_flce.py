@@ -2,7 +2,9 @@
 logits vs the same under torch.compile vs Liger's FLCE vs Apple's Cut Cross-Entropy (when importable);
 forward, backward and both; time (pytest-benchmark) and peak memory (extra_info). Gradient filtering
 is compared at identical settings: `lingshu` and `cce` with it off, `lingshu_filter` and `cce_filter`
-with CCE's 2**-12 (CCE filters by default: its off row passes filter_eps=None).
+with CCE's 2**-12 (CCE filters by default: its off row passes filter_eps=None). `lingshu_main_grad` is
+the trainer's call: the weight's gradient is added into an fp32 main gradient that exists before the
+step (as the grad buffers' does) instead of being returned, so no [V, H] gradient is held.
 On a modelled card (A100/H100/H200) each row of lingshu, Liger and CCE also records the roofline
 model's prediction (bench/roofline.py, keep=1 for the off rows) and measured / predicted.
 
@@ -37,7 +39,7 @@ SHAPES = {
     "cuda": dict(n=16384, h=3584, v=152064, dtype=torch.bfloat16),
 }
 # run in this order: a budget cut on a lent GPU loses the last (torch.compile, the slowest) first
-PROVIDERS = ("lingshu", "lingshu_filter", "liger", "cce", "cce_filter", "torch", "torch_compile")
+PROVIDERS = ("lingshu", "lingshu_filter", "lingshu_main_grad", "liger", "cce", "cce_filter", "torch", "torch_compile")
 FILTER_EPS = 2.0**-12  # CCE's threshold for bf16, used by both *_filter rows
 PASSES = ("fwd", "bwd", "fwd_bwd")
 
@@ -64,6 +66,7 @@ def _torch_materialised(hidden, weight, labels):
 
 
 _COMPILED = {}
+_MAIN_GRADS = {}  # the trainer's fp32 main gradient of the head, allocated at the warm-up step (state)
 
 
 def loss_fn(provider: str):
@@ -71,6 +74,14 @@ def loss_fn(provider: str):
         from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
         eps = FILTER_EPS if provider == "lingshu_filter" else 0.0
         return lambda hidden, weight, labels: fused_linear_cross_entropy(hidden, weight, labels, filter_eps=eps)
+    if provider == "lingshu_main_grad":
+        from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+        def into_main_grad(hidden, weight, labels):
+            if id(weight) not in _MAIN_GRADS:
+                _MAIN_GRADS[id(weight)] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            return fused_linear_cross_entropy(hidden, weight, labels, main_grad=_MAIN_GRADS[id(weight)])
+        return into_main_grad
     if provider == "torch":
         return _torch_materialised
     if provider == "torch_compile":
@@ -214,7 +225,7 @@ def record_model_ratio(info: dict, benchmark, provider: str, pass_name: str, sha
 
     card = roofline.card_of(info.get("device", "")) if _device() == "cuda" else None
     model_provider = provider.removesuffix("_filter")
-    if card is None or model_provider not in ("lingshu", "liger", "cce"):
+    if card is None or model_provider not in ("lingshu", "lingshu_main_grad", "liger", "cce"):
         return
     predicted = roofline.predicted_ms(model_provider, pass_name, card, shape["n"], shape["h"], shape["v"])
     best_s = benchmark.stats.stats.min
