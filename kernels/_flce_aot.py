@@ -63,6 +63,10 @@ def flce_aot_specs(prefix: str = "flce", variants=AOT_VARIANTS, sumx=(False, Tru
         specs.append(_spec(f"{prefix}_bwd_dw[{tag}", _flce_dw_kernel, sig, {**consts, "ACCUMULATE": False},
                            b.num_warps, b.stages_grad, arch,
                            prec, ("H", "V", "col0", "stride_dn", "stride_hn", "stride_gwv")))
+        if ty != "fp32":  # gradient-accumulation fusion: 16-bit inputs add into the fp32 main gradient (both paths)
+            specs.append(_spec(f"{prefix}_dw_into_main_grad[{tag}", _flce_dw_kernel, {**sig, "gw_ptr": "*fp32"},
+                               {**consts, "ACCUMULATE": True}, b.num_warps, b.stages_grad, arch, prec,
+                               ("H", "V", "col0", "stride_dn", "stride_hn", "stride_gwv")))
         sig = {"d_ptr": f"*{ty}", "w_ptr": f"*{ty}", "kept_cols_ptr": "*i32", "n_kept_ptr": "*i32", "gh_ptr": "*fp32",
                **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_wv", "stride_ghn")}
         specs.append(_spec(f"{prefix}_bwd_de[{tag}", _flce_de_kernel, sig, consts, b.num_warps, b.stages_grad, arch,
@@ -102,10 +106,6 @@ def _three_pass_specs(prefix, ty, prec, arch, b: BwdConfig, sumx, filters) -> li
     specs.append(_spec(f"{prefix}_3p_dw_accumulate[{tag}", _flce_dw_kernel, sig, {**consts, "ACCUMULATE": True},
                        b.num_warps, b.stages_grad, arch, prec,
                        ("H", "V", "col0", "stride_dn", "stride_hn", "stride_gwv")))
-    if ty != "fp32":  # gradient-accumulation fusion: 16-bit inputs adding into the fp32 main gradient (both paths)
-        specs.append(_spec(f"{prefix}_dw_into_main_grad[{tag}", _flce_dw_kernel, {**sig, "gw_ptr": "*fp32"},
-                           {**consts, "ACCUMULATE": True}, b.num_warps, b.stages_grad, arch, prec,
-                           ("H", "V", "col0", "stride_dn", "stride_hn", "stride_gwv")))
     if ty != "fp32":
         sig = {"d_ptr": f"*{ty}", "w_ptr": f"*{ty}", "kept_cols_ptr": "*i32", "n_kept_ptr": "*i32", "gh_ptr": f"*{ty}",
                **_i32("N", "H", "V", "col0", "stripe_tiles", "stride_dn", "stride_wv", "stride_ghn")}

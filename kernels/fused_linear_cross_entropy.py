@@ -34,7 +34,7 @@ them (a model, not a measurement).
   logits does fewer than these four GEMMs; Liger does three by keeping [512, V] logits chunks.
 - 3-pass path (a scalar loss, the SFT path): when reduction is 'sum' or 'mean' and a gradient is wanted,
   the gradients are computed IN FORWARD, row stripe by row stripe (`plan_row_stripe` rows, all of V,
-  an X [rows, V] buffer of ~195 MB at the 7B head on H100): the logits kernel stores exp(x - tile
+  an X [rows, V] buffer of ~195 MB at the 7B head on H100, ~390 MB when adding into an fp32 main_grad): the logits kernel stores exp(x - tile
   max) (in [0, 1], so bf16 keeps each probability to 2**-9 relative; raw bf16 logits would not) and
   fp32 partials (GEMM 1), torch merges the lse, a kernel turns X into g * dlogits in place
   (same formula and filter as kernel 1 above), then the dW kernel adds X^T @ hidden into grad_weight

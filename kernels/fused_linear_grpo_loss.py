@@ -3,7 +3,8 @@ holding [N, V] logits, vocab-parallel under a tensor-parallel group.
 
 `fused_linear_grpo_loss(hidden [N,H], weight [V_local,H], labels [N], advantages [N], loss_mask [N] bool,
 seq_index [N] long, *, old_logprobs=None, ref_logprobs=None, beta=0.0, clip_low=0.2, clip_high=0.2,
-temperature=1.0, loss_agg="token-mean", tp_group=None) -> (loss, stats)`
+temperature=1.0, loss_agg="token-mean", tp_group=None, main_grad=None, on_main_grad=None) -> (loss, stats)`
+(`main_grad`: the weight's gradient is added into it instead of returned, see fused_linear_cross_entropy)
 
 Per token t with loss_mask[t]:
     logp  = log_softmax(hidden @ weight.T / temperature)[label]

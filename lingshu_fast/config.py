@@ -149,6 +149,9 @@ class TrainConfig:
     max_consecutive_skips: int = num(5, ge=1)
     loss_z_weight: float = num(0.0, ge=0)
     label_smoothing: float = num(0.0, ge=0, lt=1)
+    # the LM-head loss's gradient filtering (Cut Cross-Entropy's rule, an approximation): skip gradient
+    # tiles whose probabilities are all below it; 0 = off, 0.000244140625 (2**-12) is CCE's bf16 choice
+    loss_filter_eps: float = num(0.0, ge=0)
     # start-up memory check (lingshu_fast.plan): the layout's predicted peak against this many GB (GiB)
     # per device; null: the CUDA device's total memory (no check on CPU unless set)
     device_memory_gb: Optional[float] = num(None, gt=0)

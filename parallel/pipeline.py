@@ -67,9 +67,8 @@ class _StageModule(nn.Module):
             mb = self.schedules.current[k]
             out = self.chunk(hidden_states=x, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens,
                              max_seqlen=mb.max_seqlen).hidden_states
-        hook = self.schedules.before_last_backward
-        if hook is not None and k == len(self.schedules.current) - 1 and out.requires_grad:
-            out.register_hook(lambda grad: (hook(), grad)[1])  # this stage's last backward starts here
+        if not self.chunk.post_process:  # the last stage's backward starts at its loss (`_loss`)
+            self.schedules.hook_last_backward(out, k)
         return out
 
 
@@ -140,8 +139,20 @@ class PipelineSchedules:
         self._forwards[chunk_index] += 1
         return k
 
+    def hook_last_backward(self, t: torch.Tensor, k: int) -> None:
+        """Call `before_last_backward` when the gradient of micro-batch k's `t` (the stage output, or the
+        last stage's loss: the first tensor its backward reaches) arrives, if k is the step's last."""
+        hook = self.before_last_backward
+        if hook is not None and k == len(self.current) - 1 and t.requires_grad:
+            t.register_hook(lambda grad: (hook(), grad)[1])
+
     def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._loss_fn(hidden, int(target.reshape(-1)[0]))  # the target is the micro-batch's index
+        k = int(target.reshape(-1)[0])  # the target is the micro-batch's index
+        loss = self._loss_fn(hidden, k)
+        # at the loss, not at `hidden`: the loss's own backward (the LM head's, whose gradient is the first
+        # to reach the grad buffers) runs before the gradient of `hidden` exists
+        self.hook_last_backward(loss, k)
+        return loss
 
     def step(self, microbatches: Sequence, first_forward: Callable, loss_fn: Callable,
              before_last_backward: Optional[Callable] = None) -> None:

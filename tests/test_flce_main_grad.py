@@ -158,3 +158,75 @@ def test_grad_buffers_reduce_the_fused_head_during_backward(monkeypatch, reducti
         torch.testing.assert_close(head_f, head_p, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(trunk_f, trunk_p, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fused[0][1], fused[1][1])  # reduced: both ranks hold the sum
+
+
+def _model_step(tied: bool, fuse: bool):
+    """The real model (tiny widths) in grad buffers, one micro-batch through the runner's SFT loss:
+    (head fusion keywords, every parameter's main gradient after `finish`)."""
+    import lingshu_fast.model as M
+    from lingshu_fast.model.testing import model_inputs, packed_batch
+    from lingshu_fast.train.optim import build_optimizer
+    from lingshu_fast.train.runner import LocalRunner
+    from lingshu_fast.train.step import LossOptions, lm_loss_sum
+
+    config = M.tiny_hf_config(tie_word_embeddings=tied)
+    model = M.build_model(config, seed=5)
+    opt = build_optimizer(M.param_groups(model), _optim_cfg(), dp_group=None, model=model)
+    runner = LocalRunner(model, None)
+    fusion = runner.head_grad_fusion()
+    batch = packed_batch(config)
+    opt.buffers.zero()
+    opt.buffers.start_last_backward()
+    hidden = model(**model_inputs(batch)).hidden_states
+    loss = lm_loss_sum(hidden, runner.lm_head_weight, torch.roll(batch["input_ids"], -1), None, LossOptions(),
+                       fusion if fuse else None)
+    loss.backward()
+    pending = [b for b in opt.buffers.buckets if b.pending]
+    opt.buffers.finish()
+    grads = {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return fusion, grads, pending, model
+
+
+def _optim_cfg():
+    from lingshu_fast.config import OptimConfig
+
+    return OptimConfig(lr=1e-3, warmup_steps=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_runner_fuses_the_head_into_its_main_grad(monkeypatch, tied):
+    """The trainer's wiring: the runner hands the head's main gradient to the loss, with the arrival
+    announced by the kernel for an untied head and left to the embedding's hook for a tied one (whose
+    gradient is not complete until the embedding's backward); every main gradient equals the unfused
+    run's, and no bucket is left waiting for `finish`."""
+    monkeypatch.setenv("LINGSHU_KERNELS", "torch")
+    fusion, fused, pending, model = _model_step(tied, True)
+    head = model.lm_head_weight
+    assert model.lm_head_is_embedding == tied
+    assert fusion["main_grad"] is head.main_grad
+    assert fusion["on_main_grad"] is None if tied else fusion["on_main_grad"] == head.main_grad_added
+    assert not pending
+    _, plain, _, _ = _model_step(tied, False)
+    assert fused.keys() == plain.keys()
+    for name, want in plain.items():
+        torch.testing.assert_close(fused[name], want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_train_loss_filter_eps_reaches_the_fused_loss(monkeypatch):
+    """train.loss_filter_eps -> LossOptions.filter_eps -> the op's gradient filter: the stage loss's
+    gradients equal the op's with the same filter and differ from the unfiltered ones (the inputs have
+    tiles that the filter drops)."""
+    from flce_cases import peaky_inputs
+
+    from lingshu_fast.config import load_config
+    from lingshu_fast.train.step import LossOptions, lm_loss_sum
+
+    monkeypatch.setenv("LINGSHU_KERNELS", "torch")
+    eps = load_config("tiny-sft", ["train.loss_filter_eps=0.000244140625"]).train.loss_filter_eps
+    hidden, weight, labels = peaky_inputs(torch.float32)
+    got = torch.autograd.grad(lm_loss_sum(hidden, weight, labels, None, LossOptions(filter_eps=eps)), (hidden,))[0]
+    want = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", filter_eps=eps),
+                               (hidden,))[0]
+    exact = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels, reduction="sum"), (hidden,))[0]
+    assert torch.equal(got, want)
+    assert not torch.equal(got, exact)

@@ -217,6 +217,7 @@ def train_rl(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optiona
                 run.summary["reward_end"] = ro_stats["reward_mean"]
                 updated, save_due = updated or result.updated, save_due or run.checkpoint_due(step)
             if backend is not None and updated and run.step < cfg.train.max_steps:
+                state.optimizer.buffers.wait_params()  # an overlapped parameter gather must be complete
                 backend.push_weights(state.model, run.step)  # collective; the next rollout samples the new policy
             if save_due:
                 run.save(run.step)

@@ -23,7 +23,8 @@ def train(cfg: Config, dims: Optional[ParallelDims] = None, evaluate: Optional[E
     """Run (or resume) one stage; returns a summary for the demo's table."""
     with StageRun(cfg, dims, build_state, evaluate) as run:
         state, per_rank = run.state, microbatches_per_rank(cfg, run.dims)
-        opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing)
+        opts = LossOptions(z_loss_weight=cfg.train.loss_z_weight, label_smoothing=cfg.train.label_smoothing,
+                           filter_eps=cfg.train.loss_filter_eps)
         for step in range(run.start + 1, cfg.train.max_steps + 1):
             timer = run.timer()  # the step's time includes its wait for data
             mbs = state.loader.take_step(per_rank)

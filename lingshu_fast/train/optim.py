@@ -86,7 +86,8 @@ class MainParamAdamW(torch.optim.AdamW):
     (parameter, owned range), so each keeps its parameter's group (LR, weight decay) and Adam's
     moments exist only for the owned ranges. After each step the new values are written into the
     parameter buffer and, under the distributed optimizer, all-gathered over DP (asynchronously with
-    `overlap_param_gather`: forward pre-hooks wait for each module's parameters)."""
+    `overlap_param_gather`: forward pre-hooks wait for each module's parameters, and each pipeline
+    chunk's forward hook for all of its own, such as the LM head weight the loss reads directly)."""
 
     def __init__(self, groups: list[dict], buffers: GradBuffers, *, overlap_param_gather: bool = False,
                  model: Optional[torch.nn.Module] = None, **kwargs):

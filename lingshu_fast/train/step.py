@@ -23,6 +23,7 @@ from lingshu_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_e
 class LossOptions:
     z_loss_weight: float = 0.0
     label_smoothing: float = 0.0
+    filter_eps: float = 0.0  # train.loss_filter_eps
 
 
 def lm_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
@@ -33,6 +34,7 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torc
     tp = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     return fused_linear_cross_entropy(hidden, lm_head_weight, labels, reduction="sum", tp_group=tp,
                                       z_loss_weight=opts.z_loss_weight, label_smoothing=opts.label_smoothing,
+                                      filter_eps=opts.filter_eps,
                                       **(head_grad or {}))
 
 
