@@ -18,3 +18,13 @@ __all__ = [
     "FlceOptions", "fused_linear_cross_entropy", "fused_linear_grpo_loss", "grpo_advantages", "pack_images",
     "token_logprobs", "window_index",
 ]
+
+if __name__ == "kernels":  # this folder imported as a TOP-LEVEL package: the repo root is on sys.path
+    def __getattr__(name: str):
+        if name.startswith("__"):  # probes such as getattr(module, "__version__", None) get their default
+            raise AttributeError(name)
+        raise ImportError(
+            f"cannot import {name!r} from 'kernels': {__file__} is lingshu_fast's kernels/ folder, found as the "
+            "top-level package 'kernels' because the repository root is on sys.path (python -m or torchrun -m "
+            "started in the repository root), shadowing Hugging Face's `kernels` package that transformers "
+            "imports. Set PYTHONSAFEPATH=1 or start from another directory.")

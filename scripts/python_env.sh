@@ -13,6 +13,10 @@
 # creating .venv/ for ensure-venv) and installs nothing: tests/test_install_script.py drives it so.
 
 LF_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The scripts run Python from the repo root: keep that folder off sys.path (`python -m` puts the working
+# directory first), or our kernels/ folder shadows Hugging Face's `kernels` package, which transformers
+# (>= 5.25 installs it) imports.
+export PYTHONSAFEPATH=1
 LF_VENV="$LF_ROOT/.venv"
 LF_VENV_PYTHON="$LF_VENV/bin/python"
 

@@ -34,3 +34,25 @@ def test_console_script_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lingshu_fast.cli", "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "train" in proc.stdout and "demo" in proc.stdout
+
+
+def test_repo_root_on_sys_path_gives_a_clear_error_and_the_scripts_keep_it_off(tmp_path):
+    """Started in the repository root (`python -m`), the root is on sys.path and our kernels/ folder is
+    found as a top-level `kernels`, shadowing Hugging Face's package of that name (which transformers
+    >= 5.25 installs and imports from): a name imported from it raises an ImportError that says why
+    and what to do, while probes for dunders get their default. The scripts export PYTHONSAFEPATH=1,
+    so `python -m` there never puts the root on sys.path."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            f"sys.path.insert(0, {str(root)!r})\n"
+            "import kernels\n"
+            "assert getattr(kernels, '__version__', 'N/A') == 'N/A'\n"
+            "from kernels import CUDAProperties\n")
+    proc = _python(code, tmp_path)
+    assert proc.returncode == 1 and "PYTHONSAFEPATH=1" in proc.stderr and "repository root" in proc.stderr, \
+        proc.stderr[-2000:]
+    env_line = subprocess.run(["bash", "-c", f"source {root}/scripts/python_env.sh && echo $PYTHONSAFEPATH"],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+    assert env_line == "1"
