@@ -13,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "bench"):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
+# and the repo root LAST: processes spawned by multi-process tests unpickle their function by its module
+# name (`tests.test_x` under importlib mode), which needs the root; last, so that an installed package
+# always wins over a repo folder of the same name (our kernels/ vs Hugging Face's `kernels`, which
+# transformers imports: the scripts keep the root off the front of sys.path with PYTHONSAFEPATH=1)
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 import pytest  # noqa: E402
