@@ -24,6 +24,7 @@ The model, stated:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -75,7 +76,8 @@ def chain(name: str, costs: list) -> Cost:
                 sum(c.ms for c in costs), parts=list(costs))
 
 
-def wave_panel_bytes(order, sms: int, l2_bytes: float, a_bytes: float, b_bytes: float) -> float:
+@functools.lru_cache(maxsize=None)  # the stripes of one pass repeat the same arguments
+def wave_panel_bytes(order: tuple, sms: int, l2_bytes: float, a_bytes: float, b_bytes: float) -> float:
     """HBM bytes of the operand panels read by programs `order` [(a_index, b_index), ...] under the wave
     model: per wave, each distinct a panel costs a_bytes and b panel b_bytes, unless the previous wave
     read it and that wave's panels fit in half the L2."""
@@ -89,7 +91,8 @@ def wave_panel_bytes(order, sms: int, l2_bytes: float, a_bytes: float, b_bytes: 
     return total
 
 
-def grouped_order(n_major: int, n_minor: int, group: int):
+@functools.lru_cache(maxsize=None)
+def grouped_order(n_major: int, n_minor: int, group: int) -> tuple:
     """The launch order of `_flce_triton._grouped`: (major, minor) per program id."""
     out = []
     for pid in range(n_major * n_minor):
@@ -97,7 +100,7 @@ def grouped_order(n_major: int, n_minor: int, group: int):
         first = (pid // per_group) * group
         size = min(n_major - first, group)
         out.append((first + (pid % per_group) % size, (pid % per_group) // size))
-    return out
+    return tuple(out)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -112,7 +115,7 @@ def lingshu_flce_forward(card: Card, n: int, h: int, v: int, elem: int = 2, key:
     splits = tk.plan_splits(n_rb, n_vt, card.sms, int(card.l2_mb * 2**20), cfg.block_n * h * elem)
     per_split = _cdiv(n_vt, splits)
     splits = _cdiv(n_vt, per_split)
-    order = [(pid // splits, pid % splits) for pid in range(n_rb * splits)]  # splits fastest
+    order = tuple((pid // splits, pid % splits) for pid in range(n_rb * splits))  # splits fastest
     panels = wave_panel_bytes(order, card.sms, card.l2_mb * 2**20, cfg.block_n * h * elem,
                               per_split * cfg.block_v * h * elem)
     flops = 2.0 * n_rb * cfg.block_n * n_vt * cfg.block_v * h

@@ -125,39 +125,45 @@ def test_bad_main_grad_arguments_are_clear_errors():
         fused_linear_cross_entropy(hidden, weight.detach(), labels, main_grad=torch.zeros(40, 16))
 
 
-def _overlap_worker(dims, fused: bool, reduction: str):
-    """Two DP ranks, a trunk + an untied head in grad buffers, the head's bucket first (backward order)."""
+def _overlap_worker(dims):
+    """Two DP ranks, a trunk + an untied head in grad buffers, the head's bucket first (backward order);
+    per (reduction, fused): whether the head's bucket launched during the backward, and the reduced main
+    gradients of the head and the trunk."""
     from lingshu_fast.parallel.grad_buffer import GradBuffers
 
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    trunk = torch.nn.Linear(16, 16)
-    head = torch.nn.Parameter(torch.randn(40, 16) * 0.3)
-    buffers = GradBuffers([head, trunk.weight, trunk.bias], dp_group=dist.group.WORLD, bucket_numel=600)
-    buffers.zero()
-    hidden_in, _, labels = flce_inputs(12, 16, 40, seed=10 + rank)
-    buffers.start_last_backward()
-    kw = dict(main_grad=head.main_grad, on_main_grad=head.main_grad_added) if fused else {}
-    loss = fused_linear_cross_entropy(trunk(hidden_in.detach()), head, labels, reduction=reduction, **kw)
-    loss.backward(_upstream(12, reduction))
-    launched_in_backward = buffers.buckets[0].work is not None
-    buffers.finish()
-    return launched_in_backward, head.main_grad.clone(), trunk.weight.main_grad.clone()
+    rank, out = dist.get_rank(), {}
+    for reduction in ("sum", "none"):
+        for fused in (True, False):
+            torch.manual_seed(0)
+            trunk = torch.nn.Linear(16, 16)
+            head = torch.nn.Parameter(torch.randn(40, 16) * 0.3)
+            buffers = GradBuffers([head, trunk.weight, trunk.bias], dp_group=dist.group.WORLD, bucket_numel=600)
+            buffers.zero()
+            hidden_in, _, labels = flce_inputs(12, 16, 40, seed=10 + rank)
+            buffers.start_last_backward()
+            kw = dict(main_grad=head.main_grad, on_main_grad=head.main_grad_added) if fused else {}
+            loss = fused_linear_cross_entropy(trunk(hidden_in.detach()), head, labels, reduction=reduction, **kw)
+            loss.backward(_upstream(12, reduction))
+            launched_in_backward = buffers.buckets[0].work is not None
+            buffers.finish()
+            out[reduction, fused] = (launched_in_backward, head.main_grad.clone(), trunk.weight.main_grad.clone())
+    return out
 
 
-@pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_grad_buffers_reduce_the_fused_head_during_backward(monkeypatch, reduction):
+def test_grad_buffers_reduce_the_fused_head_during_backward(monkeypatch):
     """`on_main_grad=param.main_grad_added` counts as the gradient's arrival: the head's bucket (first in
     backward order) launches its DP reduction during the backward, as a hook-fed one does (without the
     call it would wait for `finish`, and every later bucket behind it), and the reduced main gradients
-    equal the unfused run's."""
+    equal the unfused run's; both paths (3-pass 'sum', 4-pass 'none')."""
     monkeypatch.setenv("LINGSHU_KERNELS", "torch")
-    fused, plain = spawn(_overlap_worker, 2, True, reduction), spawn(_overlap_worker, 2, False, reduction)
-    for (launched, head_f, trunk_f), (launched_plain, head_p, trunk_p) in zip(fused, plain):
-        assert launched and launched_plain
-        torch.testing.assert_close(head_f, head_p, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(trunk_f, trunk_p, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(fused[0][1], fused[1][1])  # reduced: both ranks hold the sum
+    ranks = spawn(_overlap_worker, 2)
+    for reduction in ("sum", "none"):
+        for out in ranks:
+            (launched, head_f, trunk_f), (launched_plain, head_p, trunk_p) = out[reduction, True], out[reduction, False]
+            assert launched and launched_plain, reduction
+            torch.testing.assert_close(head_f, head_p, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(trunk_f, trunk_p, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ranks[0][reduction, True][1], ranks[1][reduction, True][1])  # reduced: the sum
 
 
 def _model_step(tied: bool, fuse: bool):

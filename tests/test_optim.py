@@ -322,6 +322,10 @@ class _HeadReadOutsideForward(torch.nn.Module):
         return self.trunk(x)
 
 
+def _overlapped_and_plain(dims):
+    return _overlapped_gather_steps(dims, True), _overlapped_gather_steps(dims, False)
+
+
 def _overlapped_gather_steps(dims, overlap: bool):
     """DP=2, distributed optimizer: 3 steps; with `overlap`, each step's parameter all-gather runs
     asynchronously into the next forward. Reports, per step, whether every gather had been waited for
@@ -353,7 +357,6 @@ def test_overlapped_param_gather_completes_before_the_loss_reads_the_head():
     forward hook for the rest, so the head weight the loss reads outside any module forward is never
     read mid-gather; the weights equal the non-overlapped run's. (Without the forward hook the head's
     bucket is still in flight when the forward returns: the first assertion fails.)"""
-    overlapped, plain = spawn(_overlapped_gather_steps, 2, True), spawn(_overlapped_gather_steps, 2, False)
-    for (complete, weights), (_, want) in zip(overlapped, plain):
+    for (complete, weights), (_, want) in spawn(_overlapped_and_plain, 2):
         assert complete == [True, True, True]
         assert torch.equal(weights, want)

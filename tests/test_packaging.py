@@ -1,7 +1,8 @@
 """Packaging: `kernels/` and `parallel/` are reachable only as lingshu_fast.kernels / .parallel.
 
 Pins DESIGN.md's rule: a top-level `kernels` would collide with the PyPI package transformers
-probes for, and a second copy of every kernel module would be imported. Run in a fresh process
+probes for (and, from 5.25 on, installs and imports: then `kernels` in sys.modules is that package,
+never our folder), and a second copy of every kernel module would be imported. Run in a fresh process
 from a neutral folder, as a user's script would be."""
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def test_kernels_and_parallel_are_not_top_level(tmp_path):
         "ours = str(pathlib.Path(lingshu_fast.kernels.__file__).parent)\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "assert spec is None or not str(spec.origin).startswith(ours), spec.origin\n"
-        "assert not any(m == 'kernels' or m.startswith('kernels.') for m in sys.modules), 'kernels imported'\n"
+        "theirs = [m for m in sys.modules if m == 'kernels' or m.startswith('kernels.')]\n"
+        "assert all(not str(getattr(sys.modules[m], '__file__', '')).startswith(ours) for m in theirs), theirs\n"
         "print(lingshu_fast.kernels.fused_linear_cross_entropy.__module__)\n"
     )
     proc = _python(code, tmp_path)

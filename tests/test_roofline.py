@@ -11,9 +11,9 @@ import roofline
 def test_grouped_order_is_the_kernels_super_tile_order():
     """4 row blocks x 3 vocabulary tiles in super-tiles of 2 row blocks: row blocks vary fastest inside
     a group, then the vocabulary tile, then the group (as _flce_triton._grouped)."""
-    assert roofline.grouped_order(4, 3, 2) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2),
+    assert list(roofline.grouped_order(4, 3, 2)) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2),
                                                (2, 0), (3, 0), (2, 1), (3, 1), (2, 2), (3, 2)]
-    assert roofline.grouped_order(3, 2, 2)[4:] == [(2, 0), (2, 1)]  # the ragged last group
+    assert list(roofline.grouped_order(3, 2, 2)[4:]) == [(2, 0), (2, 1)]  # the ragged last group
 
 
 def test_wave_model_counts_panels_per_wave_with_and_without_carry_over():
