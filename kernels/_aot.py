@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,15 +124,37 @@ def compile_spec(spec: AotSpec, capability: int, workdir: str) -> dict:
     return row
 
 
-def run_all(capabilities=(80, 90), modules=KERNEL_MODULES, only: str = "") -> dict:
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(modules, only: str, workdir: str) -> None:
+    _WORKER["specs"] = [s for s in discover_specs(modules) if only in s.name]
+    _WORKER["workdir"] = tempfile.mkdtemp(dir=workdir)  # ptxas's files, one folder per worker
+
+
+def _compile_task(task: tuple[int, int]) -> dict:
+    index, capability = task
+    return compile_spec(_WORKER["specs"][index], capability, _WORKER["workdir"])
+
+
+def run_all(capabilities=(80, 90), modules=KERNEL_MODULES, only: str = "", jobs: int = 0) -> dict:
+    """Compile every spec for each of its targets on `jobs` processes (0: one per usable core). Each
+    compile is independent and single-threaded (triton's MLIR passes, then ptxas), so they spread."""
     import triton
 
     specs = [s for s in discover_specs(modules) if only in s.name]
-    rows = []
+    tasks = [(i, cc) for i, spec in enumerate(specs) for cc in capabilities if cc in spec.capabilities]
+    jobs = min(jobs or len(os.sched_getaffinity(0)), len(tasks))
     with tempfile.TemporaryDirectory(prefix="lingshu_aot_") as workdir:
-        for spec in specs:
-            for cc in (c for c in capabilities if c in spec.capabilities):
-                rows.append(compile_spec(spec, cc, workdir))
+        if jobs <= 1:
+            rows = [compile_spec(specs[i], cc, workdir) for i, cc in tasks]
+        else:
+            # spawned, not forked: each worker imports triton and the kernel modules itself, with this
+            # process's environment (TRITON_CACHE_DIR, and PYTHONPATH when aot_check.sh pins a version)
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(modules, only, workdir)) as pool:
+                rows = list(pool.map(_compile_task, tasks))
     return {"triton": triton.__version__, "results": rows, "ok": bool(rows) and all(not r["problems"] for r in rows)}
 
 

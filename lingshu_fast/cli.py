@@ -21,9 +21,10 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)  # a config error is reported before the heavy imports
     from lingshu_fast.stages import run_stage
 
-    run_stage(load_config(args.recipe, args.overrides))
+    run_stage(cfg)
     return 0
 
 
@@ -73,6 +74,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from lingshu_fast.plan.report import main as plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lingshu-fast", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,9 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
     v.set_defaults(fn=_cmd_eval)
-    from lingshu_fast.plan.report import add_parser as add_plan_parser
+    from lingshu_fast.plan.hardware import CARDS
 
-    add_plan_parser(sub)
+    q = sub.add_parser("plan", help="predict memory and tokens/s/GPU of every layout on N GPUs (a model)")
+    q.add_argument("recipe")
+    q.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    q.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: the recipe's run.hardware, else 8)")
+    q.add_argument("--gpu-memory-gb", type=float, default=None, help="memory per GPU in GiB (default: the card's)")
+    q.add_argument("--gpu", choices=sorted(CARDS), default=None, help="the card (default: run.hardware's, else h100)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--all", action="store_true", help="list every fitting layout, not the first 15")
+    q.set_defaults(fn=_cmd_plan)
     return p
 
 

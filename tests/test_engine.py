@@ -214,3 +214,14 @@ def test_interleaved_pipeline_matches_single_process(tmp_path, demo_data):
     reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "base" / "hf")).state_dict()
     for name, tensor in hf.state_dict().items():
         assert (tensor - reference[name]).abs().max() <= 1e-4, name
+
+
+def test_a_config_error_comes_before_the_heavy_imports():
+    """A mistyped override is reported in a fraction of a second: the CLI parses and checks the config
+    before it imports torch, Megatron-Core or transformers (the training stack takes seconds to import)."""
+    code = ("import sys\nfrom lingshu_fast.cli import main\nrc = main(['train', 'tiny-sft', 'parallel.tp=two'])\n"
+            "heavy = sorted(m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules)\n"
+            "print(rc, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+    assert "config error: override 'parallel.tp=two'" in proc.stderr

@@ -1,4 +1,6 @@
 """parallel.state builds Megatron-Core TP/PP/DP groups from torchrun's environment (gloo, CPU)."""
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,6 +24,24 @@ def test_tp2_dp2_groups():
     assert [d.dp_rank for d in dims] == [0, 0, 1, 1]
     # ranks 0,1 form one TP group and 2,3 the other
     assert [s for _, s in out] == [1.0, 1.0, 5.0, 5.0]
+
+
+def _environment_seen(dims):
+    import sys
+
+    return os.environ.get("LINGSHU_SPAWN_PROBE"), os.environ.get("LINGSHU_KERNELS"), "torch" in sys.modules
+
+
+def test_ranks_see_the_environment_of_the_spawn_call(monkeypatch):
+    """Pins: the ranks start from a forkserver started once, but each gets the caller's environment as it
+    is when `spawn` is called (a test's monkeypatched LINGSHU_KERNELS must reach its ranks), including
+    a variable removed since an earlier spawn."""
+    monkeypatch.setenv("LINGSHU_SPAWN_PROBE", "first")
+    monkeypatch.setenv("LINGSHU_KERNELS", "torch")
+    assert spawn(_environment_seen, 2) == [("first", "torch", True)] * 2
+    monkeypatch.setenv("LINGSHU_SPAWN_PROBE", "second")
+    monkeypatch.delenv("LINGSHU_KERNELS")
+    assert spawn(_environment_seen, 2) == [("second", None, True)] * 2
 
 
 def _boom(dims):

@@ -96,14 +96,3 @@ def main(args: argparse.Namespace) -> int:
         print(render(args.recipe, cfg, hw, plans, limit=None if args.all else 15))
     return 0 if any(p.fits for p in plans) else 1
 
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="predict memory and tokens/s/GPU of every layout on N GPUs (a model)")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: the recipe's run.hardware, else 8)")
-    p.add_argument("--gpu-memory-gb", type=float, default=None, help="memory per GPU in GiB (default: the card's)")
-    p.add_argument("--gpu", choices=sorted(H.CARDS), default=None, help="the card (default: run.hardware's, else h100)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--all", action="store_true", help="list every fitting layout, not the first 15")
-    p.set_defaults(fn=main)
