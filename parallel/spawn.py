@@ -53,6 +53,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, tp
             pass
 
 
+# A rank exits within a second or two of reporting; one that does not is waiting on something it started
+# (a multiprocessing child joins its own children at exit, e.g. a data loader's builders left open).
+_EXIT_GRACE_S = 30.0
 _PRELOAD = ("torch", "megatron.core", "transformers")  # third-party only: none reads our variables
 
 
@@ -98,10 +101,15 @@ def spawn(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: int = 1, t
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
     finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 30)
+        stuck = []
+        for r, p in enumerate(procs):
+            p.join(timeout=5 if errors else _EXIT_GRACE_S)
             if p.is_alive():
                 p.kill()
+                stuck.append(r)
+    if stuck and not errors:  # a rank that returned but cannot exit leaks a process or a thread (see above)
+        errors.append(f"ranks {stuck} returned but did not exit within {_EXIT_GRACE_S:.0f} s (killed): a child "
+                      f"process or non-daemon thread they started is still running; close it before returning")
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]

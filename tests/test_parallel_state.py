@@ -1,5 +1,6 @@
 """parallel.state builds Megatron-Core TP/PP/DP groups from torchrun's environment (gloo, CPU)."""
 import os
+import time
 
 import pytest
 import torch
@@ -42,6 +43,23 @@ def test_ranks_see_the_environment_of_the_spawn_call(monkeypatch):
     monkeypatch.setenv("LINGSHU_SPAWN_PROBE", "second")
     monkeypatch.delenv("LINGSHU_KERNELS")
     assert spawn(_environment_seen, 2) == [("second", None, True)] * 2
+
+
+def _leave_a_child_running(dims):
+    import multiprocessing
+
+    multiprocessing.get_context("fork").Process(target=time.sleep, args=(20,)).start()  # outlives the 3 s grace, not the suite
+    return "done"
+
+
+def test_a_rank_that_cannot_exit_is_an_error(monkeypatch):
+    """Pins: a rank that returns but leaves a child process running (it would join it at exit and hang)
+    fails the call with a message that says so, instead of being killed in silence after the grace."""
+    from lingshu_fast.parallel import spawn as spawn_mod
+
+    monkeypatch.setattr(spawn_mod, "_EXIT_GRACE_S", 3.0)
+    with pytest.raises(RuntimeError, match=r"ranks \[0\] returned but did not exit within 3 s"):
+        spawn(_leave_a_child_running, 1)
 
 
 def _boom(dims):

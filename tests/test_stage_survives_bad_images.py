@@ -7,6 +7,7 @@ does not require grad"), count the sample, keep every collective in step, and tr
 with and without pipeline parallelism.
 """
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ def _stage1(dims, run_dir, data):
     train(cfg, dims)
     if dims.rank != 0:
         return None
+    # the loader's builder processes (one here with pp=1 on 2 cores) end with the stage, not at exit
+    assert not multiprocessing.active_children(), multiprocessing.active_children()
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -132,6 +132,12 @@ class StageRun:
             self.checkpoints.wait()  # a background save in flight is finished, not abandoned
         finally:
             self.writer.close()
+            # the loader's builder processes end with the stage: a rank that is itself a child process
+            # (the demo's stages, multi-process tests) joins its children at exit, and the builders wait
+            # for the trainer to exit: left open, that exit hung until the parent killed the rank
+            close = getattr(self.state.loader, "close", None)
+            if close is not None:
+                close()
 
     def timer(self) -> StepTimer:
         return StepTimer(self.state.device).start()
