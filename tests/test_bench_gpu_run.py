@@ -83,10 +83,11 @@ def test_a_step_stopped_at_its_budget_keeps_what_finished(tmp_path, monkeypatch)
     (suite / "test_fake.py").write_text(textwrap.dedent(_FAKE_TESTS))
     (suite / "conftest.py").write_text(textwrap.dedent(_FAKE_CONFTEST))
     monkeypatch.setattr(gpu_run, "GRACE_S", 3)
-    step = gpu_run.Step("b", "fake", "a fake bench", (str(suite / "test_fake.py"),), 25, 25)
+    # 12 s: the inner pytest reaches the sleeping test ~1.5 s after it starts on the 2-core machine
+    step = gpu_run.Step("b", "fake", "a fake bench", (str(suite / "test_fake.py"),), 12, 12)
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
-    outcome = gpu_run.run_step(sys.executable, step, 25, False, work)
+    outcome = gpu_run.run_step(sys.executable, step, 12, False, work)
     assert outcome.status == "timed out"
     assert outcome.count("passed") == 1 and outcome.count("skipped") == 1 and outcome.count("failed") == 0
     assert [b["name"] for b in outcome.benchmarks] == ["test_fast"]
@@ -97,7 +98,7 @@ def test_a_step_stopped_at_its_budget_keeps_what_finished(tmp_path, monkeypatch)
     rows = record.rows_from_json(json.loads(doc.read_text()))
     assert rows[0]["machine"] == "Fake GPU" and rows[0]["figures"]["tokens_per_s_per_gpu"] == 123.0
     text = (out / "summary.md").read_text()
-    assert "| b | fake | 25 s |" in text and "timed out" in text and "tokens_per_s_per_gpu=123" in text
+    assert "| b | fake | 12 s |" in text and "timed out" in text and "tokens_per_s_per_gpu=123" in text
     assert "1 x" in text and "nothing to see" in text and "in `" in text
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "results.tar.gz", "summary.md"]
 

@@ -16,6 +16,7 @@ from lingshu_fast.data.formats import DataError
 from lingshu_fast.data.loader import PackedLoader, resolve_max_steps
 from lingshu_fast.data.template import ChatTemplate
 from lingshu_fast.data.tokenizer import load_tokenizer
+from lingshu_fast.parallel.spawn import spawn
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +59,27 @@ def test_epochs_visit_every_sample_twice_in_two_orders(tmp_path, tok):
         resolve_max_steps(None, 0, epochs=1)
 
 
+def _train_one_epoch(dims, path, root):
+    from lingshu_fast.config import load_config
+    from lingshu_fast.train.loop import train
+
+    rows = {}
+    for max_steps in ("12", "null"):
+        run = f"{root}/run_{max_steps}"
+        train(load_config("tiny-sft", [f"run.dir={run}", f"data.train=[{path}]", "train.epochs=1",
+                                       f"train.max_steps={max_steps}", "train.global_microbatches=1", "data.pack=false",
+                                       "run.progress=false", "checkpoint.every=0"]), dims)
+        with open(f"{run}/metrics.jsonl") as f:
+            rows[max_steps] = [json.loads(line) for line in f]
+    return rows
+
+
 def test_a_run_stops_at_the_end_of_its_epochs(tmp_path):
     """4 samples, one per step, train.epochs=1 and train.max_steps=12: the run makes 4 steps (the
     key used to be read nowhere, and the data cycled for 12), and with max_steps null as many."""
     path = tmp_path / "four.jsonl"
     path.write_text("\n".join(_chat(f"q{k}", f"a{k}") for k in range(4)) + "\n")
-    for max_steps in ("12", "null"):
-        run = tmp_path / f"run_{max_steps}"
-        cmd = [sys.executable, "-m", "lingshu_fast.cli", "train", "tiny-sft", f"run.dir={run}", f"data.train=[{path}]",
-               "train.epochs=1", f"train.max_steps={max_steps}", "train.global_microbatches=1", "data.pack=false",
-               "run.progress=false", "checkpoint.every=0"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for rows in spawn(_train_one_epoch, 1, str(path), str(tmp_path))[0].values():
         assert [r["step"] for r in rows] == [1, 2, 3, 4]
         assert all(r["data_wait_s"] >= 0 and r["data_wait_s"] <= r["step_time_s"] for r in rows)
 
@@ -242,6 +251,7 @@ import os, signal, sys
 from lingshu_fast.config import DataConfig
 from lingshu_fast.data.loader import PackedLoader
 from lingshu_fast.data.tokenizer import load_tokenizer
+from lingshu_fast.parallel.spawn import spawn
 cfg = DataConfig(train=[sys.argv[1]], max_tokens_per_microbatch=64, max_length=64, num_workers=2)
 loader = PackedLoader(cfg.train, load_tokenizer("tiny"), cfg, seed=0, epochs=1, device="cpu")
 next(loader)  # the workers are up and have built
