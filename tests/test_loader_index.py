@@ -269,6 +269,25 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def _loader_left_open(dims, path):
+    from lingshu_fast.data.tokenizer import load_tokenizer
+
+    cfg = DataConfig(train=[path], max_tokens_per_microbatch=96, max_length=96, num_workers=1)
+    loader = PackedLoader(cfg.train, load_tokenizer("tiny"), cfg, seed=0, epochs=1)
+    first = next(iter(loader))  # the worker pool is running now; the loader is never closed
+    return first.num_tokens
+
+
+def test_a_rank_exits_with_its_loader_left_open(tmp_path, monkeypatch):
+    """A rank that is a multiprocessing child joins its children at exit, and the data workers wait for
+    it to be gone: a loader its owner never closed used to hang that exit until the rank was killed.
+    The pool's exit finalizer shuts it down first (spawn() raises on a rank that cannot exit)."""
+    from lingshu_fast.parallel import spawn as spawn_mod
+
+    monkeypatch.setattr(spawn_mod, "_EXIT_GRACE_S", 10.0)
+    assert spawn(_loader_left_open, 1, str(_text_data(tmp_path)))[0] > 0
+
+
 def test_workers_exit_when_the_trainer_is_killed(tmp_path):
     """A SIGKILLed trainer (OOM kill, preemption) must not leave its data workers running: they block
     on a queue whose write end they hold, so without the pid watch they (and the fork server they keep

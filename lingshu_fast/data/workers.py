@@ -11,7 +11,10 @@ A worker never outlives its trainer. ProcessPoolExecutor's workers block on a qu
 end they hold themselves, so a trainer killed with SIGKILL (an OOM kill, a scheduler's preemption,
 `kill -9`) would leave them - and the fork server they keep alive - running for ever, each holding
 its memory and open files. Each worker therefore watches the trainer's pid (a pidfd where Linux has
-one, else a once-a-second probe) and exits when it is gone.
+one, else a once-a-second probe) and exits when it is gone. The converse holds too: a trainer that is
+itself a multiprocessing child (a rank started by a launcher's or a test's multiprocessing) joins its
+children when it exits, while they wait for it to be gone; so a pool not closed by its owner is shut
+down by an exit finalizer, which multiprocessing runs before that join.
 
 `default_num_workers()`: the CPU cores this process may use, shared by the local ranks
 (LOCAL_WORLD_SIZE, set by torchrun), minus one for the trainer itself, at most 8.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import multiprocessing.util
 import os
 import select
 import threading
@@ -92,12 +96,16 @@ class WorkerPool:
             context.set_forkserver_preload(["lingshu_fast.data.builder"])
         self._pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
                                          initargs=(spec, os.getpid()))
+        # close() at the latest when this process exits (see the module docstring); runs once. Priority 20:
+        # before the executor's own queues close their feeder threads (10), which would strand the stop signal
+        self._close = multiprocessing.util.Finalize(self, self._pool.shutdown,
+                                                    kwargs=dict(wait=True, cancel_futures=True), exitpriority=20)
 
     def submit(self, sample_ids, record_ids) -> Future:
         return self._pool.submit(_build, sample_ids, record_ids)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._close()
 
 
 class DeviceStager:

@@ -132,9 +132,8 @@ class StageRun:
             self.checkpoints.wait()  # a background save in flight is finished, not abandoned
         finally:
             self.writer.close()
-            # the loader's builder processes end with the stage: a rank that is itself a child process
-            # (the demo's stages, multi-process tests) joins its children at exit, and the builders wait
-            # for the trainer to exit: left open, that exit hung until the parent killed the rank
+            # the loader's builder processes end with the stage, not with the process (the demo runs its
+            # stages one after another; data/workers.py also closes a pool left open at process exit)
             close = getattr(self.state.loader, "close", None)
             if close is not None:
                 close()
